@@ -1,0 +1,42 @@
+# Two commands do all the set-up: `make train` and `make test`. `make help` lists the rest.
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed
+ARGS      ?=
+# CPU-only machines get the CPU wheel (on this project's build machines it lies on disk);
+# a machine with an NVIDIA driver gets PyPI's CUDA build.
+TORCH_CPU ?= torch==2.13.0
+TORCH_GPU ?= torch>=2.4,<2.15
+HAS_GPU   := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: help install train test test-fast lint prepare clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv and install the project (CPU or CUDA torch)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(if $(HAS_GPU),$(TORCH_GPU),$(TORCH_CPU))"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+train: $(STAMP)  ## train the smoke GPT-MoE on the embedded corpus (ARGS='key=value ...' to override)
+	$(PY) -m train experiment=smoke $(ARGS)
+
+prepare: $(STAMP)  ## tokenise the embedded corpus into webdataset shards (cached)
+	$(PY) -m train.data.prepare
+
+test: $(STAMP)  ## all CPU tests: unit, multi-process (gloo) and whole runs
+	$(PY) -m pytest -m "not gpu" -q
+
+test-fast: $(STAMP)  ## the fast CPU tier only (what a plain `pytest` runs)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)  ## ruff
+	$(VENV)/bin/ruff check moe train tests
+
+clean:  ## remove the virtualenv, caches and runs
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,37 @@
+"""Router auxiliary losses, as pure functions.
+
+Legend: T tokens, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer / GShard load-balancing loss.
+
+    Fedus et al. 2021 (arXiv 2101.03961), eq. 4, generalised to top-k as in GShard:
+
+        L = E * sum_e f_e * P_e
+
+    f_e = fraction of the T*K routing assignments that chose expert e (no gradient: it is a
+    count), P_e = mean over tokens of the router probability of e. L = 1 when routing is
+    perfectly uniform and grows towards E as it collapses onto one expert; its gradient
+    pushes probability away from over-used experts.
+    """
+    num_tokens, num_experts = probs_TE.shape
+    counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=num_experts)
+    fraction_E = counts_E.to(probs_TE.dtype) / max(1, topk_idx_TK.numel())
+    mean_prob_E = probs_TE.mean(dim=0)
+    return num_experts * torch.sum(fraction_E * mean_prob_E)
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Router z-loss of ST-MoE (Zoph et al. 2022, arXiv 2202.08906), eq. 5:
+
+        L_z = 1/T * sum_t (log sum_e exp(x_te))^2
+
+    It keeps router logits small, which keeps the softmax (and bf16 training) stable.
+    """
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()

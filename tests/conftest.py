@@ -1,0 +1,33 @@
+"""Shared fixtures: config composition the way the command line does it, and the GPU skip."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture
+def compose_run():
+    """compose_run(overrides) -> DictConfig, composed from conf/ exactly as `python -m train` would."""
+    from hydra import compose, initialize_config_dir
+
+    from train.cli import CONF_DIR
+
+    def _compose(overrides: list[str]):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose("config", overrides=overrides)
+
+    return _compose
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

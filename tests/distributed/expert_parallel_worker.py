@@ -1,0 +1,66 @@
+"""One rank of the expert-parallel oracle check (run by test_expert_parallel.py, 2 processes).
+
+The ep_size=2 layer, whose all-to-all exchanges capacity slots over gloo, must equal an
+ep_size=1 layer holding all experts: outputs, input gradients, expert gradients (each rank's
+local experts receive the gradient of both ranks' tokens) and the router gradient summed
+over ranks.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import deepspeed
+import deepspeed.ops
+import torch
+import torch.distributed as dist
+
+from moe import MoEConfig, MoELayer
+
+HIDDEN, EXPERT_HIDDEN, EXPERTS = 16, 24, 4
+
+
+def main(capacity_factor: float | None, top_k: int) -> None:
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    rank = dist.get_rank()
+    common = dict(num_experts=EXPERTS, top_k=top_k, capacity_factor=capacity_factor, min_capacity=0)
+    torch.manual_seed(0)
+    parallel = MoELayer(HIDDEN, EXPERT_HIDDEN, MoEConfig(ep_size=2, **common), seed=7).double()
+    parallel.set_deepspeed_parallelism()
+    whole = MoELayer(HIDDEN, EXPERT_HIDDEN, MoEConfig(ep_size=1, **common), seed=7).double()
+    whole.router.weight.data.copy_(parallel.router.weight.data)
+
+    inputs = [torch.randn(2, 9, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(r)) for r in (0, 1)]
+    grads = [torch.randn(2, 9, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + r)) for r in (0, 1)]
+
+    x = inputs[rank].clone().requires_grad_(True)
+    y, aux = parallel(x)
+    (y * grads[rank]).sum().backward()
+
+    x_refs = [t.clone().requires_grad_(True) for t in inputs]
+    y_refs = [whole(t)[0] for t in x_refs]
+    sum((yr * g).sum() for yr, g in zip(y_refs, grads, strict=False)).backward()
+
+    torch.testing.assert_close(y, y_refs[rank], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_refs[rank].grad, rtol=1e-6, atol=1e-6)
+    local = parallel.num_local_experts
+    assert local == EXPERTS // 2
+    for i, expert in enumerate(parallel.local_experts):
+        reference = whole.local_experts[rank * local + i]
+        for name, param in expert.named_parameters():
+            ref_param = dict(reference.named_parameters())[name]
+            assert torch.equal(param.data, ref_param.data), f"global expert {rank * local + i} initialised differently"
+            torch.testing.assert_close(param.grad, ref_param.grad, rtol=1e-6, atol=1e-6, msg=name)
+    router_grad = parallel.router.weight.grad.clone()
+    dist.all_reduce(router_grad)
+    torch.testing.assert_close(router_grad, whole.router.weight.grad, rtol=1e-6, atol=1e-6)
+    if capacity_factor is None:
+        assert torch.equal(aux.kept_E, aux.routed_E)
+    dist.barrier()
+    print(f"rank {rank}: ok", flush=True)
+
+
+if __name__ == "__main__":
+    cf = None if sys.argv[1] == "none" else float(sys.argv[1])
+    main(cf, int(sys.argv[2]))

@@ -1,0 +1,81 @@
+"""Config composition and validation: typed schema, one-line errors naming the field, exit 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from train.config import ConfigError, to_run_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_experiment_and_group_composes(compose_run):
+    for overrides in (
+        ["experiment=smoke"],
+        ["model=gpt_tiny", "moe=top1"],
+        ["model=gpt2_small", "moe=top2_dropless", "deepspeed=zero1"],
+        ["model=gpt_350m", "moe=dense"],
+    ):
+        run = to_run_config(compose_run(overrides))
+        assert run.model.hidden_size > 0
+    smoke = to_run_config(compose_run(["experiment=smoke"]))
+    assert smoke.name == "smoke" and smoke.run_dir == "runs/smoke"
+
+
+def test_unknown_key_fails_at_compose(compose_run):
+    with pytest.raises(ConfigCompositionException):
+        compose_run(["model.hiden_size=3"])
+    with pytest.raises(ConfigCompositionException):
+        compose_run(["moe.top_k=two"])
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["moe.top_k=9"], "moe.top_k"),
+        (["moe.num_experts=6", "moe.ep_size=4"], "moe.ep_size"),
+        (["moe.capacity_factor=0"], "moe.capacity_factor"),
+        (["moe.eval_capacity_factor=-1"], "moe.eval_capacity_factor"),
+        (["model.hidden_size=100", "model.num_heads=3"], "model.num_heads"),
+        (["deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
+        (["deepspeed.precision=fp16"], "deepspeed.precision"),
+        (["trainer.micro_batch_size=0"], "trainer.micro_batch_size"),
+        (["data.val_fraction=0.9"], "data.val_fraction"),
+    ],
+)
+def test_invalid_values_name_the_field(compose_run, overrides, field):
+    with pytest.raises(ConfigError) as error:
+        to_run_config(compose_run(overrides))
+    message = str(error.value)
+    assert field in message and "\n" not in message
+
+
+def _run_cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(
+        [sys.executable, "-m", "train", *args], cwd=tmp_path, env=environment, capture_output=True, text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, env, expected",
+    [
+        (["moe.top_k=9"], {}, "moe.top_k"),
+        (["moe.num_experts=8", "moe.ep_size=2"], {"WORLD_SIZE": "3"}, "moe.ep_size=2 must divide the world size 3"),
+        (["data=files", "data.files=[missing.txt]"], {}, "data.files: 'missing.txt'"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path, args, env, expected):
+    result = _run_cli([*args, "trainer.run_dir=run"], tmp_path, **env)
+    assert result.returncode == 2, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and expected in error_lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,361 @@
+"""Tests for train.data: corpus, tokenizer, cached preparation, and random-access loading."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train.data import (
+    EOT,
+    TokenDataset,
+    load_tokenizer,
+    preparation,
+    prepare_dataset,
+    read_text_documents,
+    train_bpe_tokenizer,
+)
+from train.data.prepare import main as prepare_main
+
+SMALL_VOCAB = 300
+ANIMALS = ["otter", "heron", "badger", "lynx", "falcon", "newt", "marmot", "ibis"]
+PLACES = ["river", "meadow", "harbour", "forest", "quarry", "orchard", "glacier"]
+
+
+def make_documents(count: int = 40) -> list[str]:
+    """Distinct little documents; each carries its number, so no two are equal."""
+    documents = []
+    for index in range(count):
+        animal, place = ANIMALS[index % len(ANIMALS)], PLACES[index % len(PLACES)]
+        sentences = [
+            f"Document {index} is about the {animal} that lives near the {place}.",
+            f"Every morning the {animal} walks to the {place} and counts to {index * 7}.",
+            "It is a quiet life, but a good one, and the weather is mostly kind.",
+        ]
+        documents.append(" ".join(sentences[: 1 + index % 3]) + f" (end of note {index})")
+    return documents
+
+
+def write_corpus(directory: Path, documents: list[str]) -> list[Path]:
+    """Half the documents as .txt files, the other half as lines of one .jsonl file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    half = len(documents) // 2
+    paths = []
+    for index, text in enumerate(documents[:half]):
+        path = directory / f"doc{index:03d}.txt"
+        path.write_text(text, encoding="utf-8")
+        paths.append(path)
+    jsonl = directory / "rest.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents[half:]), encoding="utf-8")
+    paths.append(jsonl)
+    return paths
+
+
+def stream_from_tars(data_dir: Path, split: str) -> np.ndarray:
+    """The split's token stream read the plain way (tarfile + frombuffer), to check the memmap reader against."""
+    meta = json.loads((data_dir / "meta.json").read_text())
+    pieces = []
+    for shard in meta["splits"][split]["shards"]:
+        with tarfile.open(data_dir / shard["file"]) as archive:
+            members = sorted((m for m in archive.getmembers() if m.name.endswith(".tokens.bin")), key=lambda m: m.name)
+            dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+            pieces += [np.frombuffer(archive.extractfile(member).read(), dtype=dtype) for member in members]
+    return np.concatenate(pieces).astype(np.int64)
+
+
+def split_documents(tokens: np.ndarray, eot: int) -> list[np.ndarray]:
+    boundaries = np.flatnonzero(tokens == eot)
+    assert boundaries.size and boundaries[-1] == tokens.size - 1, "every document must end with EOT"
+    return np.split(tokens[: boundaries[-1]], boundaries[:-1] + 1)
+
+
+@pytest.fixture(scope="module")
+def documents() -> list[str]:
+    return make_documents()
+
+
+@pytest.fixture(scope="module")
+def corpus_files(tmp_path_factory, documents) -> list[Path]:
+    return write_corpus(tmp_path_factory.mktemp("corpus"), documents)
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory, corpus_files) -> Path:
+    """Tiny samples and shards, so every split spans several of each."""
+    return prepare_dataset(
+        corpus_files,
+        tmp_path_factory.mktemp("cache"),
+        vocab_size=SMALL_VOCAB,
+        val_fraction=0.2,
+        tokens_per_sample=16,
+        samples_per_shard=4,
+    )
+
+
+# --- corpus -------------------------------------------------------------------------------------
+
+
+def test_read_text_documents_reads_txt_whole_and_jsonl_by_line(tmp_path):
+    (tmp_path / "a.txt").write_text("first line\n\nsecond paragraph\n", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text('{"body": "one"}\n\n{"body": "two", "id": 2}\n', encoding="utf-8")
+    documents = list(read_text_documents([tmp_path / "a.txt", tmp_path / "b.jsonl"], text_field="body"))
+    assert documents == ["first line\n\nsecond paragraph\n", "one", "two"]
+
+
+@pytest.mark.parametrize(
+    ("filename", "content", "text_field", "expected_in_message"),
+    [
+        ("notes.md", "hello", "text", "notes.md"),
+        ("bad.jsonl", '{"text": "fine"}\n{"text": oops}\n', "text", "bad.jsonl:2"),
+        ("fields.jsonl", '{"text": "fine"}\n{"body": "wrong field"}\n', "text", "'text'"),
+        ("fields.jsonl", '{"text": 5}\n', "text", "fields.jsonl:1"),
+    ],
+)
+def test_bad_user_files_raise_value_error_naming_the_file(tmp_path, filename, content, text_field, expected_in_message):
+    path = tmp_path / filename
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=expected_in_message):
+        list(read_text_documents([path], text_field=text_field))
+    with pytest.raises(ValueError, match=expected_in_message):
+        prepare_dataset([path], tmp_path / "cache", vocab_size=SMALL_VOCAB, text_field=text_field)
+    assert not list((tmp_path / "cache").rglob("meta.json"))
+
+
+def test_missing_file_fails_before_any_work(tmp_path):
+    missing = tmp_path / "nowhere.txt"
+    with pytest.raises(ValueError, match="nowhere.txt"):
+        read_text_documents([missing])  # not even iterated: paths are checked up front
+    with pytest.raises(ValueError, match="nowhere.txt"):
+        prepare_dataset([missing], tmp_path / "cache", vocab_size=SMALL_VOCAB)
+
+
+def test_bad_parameters_raise_value_error_naming_them(tmp_path, corpus_files):
+    for arguments, name in [
+        ({"vocab_size": 100}, "vocab_size"),
+        ({"val_fraction": 1.5}, "val_fraction"),
+        ({"tokens_per_sample": 0}, "tokens_per_sample"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            prepare_dataset(corpus_files, tmp_path, **arguments)
+    with pytest.raises(ValueError, match="source"):
+        prepare_dataset("my_corpus.txt", tmp_path)
+
+
+# --- tokenizer ----------------------------------------------------------------------------------
+
+
+def test_tokenizer_round_trips_any_text_and_keeps_eot_whole(tmp_path, documents):
+    tokenizer = train_bpe_tokenizer(documents, SMALL_VOCAB)
+    assert tokenizer.get_vocab_size() <= SMALL_VOCAB
+    for text in [documents[3], "  naïve café — 東京 🙂\n\ttabs and\r\nnewlines  ", ""]:
+        assert tokenizer.decode(tokenizer.encode(text).ids) == text
+    assert len(tokenizer.encode(EOT).ids) == 1
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    reloaded = load_tokenizer(tmp_path / "tokenizer.json")
+    assert reloaded.encode(documents[5]).ids == tokenizer.encode(documents[5]).ids
+    with pytest.raises(ValueError, match="missing.json"):
+        load_tokenizer(tmp_path / "missing.json")
+
+
+# --- prepare_dataset ------------------------------------------------------------------------------
+
+
+def test_prepared_layout_and_meta(small_dataset):
+    meta = json.loads((small_dataset / "meta.json").read_text())
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] <= SMALL_VOCAB
+    assert small_dataset.name == meta["fingerprint"][:16]
+    for split in ("train", "val"):
+        shards = meta["splits"][split]["shards"]
+        assert [shard["file"] for shard in shards] == [f"{split}-{index:06d}.tar" for index in range(len(shards))]
+        assert sum(shard["num_tokens"] for shard in shards) == meta["splits"][split]["num_tokens"]
+    assert len(meta["splits"]["train"]["shards"]) >= 3
+    with tarfile.open(small_dataset / "train-000000.tar") as archive:
+        names = archive.getnames()
+    assert names[:2] == ["00000000.tokens.bin", "00000001.tokens.bin"]
+    assert not list(small_dataset.parent.glob(".*partial*"))
+
+
+def test_train_and_validation_documents_are_disjoint_and_complete(small_dataset, documents):
+    tokenizer = load_tokenizer(small_dataset / "tokenizer.json")
+    eot = tokenizer.token_to_id(EOT)
+    decoded = {
+        split: [tokenizer.decode(doc.tolist()) for doc in split_documents(stream_from_tars(small_dataset, split), eot)]
+        for split in ("train", "val")
+    }
+    assert decoded["val"], "validation must hold at least one document"
+    assert not set(decoded["train"]) & set(decoded["val"])
+    assert sorted(decoded["train"] + decoded["val"]) == sorted(documents)
+
+
+def test_second_prepare_is_a_cache_hit(small_dataset, corpus_files, monkeypatch):
+    meta_mtime = (small_dataset / "meta.json").stat().st_mtime_ns
+
+    def must_not_train(*_args, **_kwargs):
+        raise AssertionError("a cached dataset must not be prepared again")
+
+    monkeypatch.setattr(preparation, "train_bpe_tokenizer", must_not_train)
+    started = time.perf_counter()
+    again = prepare_dataset(
+        corpus_files,
+        small_dataset.parent,
+        vocab_size=SMALL_VOCAB,
+        val_fraction=0.2,
+        tokens_per_sample=16,
+        samples_per_shard=4,
+    )
+    assert time.perf_counter() - started < 0.5
+    assert again == small_dataset
+    assert (small_dataset / "meta.json").stat().st_mtime_ns == meta_mtime
+
+
+def test_changed_input_gets_a_new_directory(tmp_path, documents):
+    files = write_corpus(tmp_path / "corpus", documents[:10])
+    first = prepare_dataset(files, tmp_path / "cache", vocab_size=SMALL_VOCAB)
+    assert prepare_dataset(files, tmp_path / "cache", vocab_size=SMALL_VOCAB + 1) != first
+    files[0].write_text("a completely different first document", encoding="utf-8")
+    assert prepare_dataset(files, tmp_path / "cache", vocab_size=SMALL_VOCAB) != first
+
+
+def test_failed_prepare_leaves_nothing_that_looks_complete(tmp_path, documents, monkeypatch):
+    files = write_corpus(tmp_path / "corpus", documents)
+    cache = tmp_path / "cache"
+
+    class CrashingShardWriter(preparation.TokenShardWriter):
+        def write(self, tokens):
+            super().write(tokens)
+            if self.num_samples >= 2:  # some shards are already on disk
+                raise RuntimeError("disk full")
+
+    monkeypatch.setattr(preparation, "TokenShardWriter", CrashingShardWriter)
+    with pytest.raises(RuntimeError, match="disk full"):
+        prepare_dataset(files, cache, vocab_size=SMALL_VOCAB, tokens_per_sample=16)
+    assert list(cache.iterdir()) == []
+
+    monkeypatch.undo()
+    built = prepare_dataset(files, cache, vocab_size=SMALL_VOCAB, tokens_per_sample=16)
+    assert (built / "meta.json").is_file()
+    assert [path.name for path in cache.iterdir()] == [built.name]
+
+
+def test_directory_without_meta_is_rebuilt_not_trusted(tmp_path, documents):
+    files = write_corpus(tmp_path / "corpus", documents[:10])
+    built = prepare_dataset(files, tmp_path / "cache", vocab_size=SMALL_VOCAB)
+    (built / "meta.json").unlink()  # as if a crash had happened just before meta.json was written
+    assert prepare_dataset(files, tmp_path / "cache", vocab_size=SMALL_VOCAB) == built
+    assert TokenDataset(built, "train").num_tokens > 0
+
+
+def test_command_line(tmp_path, documents, capsys):
+    files = write_corpus(tmp_path / "corpus", documents[:10])
+    status = prepare_main([*map(str, files), "--out", str(tmp_path / "cache"), "--vocab-size", str(SMALL_VOCAB)])
+    out = capsys.readouterr().out.splitlines()
+    assert status == 0
+    assert (Path(out[0]) / "meta.json").is_file()
+    assert out[1].startswith("train: ") and out[2].startswith("val: ")
+
+    status = prepare_main([str(tmp_path / "absent.jsonl"), "--out", str(tmp_path / "cache")])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert error[-1].startswith("error: ") and "absent.jsonl" in error[-1]
+
+
+# --- TokenDataset ---------------------------------------------------------------------------------
+
+
+def test_read_matches_the_concatenated_stream_across_sample_and_shard_boundaries(small_dataset):
+    dataset = TokenDataset(small_dataset, "train")
+    stream = stream_from_tars(small_dataset, "train")
+    assert dataset.num_tokens == stream.size
+    np.testing.assert_array_equal(dataset.read(0, stream.size), stream)
+    # 16 tokens a sample, 64 a shard: these windows start and end on both sides of both kinds of boundary.
+    for start, length in [(0, 1), (15, 2), (16, 16), (10, 40), (63, 2), (60, 70), (stream.size - 5, 5), (7, 0)]:
+        window = dataset.read(start, length)
+        assert window.dtype == np.int64
+        np.testing.assert_array_equal(window, stream[start : start + length])
+    with pytest.raises(ValueError, match="past the end"):
+        dataset.read(stream.size - 1, 2)
+
+
+def test_sample_batch_is_a_pure_function_of_seed_and_step(small_dataset):
+    dataset = TokenDataset(small_dataset, "train")
+    stream = stream_from_tars(small_dataset, "train")
+    batch = dataset.sample_batch(seed=1, step=5, batch_size=6, seq_len=12)
+    assert batch.shape == (6, 13) and batch.dtype == np.int64
+    np.testing.assert_array_equal(batch, TokenDataset(small_dataset, "train").sample_batch(1, 5, 6, 12))
+    assert not np.array_equal(batch, dataset.sample_batch(1, 6, 6, 12))
+    assert not np.array_equal(batch, dataset.sample_batch(2, 5, 6, 12))
+    windows = np.lib.stride_tricks.sliding_window_view(stream, 13)
+    for row in batch:
+        assert (windows == row).all(axis=1).any(), "every row must be a contiguous slice of the stream"
+
+
+def test_eval_batches_are_deterministic_consecutive_and_non_overlapping(small_dataset):
+    dataset = TokenDataset(small_dataset, "val")
+    stream = stream_from_tars(small_dataset, "val")
+    seq_len = 7
+    batches = list(dataset.eval_batches(batch_size=3, seq_len=seq_len, max_batches=1000))
+    assert all(batch.shape[1] == seq_len + 1 for batch in batches)
+    rows = np.concatenate(batches)
+    assert rows.shape[0] == stream.size // (seq_len + 1)
+    np.testing.assert_array_equal(rows.reshape(-1), stream[: rows.size])
+    for again, batch in zip(dataset.eval_batches(3, seq_len, 1000), batches, strict=True):
+        np.testing.assert_array_equal(again, batch)
+    assert len(list(dataset.eval_batches(3, seq_len, max_batches=2))) == 2
+
+
+def test_seq_len_longer_than_the_split_raises(small_dataset):
+    dataset = TokenDataset(small_dataset, "val")
+    with pytest.raises(ValueError, match=f"seq_len={dataset.num_tokens}.*{dataset.num_tokens}"):
+        dataset.sample_batch(0, 0, 1, seq_len=dataset.num_tokens)
+    with pytest.raises(ValueError, match="seq_len"):
+        dataset.eval_batches(1, seq_len=dataset.num_tokens, max_batches=1)
+
+
+def test_dataset_pickles_as_a_path_and_exposes_meta(small_dataset):
+    dataset = TokenDataset(small_dataset, "train")
+    meta = json.loads((small_dataset / "meta.json").read_text())
+    assert (dataset.vocab_size, dataset.eot_id) == (meta["vocab_size"], meta["eot_id"])
+    payload = pickle.dumps(dataset)
+    assert len(payload) < 1000
+    np.testing.assert_array_equal(pickle.loads(payload).read(3, 50), dataset.read(3, 50))
+
+
+def test_corrupt_or_missing_files_raise_value_error_naming_them(tmp_path, small_dataset):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    with pytest.raises(ValueError, match="meta.json"):
+        TokenDataset(broken, "train")
+    (broken / "meta.json").write_text("{ not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="meta.json"):
+        TokenDataset(broken, "train")
+    for path in small_dataset.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    (broken / "train-000001.tar").unlink()
+    with pytest.raises(ValueError, match="train-000001.tar"):
+        TokenDataset(broken, "train")
+    (broken / "train-000001.tar").write_bytes(b"this is not a tar file")
+    with pytest.raises(ValueError, match="train-000001.tar"):
+        TokenDataset(broken, "train")
+    with pytest.raises(ValueError, match="split"):
+        TokenDataset(small_dataset, "test")
+
+
+# --- the embedded corpus --------------------------------------------------------------------------
+
+
+def test_embedded_corpus_prepares_enough_tokens(tmp_path):
+    started = time.perf_counter()
+    data_dir = prepare_dataset("embedded", tmp_path, vocab_size=4096)
+    elapsed = time.perf_counter() - started
+    train, val = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
+    assert train.num_tokens >= 500_000
+    assert val.num_tokens >= 5_000
+    assert train.vocab_size == 4096
+    text = load_tokenizer(train.tokenizer_path).decode(train.read(1000, 200).tolist())
+    assert sum(character.isalpha() for character in text) > 0.5 * len(text), "expected English prose"
+    print(f"embedded corpus: {train.num_tokens} train / {val.num_tokens} val tokens in {elapsed:.1f}s")

@@ -1,0 +1,60 @@
+"""GPT shapes, causality, parameter accounting."""
+
+from __future__ import annotations
+
+import torch
+
+from moe import MoEConfig, MoELayer
+from train.model import GPT, ModelConfig
+
+VOCAB = 96
+
+
+def _model(**moe_overrides) -> GPT:
+    torch.manual_seed(0)
+    moe = MoEConfig(**{"num_experts": 4, "top_k": 2, "every": 2, **moe_overrides})
+    cfg = ModelConfig(seq_len=24, num_layers=4, hidden_size=32, num_heads=4, ffn_hidden=48)
+    return GPT(cfg, moe, vocab_size=VOCAB, seed=0)
+
+
+def test_shapes_and_moe_placement():
+    model = _model()
+    out = model(torch.randint(0, VOCAB, (3, 24)))
+    assert out.logits.shape == (3, 24, VOCAB)
+    assert [isinstance(b.ffn, MoELayer) for b in model.blocks] == [False, True, False, True]
+    assert len(out.moe_aux) == 2
+    assert out.aux_loss.ndim == 0 and out.aux_loss > 0
+    out.logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_dense_model_has_no_moe_layer():
+    model = _model(every=0)
+    out = model(torch.randint(0, VOCAB, (1, 8)))
+    assert out.moe_aux == [] and float(out.aux_loss) == 0.0
+
+
+def test_causal_with_dropless_routing():
+    """Changing tokens after position t never changes the logits at t (dropless routing: with a
+    capacity limit, later tokens compete for slots and causality does not hold by design)."""
+    model = _model(capacity_factor=None, eval_capacity_factor=None).double()
+    for mode in (model.train, model.eval):
+        mode()
+        tokens = torch.randint(0, VOCAB, (2, 24))
+        base = model(tokens).logits
+        for t in (0, 7, 22):
+            changed = tokens.clone()
+            changed[:, t + 1 :] = torch.randint(0, VOCAB, changed[:, t + 1 :].shape)
+            logits = model(changed).logits
+            torch.testing.assert_close(logits[:, : t + 1], base[:, : t + 1], rtol=1e-10, atol=1e-10)
+            assert not torch.allclose(logits[:, t + 1 :], base[:, t + 1 :])
+
+
+def test_parameter_counts():
+    model = _model()
+    counts = model.parameter_counts()
+    one_expert = 3 * 32 * 48
+    assert counts["expert_one"] == one_expert
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["total"] - counts["active"] == 2 * (4 - 2) * one_expert
+    assert counts["active_matmul"] == counts["active"]  # tied: the embedding is the output matmul

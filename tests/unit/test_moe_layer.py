@@ -1,0 +1,136 @@
+"""The MoE layer against the slow per-token reference: outputs and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe import MoEConfig, MoELayer, SwiGLUExpert
+from moe.dispatch import assign_slots, expert_capacity
+from moe.reference import reference_token_choice
+
+HIDDEN, EXPERT_HIDDEN = 16, 24
+
+
+def _layer(num_experts=4, top_k=2, capacity_factor=1.25, eval_capacity_factor=None, seed=0, **kw) -> MoELayer:
+    cfg = MoEConfig(num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor,
+                    eval_capacity_factor=eval_capacity_factor, min_capacity=0, **kw)
+    return MoELayer(HIDDEN, EXPERT_HIDDEN, cfg, layer_index=0, seed=seed).double()
+
+
+def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("capacity_factor", [None, 0.5, 1.0, 2.0])
+def test_layer_equals_per_token_reference(top_k, capacity_factor):
+    torch.manual_seed(top_k)
+    layer = _layer(top_k=top_k, capacity_factor=capacity_factor)
+    x = torch.randn(3, 11, HIDDEN, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(3, 11, HIDDEN, dtype=torch.float64)
+
+    y, aux = layer(x)
+    (y * grad_out).sum().backward()
+    fast_dx, fast_grads = x.grad.clone(), _grads(layer)
+    x.grad = None
+    layer.zero_grad()
+
+    tokens = 33
+    capacity = None if capacity_factor is None else expert_capacity(tokens, 4, top_k, capacity_factor, 0)
+    y_ref, kept = reference_token_choice(
+        x.reshape(-1, HIDDEN), layer.router.weight, list(layer.local_experts), top_k, capacity, normalize_topk=True
+    )
+    (y_ref.view_as(y) * grad_out).sum().backward()
+
+    # The router runs in fp32 by design, so agreement is to fp32 precision, not fp64.
+    torch.testing.assert_close(y, y_ref.view_as(y), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast_dx, x.grad, rtol=1e-6, atol=1e-6)
+    ref_grads = _grads(layer)
+    assert fast_grads.keys() == ref_grads.keys()
+    assert any("gate" in name for name in fast_grads) and any("experts" in name for name in fast_grads)
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-6, atol=1e-6, msg=name)
+    assert int(aux.kept_E.sum()) == sum(sum(row) for row in kept)
+    if capacity_factor is None:
+        assert torch.equal(aux.kept_E, aux.routed_E)
+
+
+def test_one_expert_top1_equals_dense_ffn():
+    layer = _layer(num_experts=1, top_k=1, capacity_factor=None)
+    dense = SwiGLUExpert(HIDDEN, EXPERT_HIDDEN).double()
+    dense.load_state_dict(layer.local_experts[0].state_dict())
+    x = torch.randn(2, 7, HIDDEN, dtype=torch.float64, requires_grad=True)
+    y, _ = layer(x)
+    grad = torch.randn_like(y)
+    (y * grad).sum().backward()
+    dx = x.grad.clone()
+    x.grad = None
+    y_dense = dense(x)
+    (y_dense * grad).sum().backward()
+    torch.testing.assert_close(y, y_dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx, x.grad, rtol=1e-12, atol=1e-12)
+    for name, param in dense.named_parameters():
+        expert_param = dict(layer.local_experts[0].named_parameters())[name]
+        torch.testing.assert_close(expert_param.grad, param.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_experts_start_different_and_layout_independent():
+    layer = _layer(num_experts=4, seed=3)
+    weights = [e.w1.weight for e in layer.local_experts]
+    for i in range(len(weights)):
+        for j in range(i + 1, len(weights)):
+            assert not torch.equal(weights[i], weights[j])
+    again = _layer(num_experts=4, seed=3)
+    for a, b in zip(layer.local_experts, again.local_experts, strict=False):
+        assert torch.equal(a.w2.weight, b.w2.weight)
+    assert not torch.equal(_layer(num_experts=4, seed=4).local_experts[0].w1.weight, weights[0])
+
+
+def test_expert_parameters_are_marked_for_deepspeed():
+    layer = _layer()
+    for name, param in layer.named_parameters():
+        is_expert = "deepspeed_experts" in name
+        assert getattr(param, "allreduce", True) is (not is_expert), name
+        if is_expert:
+            assert param.group_name == "ep_size_1"
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_slots_never_exceed_capacity_and_keep_first_choices_first(top_k):
+    torch.manual_seed(0)
+    num_experts, tokens, capacity = 4, 50, 7
+    idx = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(tokens)])
+    slots = assign_slots(idx, num_experts, capacity)
+    kept = slots[slots >= 0]
+    assert kept.unique().numel() == kept.numel(), "two choices share a slot"
+    per_expert = torch.bincount(kept // capacity, minlength=num_experts)
+    assert (per_expert <= capacity).all()
+    assert torch.equal(kept // capacity, idx[slots >= 0]), "a choice landed in another expert's slots"
+    # An expert that dropped anything is full, and never took a later-round choice before an earlier one.
+    for e in range(num_experts):
+        dropped = (idx == e) & (slots < 0)
+        if dropped.any():
+            assert per_expert[e] == capacity
+            worst_kept_round = max(int(k) for k in torch.nonzero((idx == e) & (slots >= 0))[:, 1])
+            best_dropped_round = min(int(k) for k in torch.nonzero(dropped)[:, 1])
+            assert worst_kept_round <= best_dropped_round
+
+
+def test_dropless_drops_nothing_and_eval_is_deterministic():
+    layer = _layer(capacity_factor=0.25, eval_capacity_factor=None)
+    x = torch.randn(4, 9, HIDDEN, dtype=torch.float64)
+    layer.train()
+    _, aux_train = layer(x)
+    assert aux_train.kept_E.sum() < aux_train.routed_E.sum(), "cf 0.25 should drop in training"
+    layer.eval()
+    y1, aux1 = layer(x)
+    y2, _ = layer(x)
+    assert torch.equal(aux1.kept_E, aux1.routed_E)
+    assert torch.equal(y1, y2)
+
+
+def test_capacity_formula():
+    assert expert_capacity(100, 8, 2, 1.25, 4) == 32  # ceil(2 * 100 * 1.25 / 8) = 31.25 -> 32
+    assert expert_capacity(10, 8, 1, 1.0, 4) == 4  # min_capacity wins
+    assert expert_capacity(3, 2, 2, 4.0, 0) == 3  # never more than T

@@ -1,0 +1,63 @@
+"""Checkpoints: DeepSpeed's own (model, optimizer, scheduler, one file per expert) plus our
+client state (step, tokens, data position) and every rank's RNG states.
+
+DeepSpeed writes each save into its own tag directory and only then points `latest` at it,
+so an interrupted save leaves the previous checkpoint as the one that resumes.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_states() -> dict[str, Any]:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], rank: int) -> None:
+    """Collective: every rank calls it. RNG states go in a per-rank file inside the tag,
+    written before DeepSpeed moves `latest`, so a tag that `latest` names is complete."""
+    tag = tag_for(step)
+    tag_dir = checkpoint_dir / tag
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_states(), tag_dir / f"rng_rank{rank:05d}.pt")
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state)
+
+
+def latest_tag(checkpoint_dir: Path) -> str | None:
+    latest = checkpoint_dir / "latest"
+    return latest.read_text().strip() if latest.exists() else None
+
+
+def load(engine, checkpoint_dir: Path, rank: int) -> dict[str, Any]:
+    """Restore the engine and this rank's RNG from the latest checkpoint; returns client state."""
+    tag = latest_tag(checkpoint_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no checkpoint to resume from in {checkpoint_dir} (no 'latest' file)")
+    path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint_dir / tag}")
+    rng_file = checkpoint_dir / tag / f"rng_rank{rank:05d}.pt"
+    if rng_file.exists():
+        restore_rng_states(torch.load(rng_file, weights_only=False))
+    return client_state

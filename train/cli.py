@@ -1,0 +1,34 @@
+"""Console entry points. `@hydra.main` is a thin wrapper: the work is in `train.loop.train`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from train.config import ConfigError, register_schemas
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+register_schemas()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _hydra_train(cfg: DictConfig) -> None:
+    from train.loop import train
+
+    try:
+        train(cfg)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def main() -> None:
+    _hydra_train()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The run configuration: typed dataclasses that are both the Hydra schema and the validator.
+
+Hydra composes YAML from `conf/` onto these dataclasses (registered in its ConfigStore), so an
+unknown key fails at compose time. `OmegaConf.to_object` then builds the dataclasses, and
+each `__post_init__` rejects invalid values with a message that names the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from moe import MoEConfig
+from train.model import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration: printed as one line, exit status 2."""
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from (the `data` group)."""
+
+    files: list[str] = field(default_factory=list)
+    """The user's .txt / .jsonl files; empty = the embedded corpus (Python's own documentation)."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl files."""
+    vocab_size: int = 4096
+    """Size of the byte-level BPE trained on the corpus."""
+    val_fraction: float = 0.05
+    """Share of documents held out for validation."""
+    cache_dir: str = ".cache/data"
+    """Prepared datasets live in cache_dir/<fingerprint>, so a second run skips preparation."""
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 300:
+            raise ValueError(f"data.vocab_size must be >= 300 (256 bytes + merges), got {self.vocab_size}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ValueError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """What goes into the DeepSpeed config (the `deepspeed` group)."""
+
+    zero_stage: int = 2
+    """ZeRO stage 1 or 2 (DeepSpeed-MoE does not support stage 3)."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at lr * min_lr_ratio."""
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay for matrices; norms get none."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (1, 2):
+            raise ValueError(
+                f"deepspeed.zero_stage must be 1 or 2, got {self.zero_stage} (stage 0 computes a wrong "
+                "gradient norm under expert parallelism; DeepSpeed-MoE rejects stage 3)"
+            )
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"deepspeed.precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.grad_clip < 0:
+            raise ValueError(f"deepspeed.grad_clip must be >= 0, got {self.grad_clip}")
+        if not self.lr > 0:
+            raise ValueError(f"deepspeed.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"deepspeed.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"deepspeed.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class TrainerConfig:
+    """The loop (the `trainer` group)."""
+
+    max_steps: int = 200
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; global batch = micro_batch_size * grad_accum * data-parallel ranks."""
+    eval_every: int = 50
+    """Validate every N steps (and at the end); 0 = only at the end."""
+    eval_batches: int = 8
+    """Validation micro-batches per evaluation (the same windows every time)."""
+    checkpoint_every: int = 100
+    """Save every N steps (and at the end); 0 = only at the end."""
+    resume: bool = False
+    """Continue from the latest checkpoint in run_dir."""
+    seed: int = 1337
+    device: str = "auto"
+    """auto (cuda when available), cuda or cpu."""
+    run_dir: str | None = None
+    """Where the run writes everything; default runs/<name>."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device for MFU; None = known GPU table, or a measured matmul on CPU."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"trainer.device must be auto, cuda or cpu, got {self.device!r}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"trainer.peak_tflops must be > 0 or null, got {self.peak_tflops}")
+
+
+@dataclass
+class LoggingConfig:
+    """What the run prints and records (the `logging` group)."""
+
+    log_every: int = 10
+    """Write a metrics.jsonl line (and refresh the progress bar figures) every N steps."""
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1:
+            raise ValueError(f"logging.log_every must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class RunConfig:
+    """A whole run. `name` picks the default run directory."""
+
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return self.trainer.run_dir or f"runs/{self.name}"
+
+    def check_world_size(self, world_size: int) -> None:
+        """Parallel degrees live in config, the world size comes from the launcher: they must fit."""
+        if world_size % self.moe.ep_size != 0:
+            raise ConfigError(
+                f"moe.ep_size={self.moe.ep_size} must divide the world size {world_size} given by the launcher"
+            )
+
+
+def register_schemas() -> None:
+    """Make RunConfig the schema of conf/config.yaml (see its defaults list)."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Typed, validated RunConfig from a composed Hydra config; ConfigError on invalid values."""
+    try:
+        run = OmegaConf.to_object(cfg)
+    except ValueError as error:  # raised by a __post_init__, possibly wrapped by OmegaConf
+        raise ConfigError(str(error).splitlines()[0]) from None
+    except Exception as error:  # OmegaConf validation (wrong type for a field, missing value)
+        raise ConfigError(_first_line(error)) from None
+    assert isinstance(run, RunConfig)
+    return run
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

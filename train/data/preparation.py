@@ -1,0 +1,262 @@
+"""Turning a text corpus into a cached, tokenized, sharded dataset (the command line is in prepare.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from train.data.corpus import (
+    EMBEDDED_CORPUS_VERSION,
+    check_document_files,
+    embedded_corpus_documents,
+    read_text_documents,
+)
+from train.data.layout import (
+    FORMAT_VERSION,
+    META_FILENAME,
+    SPLITS,
+    TOKENIZER_FILENAME,
+    token_dtype,
+)
+from train.data.shards import TokenShardWriter
+from train.data.split import validation_mask
+from train.data.tokenizer import EOT, MIN_VOCAB_SIZE, eot_id, train_bpe_tokenizer
+
+EMBEDDED_SOURCE = "embedded"
+
+# Documents are tokenized this many at a time: enough for the Rust encoder to use every core,
+# few enough that a batch of long documents still fits comfortably in memory.
+ENCODE_BATCH_DOCUMENTS = 256
+
+
+def prepare_dataset(
+    source: str | Sequence[str | os.PathLike[str]],
+    cache_dir: str | os.PathLike[str],
+    vocab_size: int = 4096,
+    val_fraction: float = 0.05,
+    tokens_per_sample: int = 65536,
+    text_field: str = "text",
+    seed: int = 0,
+    samples_per_shard: int = 64,
+) -> Path:
+    """Tokenize `source` ("embedded", or a list of .txt/.jsonl files) into `cache_dir/<fingerprint[:16]>`
+    and return that directory.
+
+    The directory name is a hash of the source (each file's path, size and mtime) and of every
+    parameter, so a repeated call with the same inputs returns at once without doing any work,
+    and a changed input gets a fresh directory. The dataset is built in a hidden sibling
+    directory and renamed into place only when complete: an interrupted run leaves nothing that
+    looks finished.
+    """
+    source_spec = _source_spec(source)
+    parameters = _checked_parameters(vocab_size, val_fraction, tokens_per_sample, text_field, seed, samples_per_shard)
+    fingerprint = _fingerprint(source_spec, parameters)
+    cache_root = Path(cache_dir)
+    target = cache_root / fingerprint[:16]
+    if _is_complete(target, fingerprint):
+        _progress(f"cached dataset {target}")
+        return target
+
+    cache_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=cache_root))
+    try:
+        _build(staging, source_spec, parameters, fingerprint)
+        _publish(staging, target, fingerprint)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _source_spec(source: object) -> dict:
+    if isinstance(source, str) and source == EMBEDDED_SOURCE:
+        # The embedded corpus is whatever this Python's standard library contains.
+        return {"kind": EMBEDDED_SOURCE, "corpus_version": EMBEDDED_CORPUS_VERSION, "python": platform.python_version()}
+    if isinstance(source, (str, os.PathLike)) or not isinstance(source, Sequence):
+        # A ValueError, like every other mistake in the user's input, so callers need catch only one.
+        shown = repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+        raise ValueError(f"source must be {EMBEDDED_SOURCE!r} or a list of .txt/.jsonl files, got {shown}")
+    files = []
+    for file in check_document_files(source):
+        status = file.stat()
+        # Size and modification time rather than a content hash: a cache hit on a corpus of many
+        # gigabytes must not read it all again just to find out nothing changed.
+        files.append({"path": str(file.resolve()), "size": status.st_size, "mtime_ns": status.st_mtime_ns})
+    return {"kind": "files", "files": files}
+
+
+def _checked_parameters(
+    vocab_size: object,
+    val_fraction: object,
+    tokens_per_sample: object,
+    text_field: object,
+    seed: object,
+    samples_per_shard: object,
+) -> dict:
+    if not _is_int(vocab_size) or not MIN_VOCAB_SIZE <= vocab_size < 2**32:
+        raise ValueError(f"vocab_size must be an integer between {MIN_VOCAB_SIZE} and 2**32 - 1, got {vocab_size!r}")
+    if not isinstance(val_fraction, (int, float)) or math.isnan(val_fraction) or not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be a number strictly between 0 and 1, got {val_fraction!r}")
+    if not _is_int(tokens_per_sample) or tokens_per_sample < 1:
+        raise ValueError(f"tokens_per_sample must be a positive integer, got {tokens_per_sample!r}")
+    if not _is_int(samples_per_shard) or samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be a positive integer, got {samples_per_shard!r}")
+    if not isinstance(text_field, str) or not text_field:
+        raise ValueError(f"text_field must be a non-empty string, got {text_field!r}")
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return {
+        "vocab_size": vocab_size,
+        "val_fraction": float(val_fraction),
+        "tokens_per_sample": tokens_per_sample,
+        "samples_per_shard": samples_per_shard,
+        "text_field": text_field,
+        "seed": seed,
+    }
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _fingerprint(source_spec: dict, parameters: dict) -> str:
+    identity = {"format_version": FORMAT_VERSION, "source": source_spec, "parameters": parameters}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _is_complete(directory: Path, fingerprint: str) -> bool:
+    try:
+        meta = json.loads((directory / META_FILENAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(meta, dict)
+        and meta.get("fingerprint") == fingerprint
+        and meta.get("format_version") == FORMAT_VERSION
+    )
+
+
+def _reiterable_documents(source_spec: dict, text_field: str) -> Callable[[], Iterable[str]]:
+    """The documents can be gone through several times (counting, tokenizer training, encoding)."""
+    if source_spec["kind"] == EMBEDDED_SOURCE:
+        # A few MB of text that takes seconds to extract: extracting it once and keeping it is
+        # much faster than parsing the standard library three times.
+        documents = list(embedded_corpus_documents())
+        return lambda: documents
+    # User corpora can be larger than memory, so they are streamed from disk on every pass.
+    files = [spec["path"] for spec in source_spec["files"]]
+    return lambda: read_text_documents(files, text_field)
+
+
+def _build(directory: Path, source_spec: dict, parameters: dict, fingerprint: str) -> None:
+    started = time.monotonic()
+    documents = _reiterable_documents(source_spec, parameters["text_field"])
+    num_documents = sum(1 for _ in documents())
+    is_validation = validation_mask(num_documents, parameters["val_fraction"], parameters["seed"])
+    _progress(
+        f"{num_documents} documents ({int(is_validation.sum())} for validation), {time.monotonic() - started:.1f}s"
+    )
+
+    # Trained on the training documents only, so nothing about the validation text leaks into the vocabulary.
+    training_documents = (text for index, text in enumerate(documents()) if not is_validation[index])
+    tokenizer = train_bpe_tokenizer(training_documents, parameters["vocab_size"])
+    end_of_text = eot_id(tokenizer)
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    _progress(f"trained tokenizer with {tokenizer.get_vocab_size()} tokens, {time.monotonic() - started:.1f}s")
+
+    writers = {
+        split: TokenShardWriter(
+            directory, split, parameters["tokens_per_sample"], parameters["samples_per_shard"], dtype
+        )
+        for split in SPLITS
+    }
+    document_counts = dict.fromkeys(SPLITS, 0)
+    try:
+        for first_index, batch in _batches(documents(), ENCODE_BATCH_DOCUMENTS):
+            split_tokens: dict[str, list[int]] = {split: [] for split in SPLITS}
+            for offset, encoding in enumerate(tokenizer.encode_batch(batch)):
+                split = "val" if is_validation[first_index + offset] else "train"
+                split_tokens[split].extend(encoding.ids)
+                split_tokens[split].append(end_of_text)
+                document_counts[split] += 1
+            for split, tokens in split_tokens.items():
+                writers[split].write(tokens)
+        shards = {split: writer.finish() for split, writer in writers.items()}
+    finally:
+        for writer in writers.values():
+            writer.close()
+    _progress(
+        ", ".join(f"{split} {writers[split].num_tokens:,} tokens" for split in SPLITS)
+        + f", {time.monotonic() - started:.1f}s"
+    )
+
+    tokenizer.save(str(directory / TOKENIZER_FILENAME))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "source": source_spec,
+        "parameters": parameters,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "eot_token": EOT,
+        "eot_id": end_of_text,
+        "dtype": dtype.name,
+        "tokenizer": TOKENIZER_FILENAME,
+        "splits": {
+            split: {
+                "num_documents": document_counts[split],
+                "num_tokens": writers[split].num_tokens,
+                "num_samples": writers[split].num_samples,
+                "shards": shards[split],
+            }
+            for split in SPLITS
+        },
+    }
+    # Written last: within the finished directory, meta.json is the mark of completeness.
+    (directory / META_FILENAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def _batches(documents: Iterable[str], size: int) -> Iterator[tuple[int, list[str]]]:
+    batch: list[str] = []
+    first_index = 0
+    for index, text in enumerate(documents):
+        if not batch:
+            first_index = index
+        batch.append(text)
+        if len(batch) == size:
+            yield first_index, batch
+            batch = []
+    if batch:
+        yield first_index, batch
+
+
+def _publish(staging: Path, target: Path, fingerprint: str) -> None:
+    if _is_complete(target, fingerprint):
+        # Another process (say, another rank) published the same dataset while we built ours;
+        # theirs is as good as ours, and someone may already be reading it.
+        return
+    if target.exists():
+        # Only complete datasets are ever renamed into place, so an incomplete directory here
+        # was not made by this code and can go.
+        shutil.rmtree(target)
+    # mkdtemp made the directory private (0700); a prepared dataset is meant to be shared.
+    staging.chmod(0o755)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        # Lost a race for the same name after all: fine if the winner's dataset is complete.
+        if not _is_complete(target, fingerprint):
+            raise
+
+
+def _progress(message: str) -> None:
+    print(f"[prepare] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,78 @@
+"""The DeepSpeed engine: config dict from our typed config, MoE parameter groups, initialize.
+
+The one place that calls `deepspeed.initialize`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+from train.config import RunConfig
+
+
+def use_bf16(run: RunConfig, device: torch.device) -> bool:
+    if run.deepspeed.precision == "auto":
+        return device.type == "cuda"
+    return run.deepspeed.precision == "bf16"
+
+
+def deepspeed_config(run: RunConfig, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed JSON config. Batch sizes per rank; DeepSpeed derives the global batch."""
+    ds = run.deepspeed
+    adamw_params: dict[str, Any] = {
+        "lr": ds.lr,
+        "betas": [ds.beta1, ds.beta2],
+        "eps": ds.eps,
+        "weight_decay": ds.weight_decay,
+        # torch's AdamW: DeepSpeed's FusedAdam would JIT-compile a CUDA/C++ op first.
+        "torch_adam": True,
+    }
+    if device.type == "cuda":
+        adamw_params["fused"] = True
+    return {
+        "train_micro_batch_size_per_gpu": run.trainer.micro_batch_size,
+        "gradient_accumulation_steps": run.trainer.grad_accum,
+        "gradient_clipping": ds.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": use_bf16(run, device)},
+        "optimizer": {"type": "AdamW", "params": adamw_params},
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": run.trainer.max_steps,
+                "warmup_num_steps": ds.warmup_steps,
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": ds.min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay for matrices, none for norms; then DeepSpeed's split of expert parameters into
+    their own groups, which ZeRO reduces over the expert-data-parallel group."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def build_engine(model: torch.nn.Module, run: RunConfig, device: torch.device):
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=optimizer_param_groups(model, run.deepspeed.weight_decay),
+        config=deepspeed_config(run, device),
+    )
+    return engine, scheduler

@@ -1,0 +1,45 @@
+"""Analytic FLOPs and model FLOPs utilisation (MFU).
+
+FLOPs per token = 6 * N_active + 12 * L * D * S: forward + backward of every matmul weight a
+token actually uses (K of E experts, the output projection; not the embedding lookup),
+plus attention scores and values (PaLM, Chowdhery et al. 2022, appendix B). DeepSpeed's
+profiler counts padded capacity instead, so we do not use it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+# Dense bf16 peak TFLOP/s (no sparsity), by substring of torch.cuda.get_device_name().
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
+
+
+def flops_per_token(active_matmul_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
+    return 6.0 * active_matmul_params + 12.0 * num_layers * hidden_size * seq_len
+
+
+def peak_tflops(device: torch.device, configured: float | None) -> tuple[float, str]:
+    """(peak TFLOP/s of one device, where the figure comes from)."""
+    if configured is not None:
+        return configured, "trainer.peak_tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return value, f"{name} bf16 datasheet"
+        return float("nan"), f"{name} (unknown peak; set trainer.peak_tflops)"
+    return measured_cpu_matmul_tflops(), "measured fp32 matmul on this CPU"
+
+
+def measured_cpu_matmul_tflops(size: int = 512, repeats: int = 5) -> float:
+    """What this CPU sustains on one large fp32 matmul: an honest ceiling for CPU MFU."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up: thread pool start, page faults
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12

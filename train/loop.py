@@ -1,0 +1,296 @@
+"""`train(run)`: the whole job, callable from tests without Hydra's command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from train import checkpoint
+from train.config import ConfigError, RunConfig, to_run_config
+from train.data import TokenDataset, prepare_dataset
+from train.distributed import World, init_world, launcher_world_size
+from train.engine import build_engine
+from train.flops import flops_per_token, peak_tflops
+from train.metrics import ExpertCounts, MetricsFile, Progress, figures_per_layer, finite_or_none, mean_over_ranks
+from train.model import GPT
+
+VOCAB_MULTIPLE = 64  # embedding rows padded to a multiple of 64: faster matmuls, unused rows are harmless
+
+
+def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
+    """Run a whole training job; returns the summary (also written to summary.json)."""
+    run = cfg if isinstance(cfg, RunConfig) else to_run_config(cfg)
+    run.check_world_size(launcher_world_size())
+    for path in run.data.files:
+        if not Path(path).is_file():
+            raise ConfigError(f"data.files: {path!r} does not exist or is not a file")
+    if run.trainer.resume is False and run.trainer.run_dir and _holds_a_run(Path(run.trainer.run_dir)):
+        raise ConfigError(
+            f"trainer.run_dir={run.trainer.run_dir!r} already holds a run: pass trainer.resume=true to continue it "
+            "or choose another trainer.run_dir"
+        )
+
+    try:
+        world = init_world(run.trainer.device)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    data_dir = _prepared_data(run, world)
+    train_data, val_data = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
+    for split in (train_data, val_data):
+        if split.num_tokens < run.model.seq_len + 1:
+            raise ConfigError(
+                f"model.seq_len={run.model.seq_len} needs more tokens than the {split.split} split holds ({split.num_tokens})"
+            )
+    run_dir = _resolve_run_dir(run, world)
+
+    torch.manual_seed(run.trainer.seed)  # identical dense weights on every rank; experts seed themselves
+    vocab_size = math.ceil(train_data.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    model = GPT(run.model, run.moe, vocab_size=vocab_size, seed=run.trainer.seed)
+    engine, scheduler = build_engine(model, run, world.device)
+    return Trainer(run, world, engine, scheduler, model, train_data, val_data, run_dir).fit()
+
+
+def _holds_a_run(path: Path) -> bool:
+    return (path / "checkpoints").exists() or (path / "metrics.jsonl").exists()
+
+
+def _prepared_data(run: RunConfig, world: World) -> Path:
+    """Rank 0 prepares (or finds in the cache); the others wait, then find it in the cache."""
+    source: str | list[str] = list(run.data.files) or "embedded"
+    kwargs = dict(
+        cache_dir=run.data.cache_dir,
+        vocab_size=run.data.vocab_size,
+        val_fraction=run.data.val_fraction,
+        text_field=run.data.text_field,
+    )
+    data_dir: Path | None = None
+    error: str | None = None
+    if world.is_main:
+        try:
+            data_dir = prepare_dataset(source, **kwargs)
+        except ValueError as exc:
+            error = str(exc)
+    shared = [error]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        raise ConfigError(f"data: {shared[0]}")
+    if not world.is_main:
+        data_dir = prepare_dataset(source, **kwargs)
+    assert data_dir is not None
+    return data_dir
+
+
+def _resolve_run_dir(run: RunConfig, world: World) -> Path:
+    """The run directory, agreed by all ranks (rank 0 decides: timestamps differ between processes)."""
+    decided: list[Any] = [None, None]
+    if world.is_main:
+        if run.trainer.run_dir:
+            path = Path(run.trainer.run_dir)
+            if run.trainer.resume and checkpoint.latest_tag(path / "checkpoints") is None:
+                decided[1] = f"trainer.resume=true but {path / 'checkpoints'} holds no checkpoint"
+        elif run.trainer.resume:
+            candidates = sorted(p.parent.parent for p in Path("runs", run.name).glob("*/checkpoints/latest"))
+            path = candidates[-1] if candidates else Path()
+            if not candidates:
+                decided[1] = f"trainer.resume=true but no run of {run.name!r} under runs/{run.name} has a checkpoint"
+        else:
+            path = Path("runs", run.name, datetime.now().strftime("%Y%m%d-%H%M%S"))
+        decided[0] = str(path)
+    dist.broadcast_object_list(decided, src=0)
+    if decided[1] is not None:
+        raise ConfigError(decided[1])
+    return Path(decided[0])
+
+
+class Trainer:
+    """The loop's state: one object so that steps, logging and checkpoints read plainly."""
+
+    def __init__(self, run, world, engine, scheduler, model, train_data, val_data, run_dir: Path) -> None:
+        self.run, self.world, self.engine, self.scheduler = run, world, engine, scheduler
+        self.model: GPT = model
+        self.train_data, self.val_data = train_data, val_data
+        self.run_dir = run_dir
+        self.checkpoint_dir = run_dir / "checkpoints"
+        self.metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=world.is_main)
+        self.expert_counts = ExpertCounts()
+        trainer = run.trainer
+        self.global_batch = trainer.micro_batch_size * trainer.grad_accum * world.world_size
+        self.tokens_per_step = self.global_batch * run.model.seq_len
+        self.params = model.parameter_counts()
+        self.flops_per_token = flops_per_token(
+            self.params["active_matmul"], run.model.num_layers, run.model.hidden_size, run.model.seq_len
+        )
+        self.peak_tflops, self.peak_source = peak_tflops(world.device, trainer.peak_tflops)
+
+    # ------------------------------------------------------------------ the job
+    def fit(self) -> dict[str, Any]:
+        run, world = self.run, self.world
+        start_step, initial_val_loss = 0, None
+        if world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(run)), encoding="utf-8")
+        dist.barrier()
+        if run.trainer.resume:
+            state = checkpoint.load(self.engine, self.checkpoint_dir, world.rank)
+            start_step, initial_val_loss = state["step"], state.get("initial_val_loss")
+            self.metrics.truncate_after(start_step)
+        self._print_header(start_step)
+        if initial_val_loss is None:
+            initial_val_loss = self.evaluate()
+            self._log({"event": "eval", "step": 0, "tokens": 0, "val_loss": initial_val_loss,
+                       "val_ppl": math.exp(initial_val_loss)})
+
+        progress = Progress(run.trainer.max_steps, start_step, run.logging.progress_bar, world.is_main)
+        started = window_start = time.perf_counter()
+        loss_sum = torch.zeros((), device=world.device, dtype=torch.float64)
+        aux_sum = torch.zeros_like(loss_sum)
+        window_steps, train_loss, val_loss = 0, float("nan"), initial_val_loss
+        for step in range(start_step, run.trainer.max_steps):
+            lm_loss, aux_loss = self.train_step(step)
+            loss_sum += lm_loss
+            aux_sum += aux_loss
+            window_steps += 1
+            done = step + 1
+            figures: dict[str, str] = {}
+            if done % run.logging.log_every == 0 or done == run.trainer.max_steps:
+                elapsed = time.perf_counter() - window_start
+                train_loss = mean_over_ranks(float(loss_sum) / window_steps)
+                record = self._train_record(done, train_loss, mean_over_ranks(float(aux_sum) / window_steps),
+                                            window_steps * self.tokens_per_step / elapsed)
+                self._log(record)
+                figures = {"loss": f"{train_loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}",
+                           "mfu": f"{100 * (record['mfu'] or 0):.1f}%"}
+                loss_sum.zero_()
+                aux_sum.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+            if (run.trainer.eval_every and done % run.trainer.eval_every == 0) or done == run.trainer.max_steps:
+                val_loss = self.evaluate()
+                self._log({"event": "eval", "step": done, "tokens": done * self.tokens_per_step,
+                           "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+                progress.print(f"step {done}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.1f}")
+            if (run.trainer.checkpoint_every and done % run.trainer.checkpoint_every == 0) or done == run.trainer.max_steps:
+                checkpoint.save(self.engine, self.checkpoint_dir, done,
+                                {"step": done, "tokens": done * self.tokens_per_step,
+                                 "initial_val_loss": initial_val_loss}, world.rank)
+            progress.update(1, **figures)
+        progress.close()
+        wall = time.perf_counter() - started
+        return self._finish(start_step, train_loss, val_loss, initial_val_loss, wall)
+
+    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over grad_accum micro-batches; returns mean (LM loss, aux loss)."""
+        trainer, world = self.run.trainer, self.world
+        batch = self.train_data.sample_batch(trainer.seed, step, self.global_batch, self.run.model.seq_len)
+        # Every rank draws the same global batch and takes its slice: the data order depends
+        # only on (seed, step), whatever the number of ranks, and resuming needs no reader state.
+        batch = torch.from_numpy(batch).view(trainer.grad_accum, world.world_size, trainer.micro_batch_size, -1)
+        lm_total = torch.zeros((), device=world.device, dtype=torch.float64)
+        aux_total = torch.zeros_like(lm_total)
+        for micro in range(trainer.grad_accum):
+            tokens = batch[micro, world.rank].to(world.device, non_blocking=True)
+            out = self.engine(tokens[:, :-1])
+            lm_loss = F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+            self.engine.backward(lm_loss + out.aux_loss)
+            self.engine.step()
+            self.expert_counts.add(out.moe_aux)
+            lm_total += lm_loss.detach()
+            aux_total += out.aux_loss.detach()
+        return lm_total / trainer.grad_accum, aux_total / trainer.grad_accum
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over the same validation windows every time (identical on all ranks,
+        so expert-parallel ranks stay in step through the all-to-all)."""
+        self.engine.eval()
+        total, count = 0.0, 0
+        for batch in self.val_data.eval_batches(self.run.trainer.micro_batch_size, self.run.model.seq_len,
+                                                self.run.trainer.eval_batches):
+            tokens = torch.from_numpy(batch).to(self.world.device)
+            logits = self.engine(tokens[:, :-1]).logits.float()
+            total += float(F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"))
+            count += tokens[:, 1:].numel()
+        self.engine.train()
+        return total / count
+
+    # ------------------------------------------------------------------ records
+    def _train_record(self, step: int, loss: float, aux: float, tokens_per_s: float) -> dict[str, Any]:
+        grad_norm = self.engine.get_global_grad_norm()
+        mfu = self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * self.world.world_size)
+        return {
+            "event": "train",
+            "step": step,
+            "tokens": step * self.tokens_per_step,
+            "loss": loss,
+            "aux_loss": aux,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": finite_or_none(float(grad_norm)) if grad_norm is not None else None,
+            "tokens_per_s": tokens_per_s,
+            "mfu": finite_or_none(mfu),
+            "experts": self.expert_counts.reduce_window(),
+        }
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+
+    def _print_header(self, start_step: int) -> None:
+        p, run = self.params, self.run
+        what = f"resuming at step {start_step}" if start_step else "starting"
+        lines = [
+            f"run dir     {self.run_dir}  ({what})",
+            f"device      {self.world.device.type} x {self.world.world_size}, "
+            f"{'bf16' if self.engine.bfloat16_enabled() else 'fp32'}, ZeRO-{run.deepspeed.zero_stage}, "
+            f"ep_size {run.moe.ep_size}",
+            f"model       {p['total'] / 1e6:.2f}M parameters, {p['active'] / 1e6:.2f}M active per token, "
+            f"{p['moe_layers']} MoE layers x {run.moe.num_experts} experts (top-{run.moe.top_k})",
+            f"batch       {self.global_batch} x {run.model.seq_len} tokens per step, {run.trainer.max_steps} steps",
+            f"MFU against {self.peak_tflops:.2f} TFLOP/s per device ({self.peak_source})",
+        ]
+        if self.world.is_main:
+            print("\n".join(lines), flush=True)
+
+    def _finish(self, start_step, train_loss, val_loss, initial_val_loss, wall) -> dict[str, Any]:
+        run = self.run
+        steps_run = run.trainer.max_steps - start_step
+        tokens_per_s = steps_run * self.tokens_per_step / wall if wall > 0 else 0.0
+        totals = self.expert_counts.total
+        summary = {
+            "run_dir": str(self.run_dir),
+            "steps": run.trainer.max_steps,
+            "tokens": run.trainer.max_steps * self.tokens_per_step,
+            "final_train_loss": finite_or_none(train_loss),
+            "initial_val_loss": initial_val_loss,
+            "final_val_loss": val_loss,
+            "final_val_ppl": math.exp(val_loss),
+            "wall_time_s": wall,
+            "steps_this_session": steps_run,
+            "tokens_per_s": tokens_per_s,
+            "mfu": finite_or_none(self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * self.world.world_size)),
+            "peak_tflops": self.peak_tflops,
+            "peak_source": self.peak_source,
+            "parameters": self.params,
+            "flops_per_token": self.flops_per_token,
+            "experts": figures_per_layer(totals) if totals is not None else {},
+        }
+        if self.world.is_main:
+            tmp = self.run_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+            os.replace(tmp, self.run_dir / "summary.json")
+            mfu = "n/a" if summary["mfu"] is None else f"{100 * summary['mfu']:.1f}%"
+            print(
+                f"done        val loss {initial_val_loss:.3f} -> {val_loss:.3f} (perplexity {math.exp(val_loss):.1f}), "
+                f"{tokens_per_s:.0f} tokens/s, MFU {mfu}, {wall:.0f} s\n"
+                f"summary     {self.run_dir / 'summary.json'}",
+                flush=True,
+            )
+        dist.barrier()
+        return summary

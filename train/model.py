@@ -1,0 +1,206 @@
+"""A GPT decoder: pre-norm RMSNorm, rotary positions, causal SDPA, SwiGLU FFN or MoE FFN.
+
+Legend: B batch, S sequence, D model dim, H heads, V vocabulary.
+Readable in one sitting on purpose (nanoGPT): every block is a few lines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from moe import MoEAux, MoEConfig, MoELayer, SwiGLUExpert
+from moe.experts import default_out_std
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the GPT decoder (the `model` config group)."""
+
+    seq_len: int = 256
+    """Context length in tokens."""
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_heads: int = 4
+    ffn_hidden: int = 704
+    """Hidden size of the dense SwiGLU FFN (and of each expert unless moe.expert_hidden is set)."""
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    """Share the input embedding with the output projection (GPT-2 style)."""
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "num_layers", "hidden_size", "num_heads", "ffn_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}"
+            )
+        if (self.hidden_size // self.num_heads) % 2 != 0:
+            raise ValueError("model.hidden_size / model.num_heads must be even (rotary embeddings rotate pairs)")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: the mean of squares underflows/overflows easily in bf16.
+        x_fp32 = x.float()
+        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x_BHSd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (even, odd) pair of channels by the position's angle (RoFormer)."""
+    x1, x2 = x_BHSd[..., 0::2].float(), x_BHSd[..., 1::2].float()
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return rotated.to(x_BHSd.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, seq, dim = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(batch, seq, 3, self.num_heads, dim // self.num_heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(out.transpose(1, 2).reshape(batch, seq, dim))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, ffn: nn.Module) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.ffn = ffn
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, MoEAux | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoELayer):
+            y, aux = self.ffn(h)
+            return x + y, aux
+        return x + self.ffn(h), None
+
+
+@dataclass
+class GPTOutput:
+    logits: torch.Tensor
+    aux_loss: torch.Tensor
+    """Sum of every MoE layer's weighted auxiliary losses (0 for a dense model)."""
+    moe_aux: list[MoEAux]
+    """Per MoE layer, in depth order."""
+
+
+def is_moe_block(block_index: int, moe: MoEConfig) -> bool:
+    """Blocks every-1, 2*every-1, ... carry an MoE FFN (all of them for every=1)."""
+    return moe.every > 0 and (block_index + 1) % moe.every == 0
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, vocab_size: int, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.moe_config = moe
+        out_std = default_out_std(cfg.init_std, cfg.num_layers)
+        expert_hidden = moe.expert_hidden or cfg.ffn_hidden
+        blocks = []
+        for i in range(cfg.num_layers):
+            if is_moe_block(i, moe):
+                ffn: nn.Module = MoELayer(
+                    cfg.hidden_size, expert_hidden, moe, layer_index=i, seed=seed, init_std=cfg.init_std, out_std=out_std
+                )
+            else:
+                ffn = SwiGLUExpert(cfg.hidden_size, cfg.ffn_hidden)
+                ffn.init_weights(cfg.init_std, out_std)
+            blocks.append(Block(cfg, ffn))
+        self.embed = nn.Embedding(vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=cfg.init_std)
+            nn.init.normal_(block.attn.proj.weight, std=out_std)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        # Rotary tables stay fp32 in a plain attribute, not a buffer: DeepSpeed casts buffers to
+        # bf16 along with the weights, which would round the angles of late positions.
+        self._rotary_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rotary(self, seq: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._rotary_cache:
+            cos, sin = rotary_tables(self.cfg.seq_len, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta)
+            self._rotary_cache[device] = (cos.to(device), sin.to(device))
+        cos, sin = self._rotary_cache[device]
+        return cos[:seq], sin[:seq]
+
+    def forward(self, tokens_BS: torch.Tensor) -> GPTOutput:
+        seq = tokens_BS.shape[1]
+        if seq > self.cfg.seq_len:
+            raise ValueError(f"input has {seq} tokens, more than model.seq_len={self.cfg.seq_len}")
+        cos, sin = self.rotary(seq, tokens_BS.device)
+        x = self.embed(tokens_BS)
+        moe_aux: list[MoEAux] = []
+        for block in self.blocks:
+            x, aux = block(x, cos, sin)
+            if aux is not None:
+                moe_aux.append(aux)
+        logits = self.lm_head(self.norm(x))
+        aux_loss = sum((a.loss for a in moe_aux), start=logits.new_zeros((), dtype=torch.float32))
+        return GPTOutput(logits, aux_loss, moe_aux)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total and active (per token) parameters across all ranks, for FLOPs and reports.
+
+        Active counts K of E experts per MoE layer; embeddings are excluded from the FLOPs
+        count (a lookup, not a matmul) but the tied output projection is included.
+        """
+        expert_per_layer = 0
+        total_experts = 0
+        active_experts = 0
+        num_moe_layers = 0
+        for module in self.modules():
+            if isinstance(module, MoELayer):
+                num_moe_layers += 1
+                one_expert = sum(p.numel() for p in module.local_experts[0].parameters())
+                expert_per_layer = one_expert
+                total_experts += one_expert * module.num_experts
+                active_experts += one_expert * module.config.top_k
+        local_expert_params = sum(
+            p.numel() for m in self.modules() if isinstance(m, MoELayer) for p in m.local_experts.parameters()
+        )
+        dense = sum(p.numel() for p in self.parameters()) - local_expert_params
+        embedding = self.embed.weight.numel()
+        matmul_dense = dense - embedding + (embedding if self.cfg.tie_embeddings else 0)
+        return {
+            "total": dense + total_experts,
+            "active": dense + active_experts,
+            "active_matmul": matmul_dense + active_experts,
+            "expert_one": expert_per_layer,
+            "moe_layers": num_moe_layers,
+        }
