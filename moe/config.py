@@ -14,32 +14,92 @@ from dataclasses import dataclass
 class MoEConfig:
     """Routing and expert settings shared by every MoE layer of a model."""
 
+    router: str = "token_choice"
+    """token_choice: each token picks its top-k experts. expert_choice: each expert picks its
+    top-C tokens (Zhou et al. 2022); not causal, see ec_eval_mode."""
     num_experts: int = 8
     """Experts per MoE layer (E), across all expert-parallel ranks."""
     top_k: int = 2
-    """Experts each token is sent to (K), 1 <= K <= E."""
+    """Token choice: experts each token is sent to (K), 1 <= K <= E. Expert choice: used only for
+    FLOPs accounting (a token gets capacity_factor experts on average)."""
     every: int = 1
     """Put an MoE FFN in every `every`-th block (1 = all blocks, 2 = blocks 1, 3, 5, ...);
     0 makes the model dense (no MoE layer at all)."""
     expert_hidden: int | None = None
     """Hidden size of one SwiGLU expert (F); None takes the model's dense FFN hidden size."""
     capacity_factor: float | None = 1.25
-    """Training capacity factor: C = ceil(K * T * cf / E) slots per expert for T local tokens.
-    None means dropless (capacity grows to the busiest expert's load)."""
+    """Training capacity factor. Token choice: C = ceil(K * T * cf / E) slots per expert for T
+    local tokens; None = dropless (capacity grows to the busiest expert's load). Expert choice:
+    C = ceil(T * cf / E) tokens per expert (the paper's c, typically 2); must be set."""
     eval_capacity_factor: float | None = 2.0
-    """Capacity factor in eval mode (None = dropless at eval)."""
+    """Capacity factor in eval mode (None = dropless at eval; expert choice: None = training's)."""
     min_capacity: int = 4
     """Lower bound on C, so tiny batches still route something to every expert."""
+    score_func: str = "softmax"
+    """Router scores: softmax over experts (Switch, Mixtral) or per-expert sigmoid (DeepSeek-V3)."""
     normalize_topk: bool = True
-    """Renormalise the K selected softmax probabilities to sum to one (Mixtral, GShard top-2)."""
+    """Token choice: renormalise the K selected scores to sum to one (Mixtral, GShard top-2)."""
+    drop_policy: str = "position"
+    """Token choice, when an expert is full: position (all first choices before second choices,
+    earlier tokens first; GShard) or probability (highest router weight first)."""
+    jitter_eps: float = 0.0
+    """Multiplicative jitter on the router input in training only, x * U(1-eps, 1+eps) (Switch)."""
     aux_loss_coef: float = 0.01
     """Weight of the Switch/GShard load-balancing loss added to the LM loss."""
+    aux_loss_scope: str = "global"
+    """global: the expert fractions f come from the previous optimizer step's whole batch (all
+    micro-batches, all ranks), so the loss's value and gradient do not depend on how a batch is
+    split into micro-batches or ranks. micro_batch: f from this micro-batch on this rank (the paper)."""
     z_loss_coef: float = 0.0
     """Weight of the router z-loss (ST-MoE, mean squared log-sum-exp of the router logits)."""
+    bias_update_rate: float = 0.0
+    """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for
+    selection only, moved by this much per optimizer step toward the mean load. 0 disables."""
+    shared_expert_hidden: int | None = None
+    """Hidden size of a dense SwiGLU applied to every token and added to the routed output
+    (DeepSeek-MoE's shared expert); None = no shared expert."""
+    ec_group: str = "batch"
+    """Expert choice: the tokens an expert chooses from, batch (this rank's micro-batch) or sequence."""
+    ec_max_experts_per_token: int | None = None
+    """Expert choice: keep at most this many experts per token (its highest scores); None = no cap."""
+    ec_eval_mode: str = "causal"
+    """Expert choice at eval and generation: causal (a token goes to every expert whose score clears
+    that expert's threshold, learned in training from the C-th largest score) or batch (as trained;
+    peeks at later tokens)."""
+    ec_threshold_momentum: float = 0.05
+    """Expert choice: EMA rate of the per-expert thresholds, once per optimizer step."""
     ep_size: int = 1
     """Expert-parallel degree: experts are split over this many ranks (DeepSpeed's group)."""
 
     def __post_init__(self) -> None:
+        choices = {
+            "router": ("token_choice", "expert_choice"),
+            "score_func": ("softmax", "sigmoid"),
+            "drop_policy": ("position", "probability"),
+            "aux_loss_scope": ("global", "micro_batch"),
+            "ec_group": ("batch", "sequence"),
+            "ec_eval_mode": ("causal", "batch"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"moe.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.router == "expert_choice" and self.capacity_factor is None:
+            raise ValueError("moe.capacity_factor must be set for expert choice (C = T * cf / E; 2 is typical)")
+        if self.router == "expert_choice" and self.score_func != "softmax":
+            raise ValueError("moe.score_func must be softmax for expert choice (weights are the softmax over experts)")
+        if not 0 <= self.jitter_eps < 1:
+            raise ValueError(f"moe.jitter_eps must be in [0, 1), got {self.jitter_eps}")
+        if self.bias_update_rate < 0:
+            raise ValueError(f"moe.bias_update_rate must be >= 0, got {self.bias_update_rate}")
+        if self.shared_expert_hidden is not None and self.shared_expert_hidden < 1:
+            raise ValueError(f"moe.shared_expert_hidden must be a positive integer or null, got {self.shared_expert_hidden}")
+        cap = self.ec_max_experts_per_token
+        if cap is not None and not 1 <= cap <= self.num_experts:
+            raise ValueError(
+                f"moe.ec_max_experts_per_token must be between 1 and moe.num_experts={self.num_experts} or null, got {cap}"
+            )
+        if not 0 < self.ec_threshold_momentum <= 1:
+            raise ValueError(f"moe.ec_threshold_momentum must be in (0, 1], got {self.ec_threshold_momentum}")
         if self.num_experts < 1:
             raise ValueError(f"moe.num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:

@@ -32,27 +32,47 @@ def tokens_per_expert(topk_idx_TK: torch.Tensor, num_experts: int) -> torch.Tens
     return torch.bincount(topk_idx_TK.reshape(-1), minlength=num_experts)
 
 
-def assign_slots(topk_idx_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
-    """Slot index in the [E*C] buffer for every (token, choice), -1 where dropped. [T, K] int64."""
-    num_tokens, top_k = topk_idx_TK.shape
-    # k-major order: index k*T + t, so every first choice comes before every second choice.
-    expert_KT = topk_idx_TK.t().reshape(-1)
-    order = torch.argsort(expert_KT, stable=True)
-    counts_E = torch.bincount(expert_KT, minlength=num_experts)
+def slots_in_priority_order(expert_A: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Slot of every assignment, -1 where its expert is already full. [A] int64.
+
+    `expert_A` lists assignments from highest to lowest priority: each expert admits the first
+    `capacity` assignments that name it. A stable sort by expert gives each assignment its
+    position inside its expert without any [A, E] one-hot tensor.
+    """
+    order = torch.argsort(expert_A, stable=True)
+    counts_E = torch.bincount(expert_A, minlength=num_experts)
     first_in_expert_E = torch.cumsum(counts_E, dim=0) - counts_E
-    position_sorted = torch.arange(expert_KT.numel(), device=expert_KT.device) - first_in_expert_E[expert_KT[order]]
-    position_KT = torch.empty_like(position_sorted)
-    position_KT[order] = position_sorted
-    slot_KT = torch.where(position_KT < capacity, expert_KT * capacity + position_KT, -1)
+    position_sorted = torch.arange(expert_A.numel(), device=expert_A.device) - first_in_expert_E[expert_A[order]]
+    position_A = torch.empty_like(position_sorted)
+    position_A[order] = position_sorted
+    return torch.where(position_A < capacity, expert_A * capacity + position_A, -1)
+
+
+def assign_slots(
+    topk_idx_TK: torch.Tensor, num_experts: int, capacity: int, priority_weight_TK: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Slot index in the [E*C] buffer for every (token, choice), -1 where dropped. [T, K] int64.
+
+    Priority without weights: all first choices before any second choice, earlier tokens first
+    (GShard). With `priority_weight_TK`: the highest router weights first, ties by position.
+    """
+    num_tokens, top_k = topk_idx_TK.shape
+    position_order = topk_idx_TK.t().reshape(-1)  # index k*T + t
+    if priority_weight_TK is None:
+        slot_KT = slots_in_priority_order(position_order, num_experts, capacity)
+        return slot_KT.view(top_k, num_tokens).t()
+    weights_KT = priority_weight_TK.detach().t().reshape(-1)
+    order = torch.argsort(-weights_KT, stable=True)
+    slot_KT = torch.empty_like(position_order)
+    slot_KT[order] = slots_in_priority_order(position_order[order], num_experts, capacity)
     return slot_KT.view(top_k, num_tokens).t()
 
 
-def scatter_to_slots(x_TD: torch.Tensor, slot_TK: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """Copy each kept (token, choice) into its slot; empty slots stay zero. [E*C, D]."""
-    kept = slot_TK >= 0
-    token_idx = torch.nonzero(kept, as_tuple=True)[0]
+def scatter_to_slots(x_TD: torch.Tensor, token_A: torch.Tensor, slot_A: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Copy each kept assignment's token into its slot; empty slots stay zero. [E*C, D]."""
+    kept = slot_A >= 0
     buffer = x_TD.new_zeros(num_slots, x_TD.shape[-1])
-    return buffer.index_copy(0, slot_TK[kept], x_TD[token_idx])
+    return buffer.index_copy(0, slot_A[kept], x_TD[token_A[kept]])
 
 
 def gather_from_slots(y_SD: torch.Tensor, slot_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
@@ -69,6 +89,19 @@ def gather_from_slots(y_SD: torch.Tensor, slot_TK: torch.Tensor, weight_TK: torc
     accumulate = torch.promote_types(y_SD.dtype, weight_TK.dtype)
     combined = (picked_TKD.to(accumulate) * weight_TK.to(accumulate).unsqueeze(-1)).sum(dim=1)
     return combined.to(y_SD.dtype)
+
+
+def combine_assignments(
+    y_SD: torch.Tensor, token_A: torch.Tensor, slot_A: torch.Tensor, weight_A: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """y_t = sum over t's kept assignments of w * y[slot], for a variable number of experts per
+    token (expert choice). index_add: deterministic on CPU; on GPU the order of three or more
+    additions into one token may vary between runs."""
+    kept = slot_A >= 0
+    accumulate = torch.promote_types(y_SD.dtype, weight_A.dtype)
+    contributions = y_SD[slot_A[kept]].to(accumulate) * weight_A[kept].to(accumulate).unsqueeze(-1)
+    out = torch.zeros(num_tokens, y_SD.shape[-1], dtype=accumulate, device=y_SD.device)
+    return out.index_add(0, token_A[kept], contributions).to(y_SD.dtype)
 
 
 def all_to_all_slots(buffer_SD: torch.Tensor, ep_group, ep_size: int) -> torch.Tensor:

@@ -23,12 +23,15 @@ from moe.config import MoEConfig
 from moe.dispatch import (
     all_to_all_slots,
     assign_slots,
+    combine_assignments,
     expert_capacity,
     gather_from_slots,
     max_over_group,
     scatter_to_slots,
+    slots_in_priority_order,
     tokens_per_expert,
 )
+from moe.expert_choice import ExpertChoiceRouter
 from moe.experts import SwiGLUExpert, expert_generator
 from moe.router import TokenChoiceRouter
 
@@ -45,11 +48,32 @@ class MoEAux:
     """Assignments per expert before dropping (int64, detached)."""
     kept_E: torch.Tensor
     """Assignments per expert that got a capacity slot (int64, detached)."""
+    experts_per_token: torch.Tensor
+    """Histogram [E+1]: how many tokens got 0, 1, ..., E experts (int64)."""
+    entropy_sum: torch.Tensor
+    """Sum over tokens of the router distribution's entropy, in nats (fp32, detached)."""
     capacity: int
 
 
+@dataclass
+class _Plan:
+    """Where every (token, expert) assignment goes: slot -1 = dropped."""
+
+    token_A: torch.Tensor
+    slot_A: torch.Tensor
+    weight_A: torch.Tensor
+    expert_A: torch.Tensor
+    capacity: int
+    probs_TE: torch.Tensor
+    balance_loss: torch.Tensor
+    z_loss: torch.Tensor
+    top_k: int | None = None
+    """Set when every token has exactly top_k assignments in token-major order (token choice):
+    the combine is then a deterministic gather + sum instead of an index_add."""
+
+
 class MoELayer(MoE):
-    """Token-choice top-k MoE FFN on DeepSpeed-MoE's expert-parallel machinery."""
+    """Token-choice or expert-choice MoE FFN on DeepSpeed-MoE's expert-parallel machinery."""
 
     def __init__(
         self,
@@ -73,14 +97,22 @@ class MoELayer(MoE):
             min_capacity=config.min_capacity,
         )
         self.config = config
-        self.deepspeed_moe.gate = TokenChoiceRouter(hidden_size, config.num_experts, config.top_k, config.normalize_topk)
+        router_class = ExpertChoiceRouter if config.router == "expert_choice" else TokenChoiceRouter
+        self.deepspeed_moe.gate = router_class(hidden_size, config)
+        self.ec_eval_mode = config.ec_eval_mode
+        """Expert choice at eval: causal or batch; an attribute so an evaluation can measure both."""
         self.ep_rank = self._expected_ep_rank()
         for local_index, expert in enumerate(self.local_experts):
             global_expert = self.ep_rank * self.num_local_experts + local_index
             expert.init_weights(init_std, out_std, expert_generator(seed, layer_index, global_expert))
+        # Named without "expert": DeepSpeed's checkpointing treats such keys as routed experts.
+        self.shared_mlp = None
+        if config.shared_expert_hidden:
+            self.shared_mlp = SwiGLUExpert(hidden_size, config.shared_expert_hidden)
+            self.shared_mlp.init_weights(init_std, out_std)
 
     @property
-    def router(self) -> TokenChoiceRouter:
+    def router(self) -> TokenChoiceRouter | ExpertChoiceRouter:
         return self.deepspeed_moe.gate
 
     @property
@@ -108,38 +140,102 @@ class MoELayer(MoE):
                 "experts; use_data_before_expert_parallel_ is not supported"
             )
 
+    # ------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:  # type: ignore[override]
         shape = hidden_states.shape
         x_TD = hidden_states.reshape(-1, shape[-1])
-        num_tokens = x_TD.shape[0]
-        cfg = self.config
+        num_tokens, num_experts = x_TD.shape[0], self.config.num_experts
+        if self.config.router == "token_choice":
+            plan = self._plan_token_choice(x_TD)
+        else:
+            plan = self._plan_expert_choice(x_TD, sequence_length=shape[-2] if len(shape) > 2 else num_tokens)
 
+        buffer_SD = scatter_to_slots(x_TD, plan.token_A, plan.slot_A, num_experts * plan.capacity)
+        received_SD = all_to_all_slots(buffer_SD, self.ep_group, self.ep_size)
+        y_local_SD = self._run_local_experts(received_SD, plan.capacity)
+        y_SD = all_to_all_slots(y_local_SD, self.ep_group, self.ep_size)
+        if plan.top_k is not None:
+            y_TD = gather_from_slots(y_SD, plan.slot_A.view(num_tokens, plan.top_k), plan.weight_A.view(num_tokens, plan.top_k))
+        else:
+            y_TD = combine_assignments(y_SD, plan.token_A, plan.slot_A, plan.weight_A, num_tokens)
+        if self.shared_mlp is not None:
+            y_TD = y_TD + self.shared_mlp(x_TD)
+        return y_TD.view(shape), self._aux(plan, num_tokens)
+
+    def _plan_token_choice(self, x_TD: torch.Tensor) -> _Plan:
+        cfg = self.config
         decision = self.router(x_TD)
-        routed_E = tokens_per_expert(decision.topk_idx_TK, cfg.num_experts)
+        num_tokens = x_TD.shape[0]
         capacity_factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
         if capacity_factor is None:
-            capacity = max_over_group(max(1, int(routed_E.max())), self.ep_group, x_TD.device)
+            busiest = int(tokens_per_expert(decision.topk_idx_TK, cfg.num_experts).max())
+            capacity = max_over_group(max(1, busiest), self.ep_group, x_TD.device)
         else:
             capacity = expert_capacity(num_tokens, cfg.num_experts, cfg.top_k, capacity_factor, cfg.min_capacity)
-
-        slot_TK = assign_slots(decision.topk_idx_TK, cfg.num_experts, capacity)
-        buffer_SD = scatter_to_slots(x_TD, slot_TK, cfg.num_experts * capacity)
-        received_SD = all_to_all_slots(buffer_SD, self.ep_group, self.ep_size)
-        y_local_SD = self._run_local_experts(received_SD, capacity)
-        y_SD = all_to_all_slots(y_local_SD, self.ep_group, self.ep_size)
-        y_TD = gather_from_slots(y_SD, slot_TK, decision.topk_weight_TK)
-
-        lb_loss, z_loss = self.router.losses(decision)
-        kept = slot_TK >= 0
-        aux = MoEAux(
-            loss=cfg.aux_loss_coef * lb_loss + cfg.z_loss_coef * z_loss,
-            load_balancing_loss=lb_loss.detach(),
-            z_loss=z_loss.detach(),
-            routed_E=routed_E.detach(),
-            kept_E=torch.bincount(decision.topk_idx_TK[kept], minlength=cfg.num_experts).detach(),
+        priority = decision.topk_weight_TK if cfg.drop_policy == "probability" else None
+        slot_TK = assign_slots(decision.topk_idx_TK, cfg.num_experts, capacity, priority)
+        balance_loss, z_loss = self.router.losses(decision)
+        return _Plan(
+            token_A=torch.arange(num_tokens, device=x_TD.device).repeat_interleave(cfg.top_k),
+            slot_A=slot_TK.reshape(-1),
+            weight_A=decision.topk_weight_TK.reshape(-1),
+            expert_A=decision.topk_idx_TK.reshape(-1),
             capacity=capacity,
+            probs_TE=decision.probs_TE,
+            balance_loss=balance_loss,
+            z_loss=z_loss,
+            top_k=cfg.top_k,
         )
-        return y_TD.view(shape), aux
+
+    def _plan_expert_choice(self, x_TD: torch.Tensor, sequence_length: int) -> _Plan:
+        cfg = self.config
+        router: ExpertChoiceRouter = self.router
+        if not self.training and self.ec_eval_mode == "causal":
+            assignments = router.causal(x_TD)
+            kept = assignments.kept_A
+            busiest = int(torch.bincount(assignments.expert_A[kept], minlength=cfg.num_experts).max()) if kept.any() else 0
+            capacity = max_over_group(max(1, busiest), self.ep_group, x_TD.device)
+            slot_A = torch.full_like(assignments.token_A, -1)
+            slot_A[kept] = slots_in_priority_order(assignments.expert_A[kept], cfg.num_experts, capacity)
+        else:
+            group_size = x_TD.shape[0] if cfg.ec_group == "batch" else sequence_length
+            capacity_factor = cfg.capacity_factor if self.training else (cfg.eval_capacity_factor or cfg.capacity_factor)
+            assignments = router(x_TD, group_size, capacity_factor)
+            capacity = assignments.capacity
+            all_slots = torch.arange(assignments.token_A.numel(), device=x_TD.device)
+            slot_A = torch.where(assignments.kept_A, all_slots, -1)
+        balance_loss, z_loss = router.losses(assignments)
+        return _Plan(
+            token_A=assignments.token_A,
+            slot_A=slot_A,
+            weight_A=assignments.weight_A,
+            expert_A=assignments.expert_A,
+            capacity=capacity,
+            probs_TE=assignments.probs_TE,
+            balance_loss=balance_loss,
+            z_loss=z_loss,
+        )
+
+    def _aux(self, plan: _Plan, num_tokens: int) -> MoEAux:
+        cfg = self.config
+        with torch.no_grad():
+            kept = plan.slot_A >= 0
+            routed_E = torch.bincount(plan.expert_A, minlength=cfg.num_experts)
+            kept_E = torch.bincount(plan.expert_A[kept], minlength=cfg.num_experts)
+            per_token = torch.bincount(plan.token_A[kept], minlength=num_tokens)
+            histogram = torch.bincount(per_token, minlength=cfg.num_experts + 1)
+            probs = plan.probs_TE.clamp_min(1e-20)
+            entropy_sum = -(probs * probs.log()).sum()
+        return MoEAux(
+            loss=cfg.aux_loss_coef * plan.balance_loss + cfg.z_loss_coef * plan.z_loss,
+            load_balancing_loss=plan.balance_loss.detach(),
+            z_loss=plan.z_loss.detach(),
+            routed_E=routed_E,
+            kept_E=kept_E,
+            experts_per_token=histogram,
+            entropy_sum=entropy_sum,
+            capacity=plan.capacity,
+        )
 
     def _run_local_experts(self, received_SD: torch.Tensor, capacity: int) -> torch.Tensor:
         """[ep * e * C, D] (source-rank major) -> expert outputs in the same layout."""

@@ -27,6 +27,19 @@ def load_balancing_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> to
     return num_experts * torch.sum(fraction_E * mean_prob_E)
 
 
+def load_balancing_loss_fixed_fraction(probs_TE: torch.Tensor, fraction_E: torch.Tensor) -> torch.Tensor:
+    """The same loss, L = E * sum_e f_e * P_e, with f given rather than counted here.
+
+    With f fixed for a whole optimizer step (the previous step's load over all micro-batches and
+    ranks), L is linear in the router probabilities: the mean of L over equal-sized micro-batches
+    and ranks equals L over the whole batch, in value and in gradient, however the batch is split.
+    Counting f per micro-batch (the paper's form) makes L a product of two batch means, which is
+    not split-invariant.
+    """
+    num_experts = probs_TE.shape[-1]
+    return num_experts * torch.sum(fraction_E.to(probs_TE.dtype) * probs_TE.mean(dim=0))
+
+
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """Router z-loss of ST-MoE (Zoph et al. 2022, arXiv 2202.08906), eq. 5:
 

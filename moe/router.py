@@ -14,55 +14,101 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe.losses import load_balancing_loss, router_z_loss
+from moe.config import MoEConfig
+from moe.losses import load_balancing_loss, load_balancing_loss_fixed_fraction, router_z_loss
+from moe.router_state import StepStatefulRouter
 
 
 @dataclass
 class RoutingDecision:
-    """What the router decided for T tokens."""
+    """What a token-choice router decided for T tokens."""
 
     topk_idx_TK: torch.Tensor
-    """Chosen experts per token, highest score first (int64)."""
+    """Chosen experts per token, best first (int64)."""
     topk_weight_TK: torch.Tensor
     """Combine weight of each choice (fp32, differentiable)."""
     probs_TE: torch.Tensor
-    """Router softmax over all experts (fp32)."""
+    """Router distribution over all experts (fp32): softmax, or normalised sigmoid scores."""
     logits_TE: torch.Tensor
     """Raw router logits (fp32)."""
 
 
-class TokenChoiceRouter(nn.Module):
-    """Linear scores, softmax over experts, top-k selection.
+def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, jitter_eps: float, training: bool) -> torch.Tensor:
+    x_fp32 = x_TD.float()
+    if training and jitter_eps > 0:
+        # Switch Transformer's multiplicative jitter: explores routings the router would not try.
+        x_fp32 = x_fp32 * torch.empty_like(x_fp32).uniform_(1.0 - jitter_eps, 1.0 + jitter_eps)
+    return torch.nn.functional.linear(x_fp32, weight_ED.float())
+
+
+class TokenChoiceRouter(StepStatefulRouter):
+    """Linear scores (softmax or sigmoid), optional selection bias, top-k selection.
 
     It also stands in for DeepSpeed's gate inside `deepspeed.moe.layer.MoE`, which calls
-    `_set_ep_group` on its gate when the engine creates the expert-parallel groups.
+    `_set_ep_group` on its gate when the engine creates the expert-parallel groups. No buffer
+    name contains "expert": DeepSpeed's checkpointing treats such keys as expert weights.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize_topk: bool) -> None:
+    FP32_BUFFERS = ("selection_bias", "balance_fraction", "pending_routed")
+
+    def __init__(self, hidden_size: int, config: MoEConfig) -> None:
         super().__init__()
+        num_experts = config.num_experts
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         nn.init.normal_(self.weight, std=0.02)
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.normalize_topk = normalize_topk
+        self.config = config
         self.ep_group = None
+        # Aux-loss-free balancing: added to the scores for selection only (DeepSeek-V3, eq. 16).
+        self.register_buffer("selection_bias", torch.zeros(num_experts))
+        # f_e of the global load-balancing loss: the previous step's load fraction (uniform at start).
+        self.register_buffer("balance_fraction", torch.full((num_experts,), 1.0 / num_experts))
+        self.register_buffer("pending_routed", torch.zeros(num_experts), persistent=False)
 
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
 
     def forward(self, x_TD: torch.Tensor) -> RoutingDecision:
-        logits_TE = torch.nn.functional.linear(x_TD.float(), self.weight.float())
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        # torch.topk breaks ties by lowest index on CPU and GPU alike, so eval is deterministic.
-        topk_prob_TK, topk_idx_TK = torch.topk(probs_TE, self.top_k, dim=-1)
-        if self.normalize_topk and self.top_k > 1:
-            topk_prob_TK = topk_prob_TK / topk_prob_TK.sum(dim=-1, keepdim=True)
-        return RoutingDecision(topk_idx_TK, topk_prob_TK, probs_TE, logits_TE)
+        cfg = self.config
+        logits_TE = router_logits(x_TD, self.weight, cfg.jitter_eps, self.training)
+        if cfg.score_func == "softmax":
+            scores_TE = torch.softmax(logits_TE, dim=-1)
+            probs_TE = scores_TE
+        else:
+            scores_TE = torch.sigmoid(logits_TE)
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        if cfg.bias_update_rate > 0:
+            # The bias decides which experts are chosen; the weights stay the unbiased scores,
+            # so balancing never distorts what the experts' outputs are multiplied by.
+            topk_idx_TK = torch.topk(scores_TE.detach() + self.selection_bias, cfg.top_k, dim=-1).indices
+            topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
+        else:
+            # torch.topk breaks ties by lowest index on CPU and GPU alike: eval is deterministic.
+            topk_weight_TK, topk_idx_TK = torch.topk(scores_TE, cfg.top_k, dim=-1)
+        if cfg.normalize_topk and (cfg.top_k > 1 or cfg.score_func == "sigmoid"):
+            topk_weight_TK = topk_weight_TK / topk_weight_TK.sum(dim=-1, keepdim=True)
+        if self.training:
+            with torch.no_grad():
+                self.pending_routed += torch.bincount(topk_idx_TK.reshape(-1), minlength=cfg.num_experts)
+        return RoutingDecision(topk_idx_TK, topk_weight_TK, probs_TE, logits_TE)
 
-    @staticmethod
-    def losses(decision: RoutingDecision) -> tuple[torch.Tensor, torch.Tensor]:
+    def losses(self, decision: RoutingDecision) -> tuple[torch.Tensor, torch.Tensor]:
         """(load-balancing loss, z-loss) of one routing decision."""
-        return (
-            load_balancing_loss(decision.probs_TE, decision.topk_idx_TK),
-            router_z_loss(decision.logits_TE),
-        )
+        if self.config.aux_loss_scope == "global":
+            balance = load_balancing_loss_fixed_fraction(decision.probs_TE, self.balance_fraction)
+        else:
+            balance = load_balancing_loss(decision.probs_TE, decision.topk_idx_TK)
+        return balance, router_z_loss(decision.logits_TE)
+
+    # ---------------------------------------------------------------- once per optimizer step
+    def pending_statistics(self) -> torch.Tensor:
+        return self.pending_routed.double()
+
+    def apply_statistics(self, summed: torch.Tensor) -> None:
+        routed = summed.float()
+        total = routed.sum()
+        if total > 0:
+            self.balance_fraction.copy_(routed / total)
+            if self.config.bias_update_rate > 0:
+                # DeepSeek-V3: b_e += u * sign(mean load - load_e): underloaded experts rise.
+                self.selection_bias += self.config.bias_update_rate * torch.sign(routed.mean() - routed)
+        self.pending_routed.zero_()

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from moe.router_state import update_routing_state
 from train import checkpoint
 from train.config import ConfigError, RunConfig, to_run_config
 from train.data import TokenDataset, prepare_dataset
@@ -22,7 +23,7 @@ from train.distributed import World, init_world, launcher_world_size
 from train.engine import build_engine
 from train.flops import flops_per_token, peak_tflops
 from train.metrics import ExpertCounts, MetricsFile, Progress, figures_per_layer, finite_or_none, mean_over_ranks
-from train.model import GPT
+from train.model import GPT, expert_choice_layers
 
 VOCAB_MULTIPLE = 64  # embedding rows padded to a multiple of 64: faster matmuls, unused rows are harmless
 
@@ -146,15 +147,16 @@ class Trainer:
             self.metrics.truncate_after(start_step)
         self._print_header(start_step)
         if initial_val_loss is None:
-            initial_val_loss = self.evaluate()
-            self._log({"event": "eval", "step": 0, "tokens": 0, "val_loss": initial_val_loss,
-                       "val_ppl": math.exp(initial_val_loss)})
+            evaluation = self.evaluate()
+            initial_val_loss = evaluation["val_loss"]
+            self._log({"event": "eval", "step": 0, "tokens": 0, **evaluation})
 
         progress = Progress(run.trainer.max_steps, start_step, run.logging.progress_bar, world.is_main)
         started = window_start = time.perf_counter()
         loss_sum = torch.zeros((), device=world.device, dtype=torch.float64)
         aux_sum = torch.zeros_like(loss_sum)
         window_steps, train_loss, val_loss = 0, float("nan"), initial_val_loss
+        final_evaluation: dict[str, float] = {}
         for step in range(start_step, run.trainer.max_steps):
             lm_loss, aux_loss = self.train_step(step)
             loss_sum += lm_loss
@@ -174,10 +176,11 @@ class Trainer:
                 aux_sum.zero_()
                 window_steps, window_start = 0, time.perf_counter()
             if (run.trainer.eval_every and done % run.trainer.eval_every == 0) or done == run.trainer.max_steps:
-                val_loss = self.evaluate()
-                self._log({"event": "eval", "step": done, "tokens": done * self.tokens_per_step,
-                           "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
-                progress.print(f"step {done}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.1f}")
+                evaluation = self.evaluate()
+                val_loss, final_evaluation = evaluation["val_loss"], evaluation
+                self._log({"event": "eval", "step": done, "tokens": done * self.tokens_per_step, **evaluation})
+                modes = "".join(f", {k[4:]} {v:.4f}" for k, v in evaluation.items() if k.startswith("val_loss_"))
+                progress.print(f"step {done}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.1f}{modes}")
             if (run.trainer.checkpoint_every and done % run.trainer.checkpoint_every == 0) or done == run.trainer.max_steps:
                 checkpoint.save(self.engine, self.checkpoint_dir, done,
                                 {"step": done, "tokens": done * self.tokens_per_step,
@@ -185,7 +188,7 @@ class Trainer:
             progress.update(1, **figures)
         progress.close()
         wall = time.perf_counter() - started
-        return self._finish(start_step, train_loss, val_loss, initial_val_loss, wall)
+        return self._finish(start_step, train_loss, val_loss, initial_val_loss, wall, final_evaluation)
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over grad_accum micro-batches; returns mean (LM loss, aux loss)."""
@@ -201,14 +204,39 @@ class Trainer:
             out = self.engine(tokens[:, :-1])
             lm_loss = F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten())
             self.engine.backward(lm_loss + out.aux_loss)
+            boundary = self.engine.is_gradient_accumulation_boundary()
             self.engine.step()
+            if boundary:
+                # Once per optimizer step, with every micro-batch's routing counted: bias
+                # balancing, the global balancing loss's fractions, expert-choice thresholds.
+                update_routing_state(self.model)
             self.expert_counts.add(out.moe_aux)
             lm_total += lm_loss.detach()
             aux_total += out.aux_loss.detach()
         return lm_total / trainer.grad_accum, aux_total / trainer.grad_accum
 
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and perplexity. For expert choice, in both routing modes: `val_loss`
+        is the configured eval mode (moe.ec_eval_mode), plus `val_loss_causal` and
+        `val_loss_batch` (before thresholds exist, at step 0, only batch)."""
+        layers = expert_choice_layers(self.model)
+        if not layers:
+            loss = self._validation_loss()
+            return {"val_loss": loss, "val_ppl": math.exp(loss)}
+        results = {}
+        for mode in ("batch", "causal"):
+            if mode == "causal" and not all(float(layer.router.threshold_ready) for layer in layers):
+                continue
+            for layer in layers:
+                layer.ec_eval_mode = mode
+            results[f"val_loss_{mode}"] = self._validation_loss()
+        for layer in layers:
+            layer.ec_eval_mode = self.run.moe.ec_eval_mode
+        loss = results.get(f"val_loss_{self.run.moe.ec_eval_mode}", results["val_loss_batch"])
+        return {"val_loss": loss, "val_ppl": math.exp(loss), **results}
+
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def _validation_loss(self) -> float:
         """Mean token loss over the same validation windows every time (identical on all ranks,
         so expert-parallel ranks stay in step through the all-to-all)."""
         self.engine.eval()
@@ -258,7 +286,7 @@ class Trainer:
         if self.world.is_main:
             print("\n".join(lines), flush=True)
 
-    def _finish(self, start_step, train_loss, val_loss, initial_val_loss, wall) -> dict[str, Any]:
+    def _finish(self, start_step, train_loss, val_loss, initial_val_loss, wall, final_evaluation) -> dict[str, Any]:
         run = self.run
         steps_run = run.trainer.max_steps - start_step
         tokens_per_s = steps_run * self.tokens_per_step / wall if wall > 0 else 0.0
@@ -271,6 +299,7 @@ class Trainer:
             "initial_val_loss": initial_val_loss,
             "final_val_loss": val_loss,
             "final_val_ppl": math.exp(val_loss),
+            **{f"final_{k}": v for k, v in final_evaluation.items() if k.startswith("val_loss_")},
             "wall_time_s": wall,
             "steps_this_session": steps_run,
             "tokens_per_s": tokens_per_s,

@@ -17,32 +17,49 @@ from moe.stats import utilisation
 
 
 class ExpertCounts:
-    """Per-MoE-layer routed/kept counts summed over a window of micro-steps, then over ranks."""
+    """Per-MoE-layer routing statistics summed over a window of micro-steps, then over ranks.
+
+    One fp64 row per layer: routed [E], kept [E], experts-per-token histogram [E+1], entropy
+    sum, token count; `figures_per_layer` turns rows into named figures.
+    """
 
     def __init__(self) -> None:
-        self.window: list[torch.Tensor] | None = None  # [layers, 2, E] int64 per window
+        self.window: torch.Tensor | None = None
         self.total: torch.Tensor | None = None
 
     def add(self, moe_aux: list[MoEAux]) -> None:
         if not moe_aux:
             return
-        counts = torch.stack([torch.stack([a.routed_E, a.kept_E]) for a in moe_aux]).cpu()
-        self.window = counts if self.window is None else self.window + counts
+        rows = torch.stack([
+            torch.cat([
+                a.routed_E.double(), a.kept_E.double(), a.experts_per_token.double(),
+                a.entropy_sum.double().view(1), a.experts_per_token.sum().double().view(1),
+            ])
+            for a in moe_aux
+        ])
+        self.window = rows if self.window is None else self.window + rows
 
     def reduce_window(self) -> dict[str, Any]:
         """All ranks call this at the same step: it sums the window over ranks, then resets it."""
         if self.window is None:
             return {}
-        counts = self.window.clone()
+        rows = self.window.clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(counts)
+            dist.all_reduce(rows)
         self.window = None
-        self.total = counts if self.total is None else self.total + counts
-        return figures_per_layer(counts)
+        rows = rows.cpu()
+        self.total = rows if self.total is None else self.total + rows
+        return figures_per_layer(rows)
 
 
-def figures_per_layer(counts_L2E: torch.Tensor) -> dict[str, Any]:
-    return {f"moe_layer_{i}": utilisation(c[0].tolist(), c[1].tolist()) for i, c in enumerate(counts_L2E)}
+def figures_per_layer(rows: torch.Tensor) -> dict[str, Any]:
+    num_experts = (rows.shape[1] - 3) // 3
+    figures = {}
+    for i, row in enumerate(rows.tolist()):
+        routed, kept = row[:num_experts], row[num_experts : 2 * num_experts]
+        histogram = row[2 * num_experts : 3 * num_experts + 1]
+        figures[f"moe_layer_{i}"] = utilisation(routed, kept, histogram, row[-2], row[-1])
+    return figures
 
 
 def mean_over_ranks(value: float) -> float:

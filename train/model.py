@@ -113,6 +113,15 @@ class GPTOutput:
     """Per MoE layer, in depth order."""
 
 
+def experts_per_token(moe: MoEConfig) -> float:
+    """Average experts a token runs through: K for token choice, the capacity factor for expert choice."""
+    return moe.top_k if moe.router == "token_choice" else float(moe.capacity_factor)
+
+
+def expert_choice_layers(model: nn.Module) -> list[MoELayer]:
+    return [m for m in model.modules() if isinstance(m, MoELayer) and m.config.router == "expert_choice"]
+
+
 def is_moe_block(block_index: int, moe: MoEConfig) -> bool:
     """Blocks every-1, 2*every-1, ... carry an MoE FFN (all of them for every=1)."""
     return moe.every > 0 and (block_index + 1) % moe.every == 0
@@ -177,7 +186,7 @@ class GPT(nn.Module):
     def parameter_counts(self) -> dict[str, int]:
         """Total and active (per token) parameters across all ranks, for FLOPs and reports.
 
-        Active counts K of E experts per MoE layer; embeddings are excluded from the FLOPs
+        Active counts K of E experts per MoE layer (expert choice: cf on average); embeddings are excluded from the FLOPs
         count (a lookup, not a matmul) but the tied output projection is included.
         """
         expert_per_layer = 0
@@ -190,7 +199,7 @@ class GPT(nn.Module):
                 one_expert = sum(p.numel() for p in module.local_experts[0].parameters())
                 expert_per_layer = one_expert
                 total_experts += one_expert * module.num_experts
-                active_experts += one_expert * module.config.top_k
+                active_experts += round(one_expert * experts_per_token(module.config))
         local_expert_params = sum(
             p.numel() for m in self.modules() if isinstance(m, MoELayer) for p in m.local_experts.parameters()
         )

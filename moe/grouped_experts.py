@@ -1,0 +1,244 @@
+"""Expert compute on stacked weights: one batched GEMM per projection instead of a loop over experts.
+
+Legend: N rows (token-choice pairs, sorted by expert), D model dim, e local experts, C capacity,
+F expert hidden.
+
+The experts stay a ModuleList of `SwiGLUExpert` (DeepSpeed's per-expert checkpoint files are
+named after it), so the weights are stacked per forward: `torch.stack` of e matrices costs one
+copy of the expert weights, small next to the GEMMs, and its backward hands every expert its own
+gradient. Two layouts:
+
+- fixed capacity, [e, C, D]: `torch.bmm` (capacity mode, expert choice);
+- variable group sizes, rows sorted by expert, [N, D] with counts [e] (dropless):
+  `torch._grouped_mm` with cumulative int32 offsets where this torch, device and dtype run it,
+  otherwise a loop over `torch.split` chunks with the same math.
+
+`swiglu_loop` calls the expert modules themselves and is the oracle for both.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from moe.experts import SwiGLUExpert
+
+# torch._grouped_mm wants every non-unit stride, and on CUDA every data pointer, to be a multiple
+# of 16 bytes ("strides should be multiple of 16 bytes").
+_ALIGN_BYTES = 16
+
+
+def stack_expert_weights(experts: Sequence[SwiGLUExpert]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w1_eDF, w3_eDF, w2_eFD) stacked from e experts; differentiable back to each expert's weights.
+
+    nn.Linear stores its weight as [out, in], so the stack is [e, out, in] and the result is its
+    transposed view [e, in, out]: column-major per expert, which is the layout grouped GEMMs take
+    for their second operand, so no second copy is made.
+    """
+    if len(experts) == 0:
+        raise ValueError("experts must hold at least one SwiGLUExpert, got an empty sequence")
+    first = experts[0]
+    for i, expert in enumerate(experts):
+        for name in ("w1", "w3", "w2"):
+            got, want = getattr(expert, name).weight, getattr(first, name).weight
+            if got.shape != want.shape or got.dtype != want.dtype or got.device != want.device:
+                raise ValueError(
+                    f"experts[{i}].{name}.weight is {tuple(got.shape)} {got.dtype} on {got.device}, "
+                    f"experts[0].{name}.weight is {tuple(want.shape)} {want.dtype} on {want.device}"
+                )
+    w1_eFD = torch.stack([expert.w1.weight for expert in experts])
+    w3_eFD = torch.stack([expert.w3.weight for expert in experts])
+    w2_eDF = torch.stack([expert.w2.weight for expert in experts])
+    return w1_eFD.transpose(1, 2), w3_eFD.transpose(1, 2), w2_eDF.transpose(1, 2)
+
+
+def swiglu_capacity(
+    x_eCD: torch.Tensor, w1_eDF: torch.Tensor, w3_eDF: torch.Tensor, w2_eFD: torch.Tensor
+) -> torch.Tensor:
+    """y_eCD = (silu(x W1) * (x W3)) W2 per expert, every expert holding C rows (padding included)."""
+    if x_eCD.dim() != 3:
+        raise ValueError(f"x_eCD must be 3-D [e, C, D], got shape {tuple(x_eCD.shape)}")
+    _check_weights(x_eCD.shape[-1], w1_eDF, w3_eDF, w2_eFD)
+    if x_eCD.shape[0] != w1_eDF.shape[0]:
+        raise ValueError(f"x_eCD has {x_eCD.shape[0]} experts, the weights have {w1_eDF.shape[0]}")
+    h_eCF = F.silu(torch.bmm(x_eCD, w1_eDF)) * torch.bmm(x_eCD, w3_eDF)
+    return torch.bmm(h_eCF, w2_eFD)
+
+
+def swiglu_grouped(
+    x_ND: torch.Tensor,
+    counts_e: torch.Tensor | Sequence[int],
+    w1_eDF: torch.Tensor,
+    w3_eDF: torch.Tensor,
+    w2_eFD: torch.Tensor,
+) -> torch.Tensor:
+    """y_ND for rows sorted by expert: rows counts[0] .. belong to expert 0, the next counts[1] to expert 1, ...
+
+    Zero-row experts are fine. `counts_e` must sum to N; that is checked when the counts are on
+    the CPU, but not for CUDA counts on the grouped-GEMM path, where checking would cost a
+    device-to-host sync (rows past the last offset would come back uninitialised).
+    """
+    if x_ND.dim() != 2:
+        raise ValueError(f"x_ND must be 2-D [N, D], got shape {tuple(x_ND.shape)}")
+    _check_weights(x_ND.shape[-1], w1_eDF, w3_eDF, w2_eFD)
+    num_experts = w1_eDF.shape[0]
+    counts_e = _counts_tensor(counts_e, x_ND.device)
+    if counts_e.dim() != 1 or counts_e.shape[0] != num_experts:
+        raise ValueError(f"counts_e must be 1-D with one count per expert ({num_experts}), got shape {tuple(counts_e.shape)}")
+    if counts_e.dtype.is_floating_point or counts_e.dtype == torch.bool:
+        raise ValueError(f"counts_e must hold integers, got {counts_e.dtype}")
+    if counts_e.device.type == "cpu":
+        _check_counts(counts_e.tolist(), x_ND.shape[0])
+
+    x_ND, w1_eDF, w3_eDF, w2_eFD = _autocast_operands(x_ND, w1_eDF, w3_eDF, w2_eFD)
+    if not uses_grouped_mm(x_ND, w1_eDF, w2_eFD):
+        return _swiglu_split_loop(x_ND, counts_e, w1_eDF, w3_eDF, w2_eFD)
+
+    offs_e = torch.cumsum(counts_e.to(x_ND.device), dim=0, dtype=torch.int32)
+    x_ND = _aligned(x_ND)
+    w1_eDF, w3_eDF, w2_eFD = (_gemm_layout(w) for w in (w1_eDF, w3_eDF, w2_eFD))
+    h_NF = F.silu(torch._grouped_mm(x_ND, w1_eDF, offs=offs_e)) * torch._grouped_mm(x_ND, w3_eDF, offs=offs_e)
+    y_ND = torch._grouped_mm(h_NF, w2_eFD, offs=offs_e)
+    # The caller's gradient may be stride-0 (`y.sum().backward()`) or transposed, which the
+    # grouped GEMM's backward rejects; this identity hands it a dense, aligned copy instead.
+    return _DenseGrad.apply(y_ND)
+
+
+def swiglu_loop(x_ND: torch.Tensor, counts_e: torch.Tensor | Sequence[int], experts: Sequence[SwiGLUExpert]) -> torch.Tensor:
+    """The reference: each expert module on its own rows, concatenated in expert order."""
+    if x_ND.dim() != 2:
+        raise ValueError(f"x_ND must be 2-D [N, D], got shape {tuple(x_ND.shape)}")
+    sizes = _counts_tensor(counts_e, torch.device("cpu")).tolist()
+    if len(sizes) != len(experts):
+        raise ValueError(f"counts_e has {len(sizes)} entries for {len(experts)} experts")
+    _check_counts(sizes, x_ND.shape[0])
+    chunks = torch.split(x_ND, sizes)
+    return torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks, strict=True)])
+
+
+def uses_grouped_mm(x_ND: torch.Tensor, w1_eDF: torch.Tensor, w2_eFD: torch.Tensor) -> bool:
+    """Whether `swiglu_grouped` takes the `torch._grouped_mm` path for operands like these."""
+    dtype = x_ND.dtype
+    if w1_eDF.dtype != dtype or w2_eFD.dtype != dtype or not grouped_mm_available(x_ND.device, dtype):
+        return False
+    # D and F are the row strides of x, the hidden activations, the output and the weights.
+    align = _ALIGN_BYTES // x_ND.element_size()
+    return x_ND.shape[-1] % align == 0 and w1_eDF.shape[-1] % align == 0
+
+
+def grouped_mm_available(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> bool:
+    """Whether `torch._grouped_mm` runs forward and backward, correctly, on this device and dtype.
+
+    Decided once per (device, dtype) by a tiny call with a zero-row group, checked against a loop.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _probe_grouped_mm(device, dtype)
+
+
+@functools.cache
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        # Small integers are exact in every dtype tried, so the comparison can be strict-ish.
+        generator = torch.Generator().manual_seed(0)
+        x_ND = torch.randint(-2, 3, (6, 8), generator=generator).to(device, dtype).requires_grad_()
+        w_eFD = torch.randint(-2, 3, (3, 16, 8), generator=generator).to(device, dtype)
+        w_eDF = w_eFD.transpose(1, 2).requires_grad_()
+        counts = [2, 0, 4]
+        offs_e = torch.tensor(counts, device=device).cumsum(0, dtype=torch.int32)
+        y_NF = torch._grouped_mm(x_ND, w_eDF, offs=offs_e)
+        y_NF.backward(torch.ones_like(y_NF))
+        chunks = torch.split(x_ND.detach().float(), counts)
+        want = torch.cat([chunk @ w_eDF[i].detach().float() for i, chunk in enumerate(chunks)])
+        return (
+            torch.allclose(y_NF.detach().float(), want)
+            and x_ND.grad is not None
+            and w_eDF.grad is not None
+            and bool(torch.isfinite(w_eDF.grad).all())
+        )
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+
+
+class _DenseGrad(torch.autograd.Function):
+    """Identity forward; backward passes the gradient on as a dense, 16-byte-aligned tensor."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _aligned(grad)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Row-major and 16-byte aligned; copies only when it is not already."""
+    t = t.contiguous()
+    if t.data_ptr() % _ALIGN_BYTES != 0:
+        t = t.clone()
+    return t
+
+
+def _gemm_layout(w_eIO: torch.Tensor) -> torch.Tensor:
+    """Row- or column-major per expert and aligned, as the grouped GEMM needs; stacked weights already are."""
+    row_major = w_eIO.stride(-1) == 1
+    col_major = w_eIO.stride(-2) == 1
+    if (row_major or col_major) and w_eIO.data_ptr() % _ALIGN_BYTES == 0:
+        return w_eIO
+    return _aligned(w_eIO)
+
+
+def _autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cast to the autocast dtype when autocast is on, as `@` would: `_grouped_mm` is not on autocast's lists."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
+
+
+def _swiglu_split_loop(
+    x_ND: torch.Tensor, counts_e: torch.Tensor, w1_eDF: torch.Tensor, w3_eDF: torch.Tensor, w2_eFD: torch.Tensor
+) -> torch.Tensor:
+    """The same math as the grouped path, one expert at a time (any dtype, any device)."""
+    sizes = counts_e.tolist()
+    _check_counts(sizes, x_ND.shape[0])
+    outputs = []
+    for i, x_nD in enumerate(torch.split(x_ND, sizes)):
+        h_nF = F.silu(x_nD @ w1_eDF[i]) * (x_nD @ w3_eDF[i])
+        outputs.append(h_nF @ w2_eFD[i])
+    return torch.cat(outputs)
+
+
+def _counts_tensor(counts_e: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
+    if isinstance(counts_e, torch.Tensor):
+        return counts_e
+    return torch.tensor(list(counts_e), dtype=torch.int64, device=device)
+
+
+def _check_counts(sizes: list[int], num_rows: int) -> None:
+    if any(size < 0 for size in sizes):
+        raise ValueError(f"counts_e must be non-negative, got {sizes}")
+    if sum(sizes) != num_rows:
+        raise ValueError(f"counts_e must sum to the number of rows of x_ND ({num_rows}), got {sum(sizes)}")
+
+
+def _check_weights(dim: int, w1_eDF: torch.Tensor, w3_eDF: torch.Tensor, w2_eFD: torch.Tensor) -> None:
+    if w1_eDF.dim() != 3 or w1_eDF.shape[1] != dim:
+        raise ValueError(f"w1_eDF must be [e, D={dim}, F], got shape {tuple(w1_eDF.shape)}")
+    if w3_eDF.shape != w1_eDF.shape:
+        raise ValueError(f"w3_eDF must have w1_eDF's shape {tuple(w1_eDF.shape)}, got {tuple(w3_eDF.shape)}")
+    num_experts, _, hidden = w1_eDF.shape
+    if tuple(w2_eFD.shape) != (num_experts, hidden, dim):
+        raise ValueError(f"w2_eFD must be [e={num_experts}, F={hidden}, D={dim}], got shape {tuple(w2_eFD.shape)}")
+    if num_experts < 1:
+        raise ValueError("the weights must hold at least one expert (e >= 1)")
+    if not w1_eDF.dtype == w3_eDF.dtype == w2_eFD.dtype:
+        raise ValueError(f"w1_eDF, w3_eDF, w2_eFD must share one dtype, got {w1_eDF.dtype}, {w3_eDF.dtype}, {w2_eFD.dtype}")

@@ -1,0 +1,54 @@
+"""Router state that changes once per optimizer step, not by gradient.
+
+Aux-loss-free bias balancing, the lagged expert fractions of the global load-balancing loss,
+and expert choice's causal thresholds all follow one pattern: statistics accumulate over every
+micro-batch of a step, are summed over all data-parallel ranks, and update a buffer once per
+optimizer step. Doing it per step (not per micro-batch) is what keeps gradient accumulation
+right, and summing over ranks keeps every replica of the router identical.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class StepStatefulRouter(nn.Module):
+    """A router with fp32 buffers updated once per optimizer step.
+
+    Subclasses list their step-updated buffers in `FP32_BUFFERS`; those stay fp32 when the
+    model is cast to bf16 (DeepSpeed casts every floating buffer along with the weights, and a
+    bias nudged by 1e-3 disappears in bf16's 8-bit mantissa).
+    """
+
+    FP32_BUFFERS: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        for name in self.FP32_BUFFERS:
+            buffer = getattr(self, name)
+            if buffer.dtype != torch.float32:
+                setattr(self, name, buffer.float())
+        return self
+
+    def pending_statistics(self) -> torch.Tensor:
+        """This rank's statistics since the last step, flat fp64 (summed over ranks by the caller)."""
+        raise NotImplementedError
+
+    def apply_statistics(self, summed: torch.Tensor) -> None:
+        """Update the buffers from statistics summed over all ranks, and reset the accumulators."""
+        raise NotImplementedError
+
+
+def update_routing_state(model: nn.Module, group=None) -> None:
+    """Call once per optimizer step, on every rank (it all-reduces one small tensor)."""
+    routers = [m for m in model.modules() if isinstance(m, StepStatefulRouter)]
+    if not routers:
+        return
+    pending = [r.pending_statistics() for r in routers]
+    flat = torch.cat(pending)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(flat, group=group)
+    for router, chunk in zip(routers, torch.split(flat, [p.numel() for p in pending])):
+        router.apply_statistics(chunk)
