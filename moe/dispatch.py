@@ -117,11 +117,48 @@ def all_to_all_slots(buffer_SD: torch.Tensor, ep_group, ep_size: int) -> torch.T
     return _AllToAll.apply(ep_group, buffer_SD)
 
 
-def max_over_group(value: int, group, device) -> int:
-    """Largest `value` over the expert-parallel group: dropless capacity must agree on all
-    ranks because the all-to-all exchanges equal-sized chunks."""
-    if group is None or dist.get_world_size(group) == 1:
-        return value
-    tensor = torch.tensor([value], device=device, dtype=torch.int64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-    return int(tensor.item())
+class VariableExchange:
+    """All-to-all-v over the expert-parallel group for rows sorted by global expert (dropless).
+
+    Rows for experts r*e .. r*e+e-1 go to rank r, exactly as many as there are: no capacity, no
+    padding, and no all-reduce of a capacity every step (DeepSpeed's dropless mode). The counts
+    are exchanged first (one small all-to-all), because every rank must know how many rows it
+    will receive; the split sizes then go to the host, as the collective needs them as lists.
+    """
+
+    def __init__(self, counts_E: torch.Tensor, group, ep_size: int) -> None:
+        self.group, self.ep_size = group, ep_size
+        self.local_experts = counts_E.numel() // ep_size
+        received_counts = torch.empty_like(counts_E)
+        dist.all_to_all_single(received_counts, counts_E.contiguous(), group=group)
+        # [source rank, local expert]: how many rows each rank sends to each of this rank's experts.
+        self.received_counts_Re = received_counts.view(ep_size, self.local_experts)
+        self.send_splits = counts_E.view(ep_size, self.local_experts).sum(dim=1).tolist()
+        self.receive_splits = self.received_counts_Re.sum(dim=1).tolist()
+
+    def send(self, rows_ND: torch.Tensor) -> torch.Tensor:
+        """This rank's rows to their experts' ranks; returns rows ordered (source rank, local expert)."""
+        out = rows_ND.new_empty(sum(self.receive_splits), rows_ND.shape[-1])
+        return differentiable_all_to_all(out, rows_ND.contiguous(), self.receive_splits, self.send_splits, self.group)
+
+    def received_by_local_expert(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Permutation putting received rows in local-expert order (stable over source ranks),
+        and the rows per local expert: the grouped GEMM's layout."""
+        device = self.received_counts_Re.device
+        expert_of_row = torch.arange(self.local_experts, device=device).repeat(self.ep_size)
+        expert_of_row = expert_of_row.repeat_interleave(self.received_counts_Re.reshape(-1))
+        return torch.argsort(expert_of_row, stable=True), self.received_counts_Re.sum(dim=0)
+
+    def send_back(self, rows_MD: torch.Tensor) -> torch.Tensor:
+        """Expert outputs back to the ranks their tokens came from, in the order they were sent."""
+        out = rows_MD.new_empty(sum(self.send_splits), rows_MD.shape[-1])
+        return differentiable_all_to_all(out, rows_MD.contiguous(), self.send_splits, self.receive_splits, self.group)
+
+
+def differentiable_all_to_all(out, rows, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+    # torch's autograd-aware all_to_all_single: its backward is the exchange with the splits swapped.
+    from torch.distributed.nn.functional import all_to_all_single
+
+    return all_to_all_single(out, rows, output_splits, input_splits, group=group)
+
+

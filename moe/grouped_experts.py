@@ -74,9 +74,13 @@ def swiglu_grouped(
     w1_eDF: torch.Tensor,
     w3_eDF: torch.Tensor,
     w2_eFD: torch.Tensor,
+    *,
+    use_grouped_mm: bool | None = None,
 ) -> torch.Tensor:
     """y_ND for rows sorted by expert: rows counts[0] .. belong to expert 0, the next counts[1] to expert 1, ...
 
+    `use_grouped_mm`: None picks `torch._grouped_mm` wherever it runs (see `uses_grouped_mm`),
+    False forces the loop over experts (to compare the two), True insists on the grouped GEMM.
     Zero-row experts are fine. `counts_e` must sum to N; that is checked when the counts are on
     the CPU, but not for CUDA counts on the grouped-GEMM path, where checking would cost a
     device-to-host sync (rows past the last offset would come back uninitialised).
@@ -94,7 +98,13 @@ def swiglu_grouped(
         _check_counts(counts_e.tolist(), x_ND.shape[0])
 
     x_ND, w1_eDF, w3_eDF, w2_eFD = _autocast_operands(x_ND, w1_eDF, w3_eDF, w2_eFD)
-    if not uses_grouped_mm(x_ND, w1_eDF, w2_eFD):
+    grouped = uses_grouped_mm(x_ND, w1_eDF, w2_eFD)
+    if use_grouped_mm and not grouped:
+        raise ValueError(
+            f"use_grouped_mm=True but torch._grouped_mm cannot run {x_ND.dtype} on {x_ND.device} "
+            f"with D={x_ND.shape[-1]}, F={w1_eDF.shape[-1]} (needs fp32/bf16/fp16 and 16-byte rows)"
+        )
+    if not grouped or use_grouped_mm is False:
         return _swiglu_split_loop(x_ND, counts_e, w1_eDF, w3_eDF, w2_eFD)
 
     offs_e = torch.cumsum(counts_e.to(x_ND.device), dim=0, dtype=torch.int32)

@@ -21,18 +21,17 @@ from deepspeed.utils import groups
 
 from moe.config import MoEConfig
 from moe.dispatch import (
+    VariableExchange,
     all_to_all_slots,
     assign_slots,
     combine_assignments,
     expert_capacity,
     gather_from_slots,
-    max_over_group,
     scatter_to_slots,
-    slots_in_priority_order,
-    tokens_per_expert,
 )
 from moe.expert_choice import ExpertChoiceRouter
 from moe.experts import SwiGLUExpert, expert_generator
+from moe.grouped_experts import stack_expert_weights, swiglu_capacity, swiglu_grouped
 from moe.router import TokenChoiceRouter
 
 
@@ -57,13 +56,16 @@ class MoEAux:
 
 @dataclass
 class _Plan:
-    """Where every (token, expert) assignment goes: slot -1 = dropped."""
+    """Every (token, expert) assignment of one forward, and which of them run."""
 
     token_A: torch.Tensor
-    slot_A: torch.Tensor
-    weight_A: torch.Tensor
     expert_A: torch.Tensor
-    capacity: int
+    weight_A: torch.Tensor
+    kept_A: torch.Tensor
+    slot_A: torch.Tensor | None
+    """Slot in the fixed [E*C] layout (-1 = dropped) when there is a capacity, else None."""
+    capacity: int | None
+    """Slots per expert; None = dropless (no fixed layout)."""
     probs_TE: torch.Tensor
     balance_loss: torch.Tensor
     z_loss: torch.Tensor
@@ -144,20 +146,22 @@ class MoELayer(MoE):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:  # type: ignore[override]
         shape = hidden_states.shape
         x_TD = hidden_states.reshape(-1, shape[-1])
-        num_tokens, num_experts = x_TD.shape[0], self.config.num_experts
+        num_tokens = x_TD.shape[0]
         if self.config.router == "token_choice":
             plan = self._plan_token_choice(x_TD)
         else:
             plan = self._plan_expert_choice(x_TD, sequence_length=shape[-2] if len(shape) > 2 else num_tokens)
 
-        buffer_SD = scatter_to_slots(x_TD, plan.token_A, plan.slot_A, num_experts * plan.capacity)
-        received_SD = all_to_all_slots(buffer_SD, self.ep_group, self.ep_size)
-        y_local_SD = self._run_local_experts(received_SD, plan.capacity)
-        y_SD = all_to_all_slots(y_local_SD, self.ep_group, self.ep_size)
-        if plan.top_k is not None:
-            y_TD = gather_from_slots(y_SD, plan.slot_A.view(num_tokens, plan.top_k), plan.weight_A.view(num_tokens, plan.top_k))
+        if self.ep_size > 1 and plan.capacity is not None:
+            y_TD = self._experts_fixed_all_to_all(x_TD, plan)
         else:
-            y_TD = combine_assignments(y_SD, plan.token_A, plan.slot_A, plan.weight_A, num_tokens)
+            order_N, counts_E = self._sorted_by_expert(plan)
+            rows_ND = x_TD[plan.token_A[order_N]]
+            if self.ep_size == 1:
+                y_rows_ND = swiglu_grouped(rows_ND, counts_E, *stack_expert_weights(self.local_experts))
+            else:
+                y_rows_ND = self._experts_variable_all_to_all(rows_ND, counts_E)
+            y_TD = self._combine_sorted(plan, order_N, y_rows_ND, num_tokens)
         if self.shared_mlp is not None:
             y_TD = y_TD + self.shared_mlp(x_TD)
         return y_TD.view(shape), self._aux(plan, num_tokens)
@@ -167,19 +171,22 @@ class MoELayer(MoE):
         decision = self.router(x_TD)
         num_tokens = x_TD.shape[0]
         capacity_factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
+        token_A = torch.arange(num_tokens, device=x_TD.device).repeat_interleave(cfg.top_k)
+        slot_A, capacity = None, None
         if capacity_factor is None:
-            busiest = int(tokens_per_expert(decision.topk_idx_TK, cfg.num_experts).max())
-            capacity = max_over_group(max(1, busiest), self.ep_group, x_TD.device)
+            kept_A = torch.ones_like(token_A, dtype=torch.bool)
         else:
             capacity = expert_capacity(num_tokens, cfg.num_experts, cfg.top_k, capacity_factor, cfg.min_capacity)
-        priority = decision.topk_weight_TK if cfg.drop_policy == "probability" else None
-        slot_TK = assign_slots(decision.topk_idx_TK, cfg.num_experts, capacity, priority)
+            priority = decision.topk_weight_TK if cfg.drop_policy == "probability" else None
+            slot_A = assign_slots(decision.topk_idx_TK, cfg.num_experts, capacity, priority).reshape(-1)
+            kept_A = slot_A >= 0
         balance_loss, z_loss = self.router.losses(decision)
         return _Plan(
-            token_A=torch.arange(num_tokens, device=x_TD.device).repeat_interleave(cfg.top_k),
-            slot_A=slot_TK.reshape(-1),
-            weight_A=decision.topk_weight_TK.reshape(-1),
+            token_A=token_A,
             expert_A=decision.topk_idx_TK.reshape(-1),
+            weight_A=decision.topk_weight_TK.reshape(-1),
+            kept_A=kept_A,
+            slot_A=slot_A,
             capacity=capacity,
             probs_TE=decision.probs_TE,
             balance_loss=balance_loss,
@@ -191,41 +198,87 @@ class MoELayer(MoE):
         cfg = self.config
         router: ExpertChoiceRouter = self.router
         if not self.training and self.ec_eval_mode == "causal":
+            # Causal mode: a variable number of tokens per expert, routed dropless.
             assignments = router.causal(x_TD)
-            kept = assignments.kept_A
-            busiest = int(torch.bincount(assignments.expert_A[kept], minlength=cfg.num_experts).max()) if kept.any() else 0
-            capacity = max_over_group(max(1, busiest), self.ep_group, x_TD.device)
-            slot_A = torch.full_like(assignments.token_A, -1)
-            slot_A[kept] = slots_in_priority_order(assignments.expert_A[kept], cfg.num_experts, capacity)
+            slot_A, capacity = None, None
         else:
             group_size = x_TD.shape[0] if cfg.ec_group == "batch" else sequence_length
             capacity_factor = cfg.capacity_factor if self.training else (cfg.eval_capacity_factor or cfg.capacity_factor)
             assignments = router(x_TD, group_size, capacity_factor)
             capacity = assignments.capacity
+            # Assignments come expert-major, exactly `capacity` per expert: slot a is assignment a.
             all_slots = torch.arange(assignments.token_A.numel(), device=x_TD.device)
             slot_A = torch.where(assignments.kept_A, all_slots, -1)
         balance_loss, z_loss = router.losses(assignments)
         return _Plan(
             token_A=assignments.token_A,
-            slot_A=slot_A,
-            weight_A=assignments.weight_A,
             expert_A=assignments.expert_A,
+            weight_A=assignments.weight_A,
+            kept_A=assignments.kept_A,
+            slot_A=slot_A,
             capacity=capacity,
             probs_TE=assignments.probs_TE,
             balance_loss=balance_loss,
             z_loss=z_loss,
         )
 
+    # ------------------------------------------------------------------ expert compute
+    def _sorted_by_expert(self, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept assignments ordered by global expert (stable: ties keep token order), and the
+        number per expert: the layout of a grouped GEMM, no padding. ([N], [E])"""
+        kept_N = torch.nonzero(plan.kept_A, as_tuple=True)[0]
+        order_N = kept_N[torch.argsort(plan.expert_A[kept_N], stable=True)]
+        counts_E = torch.bincount(plan.expert_A[order_N], minlength=self.config.num_experts)
+        return order_N, counts_E
+
+    def _combine_sorted(self, plan: _Plan, order_N: torch.Tensor, y_rows_ND: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        if plan.top_k is not None:
+            # Back into [T, K] (dropped choices stay zero), then a fixed-order weighted sum over K:
+            # bitwise deterministic on any device.
+            y_AD = y_rows_ND.new_zeros(plan.token_A.numel(), y_rows_ND.shape[-1]).index_copy(0, order_N, y_rows_ND)
+            index_TK = torch.arange(plan.token_A.numel(), device=y_AD.device).view(num_tokens, plan.top_k)
+            weight_TK = plan.weight_A.view(num_tokens, plan.top_k) * plan.kept_A.view(num_tokens, plan.top_k)
+            return gather_from_slots(y_AD, index_TK, weight_TK)
+        all_rows = torch.arange(order_N.numel(), device=order_N.device)
+        return combine_assignments(y_rows_ND, plan.token_A[order_N], all_rows, plan.weight_A[order_N], num_tokens)
+
+    def _experts_fixed_all_to_all(self, x_TD: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """Capacity mode across ranks: equal-sized [E*C] slot buffers, one fixed-shape all-to-all
+        each way (no count exchange, no host sync), batched GEMMs on [e, ep*C, D]."""
+        num_experts, capacity = self.config.num_experts, plan.capacity
+        assert plan.slot_A is not None and capacity is not None
+        buffer_SD = scatter_to_slots(x_TD, plan.token_A, plan.slot_A, num_experts * capacity)
+        received_SD = all_to_all_slots(buffer_SD, self.ep_group, self.ep_size)
+        ep, e, dim = self.ep_size, self.num_local_experts, x_TD.shape[-1]
+        per_expert_eND = received_SD.view(ep, e, capacity, dim).transpose(0, 1).reshape(e, ep * capacity, dim)
+        out_eND = swiglu_capacity(per_expert_eND, *stack_expert_weights(self.local_experts))
+        y_local_SD = out_eND.view(e, ep, capacity, dim).transpose(0, 1).reshape(ep * e * capacity, dim)
+        y_SD = all_to_all_slots(y_local_SD, self.ep_group, self.ep_size)
+        num_tokens = x_TD.shape[0]
+        if plan.top_k is not None:
+            slot_TK = plan.slot_A.view(num_tokens, plan.top_k)
+            return gather_from_slots(y_SD, slot_TK, plan.weight_A.view(num_tokens, plan.top_k))
+        return combine_assignments(y_SD, plan.token_A, plan.slot_A, plan.weight_A, num_tokens)
+
+    def _experts_variable_all_to_all(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Dropless across ranks: all-to-all-v sends each rank exactly its experts' rows."""
+        exchange = VariableExchange(counts_E, self.ep_group, self.ep_size)
+        received_MD = exchange.send(rows_ND)
+        local_order_M, local_counts_e = exchange.received_by_local_expert()
+        y_sorted_MD = swiglu_grouped(received_MD[local_order_M], local_counts_e, *stack_expert_weights(self.local_experts))
+        y_received_MD = torch.empty_like(y_sorted_MD).index_copy(0, local_order_M, y_sorted_MD)
+        return exchange.send_back(y_received_MD)
+
     def _aux(self, plan: _Plan, num_tokens: int) -> MoEAux:
         cfg = self.config
         with torch.no_grad():
-            kept = plan.slot_A >= 0
             routed_E = torch.bincount(plan.expert_A, minlength=cfg.num_experts)
-            kept_E = torch.bincount(plan.expert_A[kept], minlength=cfg.num_experts)
-            per_token = torch.bincount(plan.token_A[kept], minlength=num_tokens)
+            kept_E = torch.bincount(plan.expert_A[plan.kept_A], minlength=cfg.num_experts)
+            per_token = torch.bincount(plan.token_A[plan.kept_A], minlength=num_tokens)
             histogram = torch.bincount(per_token, minlength=cfg.num_experts + 1)
             probs = plan.probs_TE.clamp_min(1e-20)
             entropy_sum = -(probs * probs.log()).sum()
+        capacity = plan.capacity if plan.capacity is not None else int(kept_E.max()) if kept_E.numel() else 0
         return MoEAux(
             loss=cfg.aux_loss_coef * plan.balance_loss + cfg.z_loss_coef * plan.z_loss,
             load_balancing_loss=plan.balance_loss.detach(),
@@ -234,13 +287,5 @@ class MoELayer(MoE):
             kept_E=kept_E,
             experts_per_token=histogram,
             entropy_sum=entropy_sum,
-            capacity=plan.capacity,
+            capacity=capacity,
         )
-
-    def _run_local_experts(self, received_SD: torch.Tensor, capacity: int) -> torch.Tensor:
-        """[ep * e * C, D] (source-rank major) -> expert outputs in the same layout."""
-        ep, e, dim = self.ep_size, self.num_local_experts, received_SD.shape[-1]
-        per_expert_eND = received_SD.view(ep, e, capacity, dim).transpose(0, 1).reshape(e, ep * capacity, dim)
-        outputs = [expert(per_expert_eND[i]) for i, expert in enumerate(self.local_experts)]
-        out_eND = torch.stack(outputs)
-        return out_eND.view(e, ep, capacity, dim).transpose(0, 1).reshape(ep * e * capacity, dim)

@@ -20,16 +20,25 @@ from moe import MoEConfig, MoELayer
 HIDDEN, EXPERT_HIDDEN, EXPERTS = 16, 24, 4
 
 
-def main(capacity_factor: float | None, top_k: int) -> None:
+def main(capacity_factor: float | None, top_k: int, router: str) -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank = dist.get_rank()
     common = dict(num_experts=EXPERTS, top_k=top_k, capacity_factor=capacity_factor, min_capacity=0)
+    causal = router == "expert_choice_causal"
+    if router.startswith("expert_choice"):
+        common.update(router="expert_choice", eval_capacity_factor=None)
     torch.manual_seed(0)
     parallel = MoELayer(HIDDEN, EXPERT_HIDDEN, MoEConfig(ep_size=2, **common), seed=7).double()
     parallel.set_deepspeed_parallelism()
     whole = MoELayer(HIDDEN, EXPERT_HIDDEN, MoEConfig(ep_size=1, **common), seed=7).double()
     whole.router.weight.data.copy_(parallel.router.weight.data)
+    if causal:
+        # Causal expert choice runs in eval mode, dropless through the all-to-all-v.
+        for layer in (parallel, whole):
+            layer.router.threshold.copy_(torch.tensor([0.3, 0.25, 0.2, 0.28]))
+            layer.router.threshold_ready.fill_(1.0)
+            layer.eval()
 
     inputs = [torch.randn(2, 9, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(r)) for r in (0, 1)]
     grads = [torch.randn(2, 9, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + r)) for r in (0, 1)]
@@ -55,7 +64,7 @@ def main(capacity_factor: float | None, top_k: int) -> None:
     router_grad = parallel.router.weight.grad.clone()
     dist.all_reduce(router_grad)
     torch.testing.assert_close(router_grad, whole.router.weight.grad, rtol=1e-6, atol=1e-6)
-    if capacity_factor is None:
+    if capacity_factor is None or causal:
         assert torch.equal(aux.kept_E, aux.routed_E)
     dist.barrier()
     print(f"rank {rank}: ok", flush=True)
@@ -63,4 +72,4 @@ def main(capacity_factor: float | None, top_k: int) -> None:
 
 if __name__ == "__main__":
     cf = None if sys.argv[1] == "none" else float(sys.argv[1])
-    main(cf, int(sys.argv[2]))
+    main(cf, int(sys.argv[2]), sys.argv[3])

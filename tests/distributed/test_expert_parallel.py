@@ -27,13 +27,22 @@ def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **extra}
 
 
-@pytest.mark.parametrize("capacity_factor, top_k", [("none", 2), ("1.0", 2), ("0.5", 1)])
-def test_ep2_layer_equals_single_process_oracle(capacity_factor, top_k):
+@pytest.mark.parametrize(
+    "capacity_factor, top_k, router",
+    [
+        ("none", 2, "token_choice"),  # dropless: all-to-all-v
+        ("1.0", 2, "token_choice"),  # capacity: fixed-shape all-to-all, some drops
+        ("0.5", 1, "token_choice"),
+        ("2.0", 2, "expert_choice"),  # fixed-shape all-to-all, index_add combine
+        ("2.0", 2, "expert_choice_causal"),  # thresholds: all-to-all-v
+    ],
+)
+def test_ep2_layer_equals_single_process_oracle(capacity_factor, top_k, router):
     port = str(_free_port())
     worker = ROOT / "tests" / "distributed" / "expert_parallel_worker.py"
     procs = [
         subprocess.Popen(
-            [sys.executable, str(worker), capacity_factor, str(top_k)],
+            [sys.executable, str(worker), capacity_factor, str(top_k), router],
             env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
