@@ -9,7 +9,7 @@ TORCH_CPU ?= torch==2.13.0
 TORCH_GPU ?= torch>=2.4,<2.15
 HAS_GPU   := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: help install train test test-fast lint prepare clean
+.PHONY: help install train test test-fast lint prepare bench bench-routing bench-gpu clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,15 @@ test: $(STAMP)  ## all CPU tests: unit, multi-process (gloo) and whole runs
 
 test-fast: $(STAMP)  ## the fast CPU tier only (what a plain `pytest` runs)
 	$(PY) -m pytest -q
+
+bench: $(STAMP)  ## MoE layer vs dense FFN vs stock DeepSpeed MoE (forward+backward), CPU shapes
+	$(PY) -m bench.moe_layer --json bench/moe_layer_cpu.json
+
+bench-routing: $(STAMP)  ## train the smoke model under each routing scheme and print the comparison table
+	$(PY) -m bench.routing_compare --json bench/routing_cpu.json
+
+bench-gpu: $(STAMP)  ## every GPU figure in one run: GPU tests, layer and end-to-end benchmarks, bf16 smoke
+	PYTHON=$(PY) bash bench/gpu_all.sh
 
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check moe train tests

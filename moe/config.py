@@ -14,6 +14,9 @@ from dataclasses import dataclass
 class MoEConfig:
     """Routing and expert settings shared by every MoE layer of a model."""
 
+    implementation: str = "ours"
+    """ours (sorted grouped-GEMM dispatch, every router here) or deepspeed (stock
+    deepspeed.moe.layer.MoE with its own gate: the baseline for comparisons; token choice only)."""
     router: str = "token_choice"
     """token_choice: each token picks its top-k experts. expert_choice: each expert picks its
     top-C tokens (Zhou et al. 2022); not causal, see ec_eval_mode."""
@@ -46,10 +49,11 @@ class MoEConfig:
     """Multiplicative jitter on the router input in training only, x * U(1-eps, 1+eps) (Switch)."""
     aux_loss_coef: float = 0.01
     """Weight of the Switch/GShard load-balancing loss added to the LM loss."""
-    aux_loss_scope: str = "global"
-    """global: the expert fractions f come from the previous optimizer step's whole batch (all
+    aux_loss_scope: str = "micro_batch"
+    """micro_batch: f (each expert's share of the assignments) counted on this micro-batch on this
+    rank, the paper's form. global: f from the previous optimizer step's whole batch (all
     micro-batches, all ranks), so the loss's value and gradient do not depend on how a batch is
-    split into micro-batches or ranks. micro_batch: f from this micro-batch on this rank (the paper)."""
+    split into micro-batches or ranks; its one-step lag balanced worse in bench/RESULTS.md."""
     z_loss_coef: float = 0.0
     """Weight of the router z-loss (ST-MoE, mean squared log-sum-exp of the router logits)."""
     bias_update_rate: float = 0.0
@@ -73,6 +77,7 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         choices = {
+            "implementation": ("ours", "deepspeed"),
             "router": ("token_choice", "expert_choice"),
             "score_func": ("softmax", "sigmoid"),
             "drop_policy": ("position", "probability"),

@@ -89,7 +89,8 @@ def swiglu_grouped(
         raise ValueError(f"x_ND must be 2-D [N, D], got shape {tuple(x_ND.shape)}")
     _check_weights(x_ND.shape[-1], w1_eDF, w3_eDF, w2_eFD)
     num_experts = w1_eDF.shape[0]
-    counts_e = _counts_tensor(counts_e, x_ND.device)
+    # Counts given as a list stay on the CPU, so they are always checked; offsets move to x's device below.
+    counts_e = _counts_tensor(counts_e, torch.device("cpu"))
     if counts_e.dim() != 1 or counts_e.shape[0] != num_experts:
         raise ValueError(f"counts_e must be 1-D with one count per expert ({num_experts}), got shape {tuple(counts_e.shape)}")
     if counts_e.dtype.is_floating_point or counts_e.dtype == torch.bool:
@@ -154,6 +155,13 @@ def grouped_mm_available(device: torch.device | str = "cpu", dtype: torch.dtype 
 def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
+    # The first caller may be inside torch.no_grad() (an eval step): the probe's backward must
+    # still run, or the answer "no" would be cached for the whole process.
+    with torch.enable_grad():
+        return _grouped_mm_runs(device, dtype)
+
+
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
     try:
         # Small integers are exact in every dtype tried, so the comparison can be strict-ish.
         generator = torch.Generator().manual_seed(0)

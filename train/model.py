@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from deepspeed.moe.layer import MoE
 from torch import nn
 from torch.nn import functional as F
 
 from moe import MoEAux, MoEConfig, MoELayer, SwiGLUExpert
 from moe.experts import default_out_std
+from moe.stock import StockDeepSpeedMoE
 
 
 @dataclass
@@ -98,7 +100,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, MoEAux | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin)
         h = self.ffn_norm(x)
-        if isinstance(self.ffn, MoELayer):
+        if isinstance(self.ffn, MoE):
             y, aux = self.ffn(h)
             return x + y, aux
         return x + self.ffn(h), None
@@ -138,7 +140,8 @@ class GPT(nn.Module):
         blocks = []
         for i in range(cfg.num_layers):
             if is_moe_block(i, moe):
-                ffn: nn.Module = MoELayer(
+                layer_class = StockDeepSpeedMoE if moe.implementation == "deepspeed" else MoELayer
+                ffn: nn.Module = layer_class(
                     cfg.hidden_size, expert_hidden, moe, layer_index=i, seed=seed, init_std=cfg.init_std, out_std=out_std
                 )
             else:
@@ -194,14 +197,14 @@ class GPT(nn.Module):
         active_experts = 0
         num_moe_layers = 0
         for module in self.modules():
-            if isinstance(module, MoELayer):
+            if isinstance(module, MoE):
                 num_moe_layers += 1
-                one_expert = sum(p.numel() for p in module.local_experts[0].parameters())
+                one_expert = sum(p.numel() for p in module.deepspeed_moe.experts.deepspeed_experts[0].parameters())
                 expert_per_layer = one_expert
                 total_experts += one_expert * module.num_experts
                 active_experts += round(one_expert * experts_per_token(module.config))
         local_expert_params = sum(
-            p.numel() for m in self.modules() if isinstance(m, MoELayer) for p in m.local_experts.parameters()
+            p.numel() for m in self.modules() if isinstance(m, MoE) for p in m.deepspeed_moe.experts.parameters()
         )
         dense = sum(p.numel() for p in self.parameters()) - local_expert_params
         embedding = self.embed.weight.numel()

@@ -82,3 +82,39 @@ def test_deepspeed_launcher_trains_with_ep2_zero2(tmp_path):
         (key,) = [k for k in state if k.endswith(f"deepspeed_experts.{expert}.w1.weight")]
         first_weights.append(state[key])
     assert not torch.equal(*first_weights), "experts on the two ranks must not start (or end) identical"
+
+
+def test_ep2_checkpoint_loads_at_ep1_with_identical_weights(tmp_path, compose_run):
+    """Weights saved by 2 ranks at ep_size=2 load into 1 rank at ep_size=1 (DeepSpeed's per-expert
+    files are renumbered from global ids); optimizer state across layouts is not carried yet."""
+    from train.config import to_run_config
+    from train.distributed import init_world
+    from train.engine import build_engine
+    from train.model import GPT
+
+    run_dir = tmp_path / "run"
+    common = ["model=gpt_tiny", "trainer.micro_batch_size=4", f"data.cache_dir={ROOT / '.cache' / 'data'}"]
+    command = [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank",
+        "--master_port", str(_free_port()), "--module", "train", *common, "moe.ep_size=2", "trainer.max_steps=2",
+        "trainer.eval_every=0", "logging.progress_bar=false", f"trainer.run_dir={run_dir}",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+    run = to_run_config(compose_run([*common, "moe.ep_size=1"]))
+    world = init_world("cpu")
+    torch.manual_seed(123)  # different from the run's seed: every loaded weight must come from the files
+    model = GPT(run.model, run.moe, vocab_size=4096, seed=123)
+    engine, _ = build_engine(model, run, world.device)
+    engine.load_checkpoint(str(run_dir / "checkpoints"), tag="step_00000002", load_module_only=True,
+                           load_optimizer_states=False, load_lr_scheduler_states=False)
+    tag = run_dir / "checkpoints" / "step_00000002"
+    for layer_index, block_index in enumerate(i for i, b in enumerate(model.blocks) if hasattr(b.ffn, "local_experts")):
+        experts = model.blocks[block_index].ffn.local_experts
+        for expert in range(8):
+            state = torch.load(tag / f"layer_{layer_index}_expert_{expert}_mp_rank_00_model_states.pt", weights_only=False)
+            (key,) = [k for k in state if k.endswith(f"deepspeed_experts.{expert}.w2.weight")]
+            assert torch.equal(experts[expert].w2.weight.detach(), state[key])
+    dense = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert torch.equal(model.embed.weight.detach(), dense["embed.weight"])

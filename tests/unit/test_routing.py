@@ -208,3 +208,20 @@ def test_router_state_survives_bf16_and_stays_out_of_expert_checkpoint_keys():
         for key in layer.state_dict():
             # DeepSpeed files every MoE-module key containing "expert" as a routed expert's weight.
             assert ("expert" in key) == ("deepspeed_experts" in key), key
+
+
+def test_layer_balancing_loss_is_split_invariant_through_the_layer():
+    """Through the MoE layer: one micro-batch of 32 tokens vs 4 accumulation steps of 8."""
+    layer = _layer(top_k=2, capacity_factor=None, aux_loss_coef=1.0, aux_loss_scope="global")
+    layer.router.balance_fraction.copy_(torch.tensor([0.4, 0.3, 0.2, 0.1]))
+    x = torch.randn(4, 8, HIDDEN, dtype=torch.float64)
+
+    _, whole = layer(x.reshape(1, 32, HIDDEN))
+    whole.loss.backward()
+    whole_grad = layer.router.weight.grad.clone()
+    layer.zero_grad()
+    split_loss = sum(layer(x[i : i + 1])[1].loss for i in range(4)) / 4
+    split_loss.backward()
+    # Router math is fp32 by design, hence fp32 tolerances.
+    torch.testing.assert_close(split_loss, whole.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(layer.router.weight.grad, whole_grad, rtol=1e-5, atol=1e-7)

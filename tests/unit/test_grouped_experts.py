@@ -1,0 +1,299 @@
+"""Stacked-weight expert compute against the per-expert module loop: outputs and every gradient.
+
+Legend: N rows sorted by expert, D model dim, e local experts, C capacity, F expert hidden.
+
+`torch._grouped_mm` takes fp32/bf16/fp16 only, so the grouped path is checked in fp32 (where it
+equals the loop to rounding) and the fallback loop and `bmm` in fp64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe import SwiGLUExpert
+from moe.experts import expert_generator
+from moe.grouped_experts import (
+    grouped_mm_available,
+    stack_expert_weights,
+    swiglu_capacity,
+    swiglu_grouped,
+    swiglu_loop,
+    uses_grouped_mm,
+)
+
+# Multiples of 8, so fp32 and bf16 rows meet the grouped GEMM's 16-byte stride rule.
+DIM, HIDDEN = 16, 24
+
+COUNTS = {
+    "uneven": [5, 0, 7, 3],
+    "one-busy": [0, 0, 9, 0],
+    "single-expert": [6],
+    "no-rows": [0, 0, 0],
+}
+
+
+def _experts(num_experts: int, dtype: torch.dtype, dim: int = DIM, hidden: int = HIDDEN) -> list[SwiGLUExpert]:
+    experts = []
+    for i in range(num_experts):
+        expert = SwiGLUExpert(dim, hidden)
+        # std 0.3 keeps activations O(1), so gradient mismatches are not hidden by tiny values.
+        expert.init_weights(0.3, 0.3, expert_generator(0, 0, i))
+        experts.append(expert.to(dtype))
+    return experts
+
+
+def _param_grads(experts: list[SwiGLUExpert]) -> dict[str, torch.Tensor]:
+    # An expert with no rows may get no gradient at all on one path and zeros on another.
+    return {
+        f"{i}.{name}": (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        for i, expert in enumerate(experts)
+        for name, p in expert.named_parameters()
+    }
+
+
+def _clear(x: torch.Tensor, experts: list[SwiGLUExpert]) -> None:
+    x.grad = None
+    for expert in experts:
+        expert.zero_grad(set_to_none=True)
+
+
+def _run(fn, x: torch.Tensor, experts: list[SwiGLUExpert], grad: torch.Tensor | None):
+    """Output, input gradient and expert gradients of fn(x); grad=None backpropagates y.sum()."""
+    y = fn(x)
+    if grad is None:
+        y.sum().backward()
+    else:
+        y.backward(grad)
+    result = y.detach().clone(), x.grad.clone(), _param_grads(experts)
+    _clear(x, experts)
+    return result
+
+
+def _assert_same(fast, ref, **tol) -> None:
+    y, dx, grads = fast
+    y_ref, dx_ref, grads_ref = ref
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(dx, dx_ref, **tol)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], msg=name, **tol)
+
+
+def _grouped(counts):
+    def fn(x, experts):
+        return swiglu_grouped(x, counts, *stack_expert_weights(experts))
+
+    return fn
+
+
+def test_stack_expert_weights_layout_and_gradients():
+    experts = _experts(3, torch.float64)
+    w1_eDF, w3_eDF, w2_eFD = stack_expert_weights(experts)
+    assert w1_eDF.shape == w3_eDF.shape == (3, DIM, HIDDEN) and w2_eFD.shape == (3, HIDDEN, DIM)
+    for i, expert in enumerate(experts):
+        assert torch.equal(w1_eDF[i], expert.w1.weight.t())
+        assert torch.equal(w3_eDF[i], expert.w3.weight.t())
+        assert torch.equal(w2_eFD[i], expert.w2.weight.t())
+    scale = torch.arange(3, dtype=torch.float64).view(3, 1, 1)
+    (w1_eDF * scale).sum().backward()
+    for i, expert in enumerate(experts):
+        torch.testing.assert_close(expert.w1.weight.grad, torch.full_like(expert.w1.weight, float(i)))
+        assert expert.w2.weight.grad is None
+
+
+@pytest.mark.parametrize("counts", COUNTS.values(), ids=COUNTS.keys())
+def test_grouped_mm_path_equals_loop_fp32(counts):
+    if not grouped_mm_available("cpu", torch.float32):
+        pytest.skip("this torch has no CPU torch._grouped_mm")
+    torch.manual_seed(0)
+    experts = _experts(len(counts), torch.float32)
+    x = torch.randn(sum(counts), DIM, requires_grad=True)
+    grad = torch.randn(sum(counts), DIM)
+    assert uses_grouped_mm(x, *stack_expert_weights(experts)[::2])
+
+    fast = _run(lambda x: swiglu_grouped(x, counts, *stack_expert_weights(experts)), x, experts, grad)
+    ref = _run(lambda x: swiglu_loop(x, counts, experts), x, experts, grad)
+    _assert_same(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("counts", COUNTS.values(), ids=COUNTS.keys())
+def test_fallback_loop_equals_module_loop_fp64(counts):
+    torch.manual_seed(1)
+    experts = _experts(len(counts), torch.float64)
+    x = torch.randn(sum(counts), DIM, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(sum(counts), DIM, dtype=torch.float64)
+    assert not uses_grouped_mm(x, *stack_expert_weights(experts)[::2])  # no fp64 grouped GEMM
+
+    fast = _run(lambda x: swiglu_grouped(x, counts, *stack_expert_weights(experts)), x, experts, grad)
+    ref = _run(lambda x: swiglu_loop(x, counts, experts), x, experts, grad)
+    _assert_same(fast, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_forced_loop_equals_module_loop_fp32():
+    counts = [5, 0, 7, 3]
+    experts = _experts(4, torch.float32)
+    x = torch.randn(15, DIM, requires_grad=True)
+    grad = torch.randn(15, DIM)
+    fast = _run(lambda x: swiglu_grouped(x, counts, *stack_expert_weights(experts), use_grouped_mm=False), x, experts, grad)
+    ref = _run(lambda x: swiglu_loop(x, counts, experts), x, experts, grad)
+    _assert_same(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_unaligned_width_falls_back_to_the_loop():
+    # D = 6 fp32 is a 24-byte row stride, which the grouped GEMM rejects.
+    counts = [3, 0, 4]
+    experts = _experts(3, torch.float32, dim=6, hidden=10)
+    x = torch.randn(7, 6, requires_grad=True)
+    assert not uses_grouped_mm(x, *stack_expert_weights(experts)[::2])
+    fast = _run(lambda x: swiglu_grouped(x, counts, *stack_expert_weights(experts)), x, experts, None)
+    ref = _run(lambda x: swiglu_loop(x, counts, experts), x, experts, None)
+    _assert_same(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("incoming", ["sum", "transposed"])
+def test_grouped_backward_takes_any_gradient_layout(incoming):
+    # y.sum().backward() sends a stride-0 expanded gradient, and a transposed one has a 4*N-byte
+    # stride; the raw grouped GEMM backward rejects both.
+    counts = [5, 0, 7, 3]
+    experts = _experts(4, torch.float32)
+    x = torch.randn(15, DIM, requires_grad=True)
+    grad = None if incoming == "sum" else torch.randn(DIM, 15).t()
+    fast = _run(lambda x: swiglu_grouped(x, counts, *stack_expert_weights(experts)), x, experts, grad)
+    ref = _run(lambda x: swiglu_loop(x, counts, experts), x, experts, grad)
+    _assert_same(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_counts_as_tensor_int32_and_list_agree():
+    counts = [2, 4, 0, 3]
+    experts = _experts(4, torch.float32)
+    x = torch.randn(9, DIM)
+    weights = stack_expert_weights(experts)
+    with torch.no_grad():
+        from_list = swiglu_grouped(x, counts, *weights)
+        from_tensor = swiglu_grouped(x, torch.tensor(counts, dtype=torch.int32), *weights)
+    assert torch.equal(from_list, from_tensor)
+
+
+@pytest.mark.parametrize("num_experts", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_capacity_bmm_equals_module_loop(num_experts, dtype):
+    torch.manual_seed(2)
+    capacity = 5
+    experts = _experts(num_experts, dtype)
+    x = torch.randn(num_experts, capacity, DIM, dtype=dtype, requires_grad=True)
+    grad = torch.randn(num_experts, capacity, DIM, dtype=dtype)
+
+    def reference(x):
+        return torch.stack([expert(x[i]) for i, expert in enumerate(experts)])
+
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    fast = _run(lambda x: swiglu_capacity(x, *stack_expert_weights(experts)), x, experts, grad)
+    ref = _run(reference, x, experts, grad)
+    _assert_same(fast, ref, **tol)
+    fast_sum = _run(lambda x: swiglu_capacity(x, *stack_expert_weights(experts)), x, experts, None)
+    _assert_same(fast_sum, _run(reference, x, experts, None), **tol)
+
+
+def test_bf16_forward_runs_and_tracks_fp32():
+    counts = [5, 0, 7, 3]
+    experts = _experts(4, torch.float32)
+    x = torch.randn(15, DIM)
+    with torch.no_grad():
+        want = swiglu_loop(x, counts, experts)
+        weights_bf16 = [w.bfloat16() for w in stack_expert_weights(experts)]
+        grouped = swiglu_grouped(x.bfloat16(), counts, *weights_bf16)
+        capacity = swiglu_capacity(x.bfloat16()[:12].view(4, 3, DIM), *weights_bf16)
+    assert grouped.dtype == capacity.dtype == torch.bfloat16
+    assert uses_grouped_mm(x.bfloat16(), weights_bf16[0], weights_bf16[2]) == grouped_mm_available("cpu", torch.bfloat16)
+    torch.testing.assert_close(grouped.float(), want, rtol=0.05, atol=0.05)
+
+
+def test_bf16_backward_runs_on_the_grouped_path():
+    counts = [5, 0, 7, 3]
+    experts = _experts(4, torch.bfloat16)
+    x = torch.randn(15, DIM, dtype=torch.bfloat16, requires_grad=True)
+    swiglu_grouped(x, counts, *stack_expert_weights(experts)).sum().backward()
+    assert x.grad is not None and all(e.w1.weight.grad is not None for e in experts if e is not experts[1])
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    counts = [3, 4]
+    experts = _experts(2, torch.float32)
+    x = torch.randn(7, DIM)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = swiglu_grouped(x, counts, *stack_expert_weights(experts))
+        y_ref = swiglu_loop(x, counts, experts)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.05, atol=0.05)
+
+
+def test_grouped_mm_available_is_a_cached_bool():
+    assert grouped_mm_available() is grouped_mm_available("cpu", torch.float32)
+    assert isinstance(grouped_mm_available(), bool)
+    assert grouped_mm_available("cpu", torch.float64) is False
+
+
+def test_misuse_raises_value_error_naming_the_argument():
+    experts = _experts(3, torch.float32)
+    w1, w3, w2 = stack_expert_weights(experts)
+    x = torch.randn(6, DIM)
+    with pytest.raises(ValueError, match="counts_e"):
+        swiglu_grouped(x, [2, 4], w1, w3, w2)
+    with pytest.raises(ValueError, match="counts_e"):
+        swiglu_grouped(x, [2, 2, 1], w1, w3, w2)
+    with pytest.raises(ValueError, match="counts_e"):
+        swiglu_grouped(x, [8, -2, 0], w1, w3, w2)
+    with pytest.raises(ValueError, match="x_ND"):
+        swiglu_grouped(x.view(2, 3, DIM), [2, 2, 2], w1, w3, w2)
+    with pytest.raises(ValueError, match="w1_eDF"):
+        swiglu_grouped(torch.randn(6, DIM + 8), [2, 2, 2], w1, w3, w2)
+    with pytest.raises(ValueError, match="w2_eFD"):
+        swiglu_grouped(x, [2, 2, 2], w1, w3, w2[:, :, :-1])
+    with pytest.raises(ValueError, match="use_grouped_mm"):
+        swiglu_grouped(x.double(), [2, 2, 2], *(w.double() for w in (w1, w3, w2)), use_grouped_mm=True)
+    with pytest.raises(ValueError, match="x_eCD"):
+        swiglu_capacity(torch.randn(2, 4, DIM), w1, w3, w2)
+    with pytest.raises(ValueError, match="experts"):
+        stack_expert_weights([])
+    with pytest.raises(ValueError, match=r"experts\[1\]"):
+        stack_expert_weights([experts[0], SwiGLUExpert(DIM, HIDDEN + 8)])
+    with pytest.raises(ValueError, match="counts_e"):
+        swiglu_loop(x, [6], experts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_grouped_equals_loop(dtype):
+    """On a GPU, whichever path runs (grouped GEMM where the device has it) against the module loop."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    counts = [64, 0, 200, 8]
+    device = torch.device("cuda")
+    experts = [e.to(device) for e in _experts(4, dtype, dim=64, hidden=128)]
+    x = torch.randn(sum(counts), 64, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(sum(counts), 64, device=device, dtype=dtype)
+    counts_e = torch.tensor(counts, device=device)
+    fast = _run(lambda x: swiglu_grouped(x, counts_e, *stack_expert_weights(experts)), x, experts, grad)
+    ref = _run(lambda x: swiglu_loop(x, counts, experts), x, experts, grad)
+    sum_grads = _run(lambda x: swiglu_grouped(x, counts_e, *stack_expert_weights(experts)), x, experts, None)
+    sum_ref = _run(lambda x: swiglu_loop(x, counts, experts), x, experts, None)
+    if dtype == torch.float32:
+        _assert_same(fast, ref, rtol=1e-4, atol=1e-4)
+        _assert_same(sum_grads, sum_ref, rtol=1e-4, atol=1e-4)
+        return
+    # bf16: both paths round at the same points but accumulate in different orders, so compare
+    # whole tensors by relative error rather than element by element.
+    for got, want in ((fast, ref), (sum_grads, sum_ref)):
+        pairs = [(got[0], want[0]), (got[1], want[1])] + [(got[2][k], want[2][k]) for k in want[2]]
+        for a, b in pairs:
+            assert (a.float() - b.float()).norm() <= 2e-2 * b.float().norm() + 1e-3
+
+
+def test_probe_is_not_fooled_by_no_grad():
+    from moe.grouped_experts import _probe_grouped_mm
+
+    _probe_grouped_mm.cache_clear()
+    with torch.no_grad():
+        first = grouped_mm_available("cpu", torch.float32)
+    assert first == hasattr(torch, "_grouped_mm")
