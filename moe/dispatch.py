@@ -27,11 +27,6 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     return max(1, min(num_tokens, max(capacity, min_capacity)))
 
 
-def tokens_per_expert(topk_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Assignments per expert before any dropping, int64 [E]."""
-    return torch.bincount(topk_idx_TK.reshape(-1), minlength=num_experts)
-
-
 def slots_in_priority_order(expert_A: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
     """Slot of every assignment, -1 where its expert is already full. [A] int64.
 

@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from moe.config import MoEConfig
 from moe.losses import router_z_loss
@@ -65,19 +64,12 @@ class ExpertChoiceRouter(StepStatefulRouter):
     FP32_BUFFERS = ("threshold", "threshold_ready", "pending_threshold")
 
     def __init__(self, hidden_size: int, config: MoEConfig) -> None:
-        super().__init__()
+        super().__init__(hidden_size, config)
         num_experts = config.num_experts
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-        nn.init.normal_(self.weight, std=0.02)
-        self.config = config
-        self.ep_group = None
         self.register_buffer("threshold", torch.zeros(num_experts))
         self.register_buffer("threshold_ready", torch.zeros(()))
         # Sum over groups of each expert's C-th largest score, and the number of groups.
         self.register_buffer("pending_threshold", torch.zeros(num_experts + 1), persistent=False)
-
-    def _set_ep_group(self, ep_group) -> None:
-        self.ep_group = ep_group
 
     def scores(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits_TE = router_logits(x_TD, self.weight, self.config.jitter_eps, self.training)

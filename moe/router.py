@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from moe.config import MoEConfig
 from moe.losses import load_balancing_loss, load_balancing_loss_fixed_fraction, router_z_loss
@@ -42,30 +41,18 @@ def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, jitter_eps: float
 
 
 class TokenChoiceRouter(StepStatefulRouter):
-    """Linear scores (softmax or sigmoid), optional selection bias, top-k selection.
-
-    It also stands in for DeepSpeed's gate inside `deepspeed.moe.layer.MoE`, which calls
-    `_set_ep_group` on its gate when the engine creates the expert-parallel groups. No buffer
-    name contains "expert": DeepSpeed's checkpointing treats such keys as expert weights.
-    """
+    """Linear scores (softmax or sigmoid), optional selection bias, top-k selection."""
 
     FP32_BUFFERS = ("selection_bias", "balance_fraction", "pending_routed")
 
     def __init__(self, hidden_size: int, config: MoEConfig) -> None:
-        super().__init__()
+        super().__init__(hidden_size, config)
         num_experts = config.num_experts
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-        nn.init.normal_(self.weight, std=0.02)
-        self.config = config
-        self.ep_group = None
         # Aux-loss-free balancing: added to the scores for selection only (DeepSeek-V3, eq. 16).
         self.register_buffer("selection_bias", torch.zeros(num_experts))
         # f_e of the global load-balancing loss: the previous step's load fraction (uniform at start).
         self.register_buffer("balance_fraction", torch.full((num_experts,), 1.0 / num_experts))
         self.register_buffer("pending_routed", torch.zeros(num_experts), persistent=False)
-
-    def _set_ep_group(self, ep_group) -> None:
-        self.ep_group = ep_group
 
     def forward(self, x_TD: torch.Tensor) -> RoutingDecision:
         cfg = self.config

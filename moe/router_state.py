@@ -13,16 +13,31 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe.config import MoEConfig
+
 
 class StepStatefulRouter(nn.Module):
-    """A router with fp32 buffers updated once per optimizer step.
+    """What every router shares: the [E, D] scoring weight, fp32 buffers updated once per
+    optimizer step, and the gate interface DeepSpeed's MoE expects.
 
     Subclasses list their step-updated buffers in `FP32_BUFFERS`; those stay fp32 when the
     model is cast to bf16 (DeepSpeed casts every floating buffer along with the weights, and a
-    bias nudged by 1e-3 disappears in bf16's 8-bit mantissa).
+    bias nudged by 1e-3 disappears in bf16's 8-bit mantissa). No buffer name may contain
+    "expert": DeepSpeed's checkpointing treats such keys inside an MoE layer as expert weights.
     """
 
     FP32_BUFFERS: tuple[str, ...] = ()
+
+    def __init__(self, hidden_size: int, config: MoEConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size))
+        nn.init.normal_(self.weight, std=0.02)
+        self.config = config
+        self.ep_group = None
+
+    def _set_ep_group(self, ep_group) -> None:
+        """Called by `deepspeed.moe.layer.MoE` on its gate when the engine creates the groups."""
+        self.ep_group = ep_group
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
