@@ -1,18 +1,22 @@
 """Checkpoints: DeepSpeed's own (model, optimizer, scheduler, one file per expert) plus our
 client state (step, tokens, data position) and every rank's RNG states.
 
-DeepSpeed writes each save into its own tag directory and only then points `latest` at it,
-so an interrupted save leaves the previous checkpoint as the one that resumes.
+Each save goes into its own tag directory. `latest` is ours, not DeepSpeed's (which truncates
+and rewrites it in place): only after every rank has finished writing, the files are flushed to
+disk and `latest` is replaced atomically, so a process killed at any moment leaves `latest`
+naming a complete checkpoint, and a half-written tag directory is never picked.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 def tag_for(step: int) -> str:
@@ -41,7 +45,33 @@ def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], 
     tag_dir = checkpoint_dir / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
     torch.save(rng_states(), tag_dir / f"rng_rank{rank:05d}.pt")
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state)
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+    # DeepSpeed's save ends with a barrier: every rank's files are closed here.
+    if rank == 0:
+        for path in sorted(tag_dir.rglob("*")):
+            if path.is_file():
+                _fsync(path)
+        _fsync(tag_dir)
+        _atomic_write(checkpoint_dir / "latest", tag)
+    dist.barrier()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 def latest_tag(checkpoint_dir: Path) -> str | None:
