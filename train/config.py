@@ -143,6 +143,13 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dry_run: bool = False
+    """Print the parallel plan for `world_size` ranks (parameters, memory, all-to-all bytes per
+    rank) and exit, without a GPU, a process group or data."""
+    world_size: int | None = None
+    """Ranks to plan for with dry_run=true (a real run takes its world size from the launcher)."""
+    dry_run_device_gib: float | None = None
+    """With dry_run: reject the plan when a rank needs more memory than this (e.g. 80 for an H100)."""
 
     @property
     def run_dir(self) -> str:

@@ -20,6 +20,7 @@ from train import checkpoint
 from train.config import ConfigError, RunConfig, to_run_config
 from train.data import TokenDataset, prepare_dataset
 from train.distributed import World, init_world, launcher_world_size
+from train.dry_run import check_fits, parallel_plan, print_plan, vocab_for_plan
 from train.engine import build_engine
 from train.flops import flops_per_token, peak_tflops
 from train.metrics import ExpertCounts, MetricsFile, Progress, figures_per_layer, finite_or_none, mean_over_ranks
@@ -31,6 +32,13 @@ VOCAB_MULTIPLE = 64  # embedding rows padded to a multiple of 64: faster matmuls
 def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
     """Run a whole training job; returns the summary (also written to summary.json)."""
     run = cfg if isinstance(cfg, RunConfig) else to_run_config(cfg)
+    if run.dry_run:
+        if run.world_size is None:
+            raise ConfigError("dry_run=true needs world_size=N (the number of ranks to plan for)")
+        plan = parallel_plan(run, run.world_size, vocab_for_plan(run))
+        print_plan(plan)
+        check_fits(plan, run.dry_run_device_gib)
+        return plan
     run.check_world_size(launcher_world_size())
     for path in run.data.files:
         if not Path(path).is_file():

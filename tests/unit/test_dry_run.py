@@ -1,0 +1,46 @@
+"""The dry run: a parallel plan for big layouts, without GPUs or a process group."""
+
+from __future__ import annotations
+
+import pytest
+
+from train.config import ConfigError, to_run_config
+from train.loop import train
+
+BIG = ["experiment=h100_350m", "moe.num_experts=64", "moe.top_k=8", "model.ffn_hidden=704", "dry_run=true"]
+
+
+@pytest.mark.parametrize("world, ep", [(64, 8), (512, 64)])
+def test_plans_64_and_512_rank_layouts(compose_run, capsys, world, ep):
+    plan = train(compose_run([*BIG, f"world_size={world}", f"moe.ep_size={ep}"]))
+    out = capsys.readouterr().out
+    assert f"dry run: {world} ranks, expert parallel {ep} x expert-data parallel {world // ep}" in out
+    assert plan["experts_per_rank"] == 64 // ep
+    # Every expert exists exactly once across an expert-parallel group.
+    one_expert = 3 * 1024 * 704
+    assert plan["params_expert_per_rank"] == 24 * (64 // ep) * one_expert
+    assert plan["params_total"] == plan["params_dense_per_rank"] + 24 * 64 * one_expert
+    assert plan["global_batch_sequences"] == 8 * world
+    assert plan["all_to_all_gib_per_step"] > 0 and plan["memory_activations_gib"] > 0
+
+
+def test_more_expert_parallelism_means_less_memory_and_no_all_to_all_at_ep1(compose_run):
+    small = train(compose_run([*BIG, "world_size=64", "moe.ep_size=64"]))
+    large = train(compose_run([*BIG, "world_size=64", "moe.ep_size=8"]))
+    assert small["memory_weights_optimizer_gib"] < large["memory_weights_optimizer_gib"]
+    none = train(compose_run([*BIG, "world_size=64", "moe.ep_size=1"]))
+    assert none["all_to_all_gib_per_step"] == 0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["world_size=512", "moe.ep_size=3"], "moe.num_experts=64 must be divisible by moe.ep_size=3"),
+        (["world_size=100", "moe.ep_size=64"], "moe.ep_size=64 must divide the world size 100"),
+        (["moe.ep_size=8"], "dry_run=true needs world_size=N"),
+        (["world_size=8", "moe.ep_size=1", "dry_run_device_gib=10"], "more than dry_run_device_gib=10"),
+    ],
+)
+def test_impossible_layouts_are_rejected(compose_run, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train(to_run_config(compose_run([*BIG, *overrides])))

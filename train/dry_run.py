@@ -1,0 +1,117 @@
+"""`dry_run=true world_size=N`: the parallel plan of a big job, built without a GPU or a process group.
+
+The model is built on PyTorch's meta device (shapes, no memory), so a 512-rank, 64-expert plan
+takes seconds on a laptop. Figures per rank:
+
+- parameters: dense (replicated on every rank) and expert (E / ep_size experts per rank);
+- memory (estimate): weights + gradients + AdamW state under ZeRO-1/2 (Rajbhandari et al. 2020:
+  bf16 mixed precision = 2 bytes weights + 2 bytes gradients + 12 bytes fp32 master, momentum,
+  variance per parameter; fp32 = 4 + 4 + 8). Optimizer state (ZeRO-1) and gradients (ZeRO-2) are
+  partitioned over the data-parallel group: all ranks for dense parameters, world / ep_size for
+  expert parameters. Activations: 34 x b x s x d bytes per layer for bf16 (Korthikanti et al.
+  2022, no recomputation, flash attention so no s^2 term), plus each MoE layer's routed copies
+  b x s x K x (2d + 3F) x 2 bytes, plus the logits b x s x V x 6 bytes;
+- all-to-all bytes per optimizer step: per MoE layer and micro-batch, the dispatch and the combine
+  each move b x s x K (x cf in capacity mode) rows of d elements, of which (ep-1)/ep leave the
+  rank, and the backward pass repeats both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from train.config import ConfigError, RunConfig
+from train.model import GPT, experts_per_token
+
+GIB = 2**30
+
+
+def parallel_plan(run: RunConfig, world_size: int, vocab_size: int) -> dict:
+    """Figures for one rank of a `world_size`-rank job (every rank holds the same amounts)."""
+    if world_size < 1:
+        raise ConfigError(f"world_size must be >= 1, got {world_size}")
+    run.check_world_size(world_size)
+    moe, model_cfg, trainer = run.moe, run.model, run.trainer
+    ep = moe.ep_size
+    with torch.device("meta"):
+        model = GPT(model_cfg, moe, vocab_size=vocab_size, seed=0)
+    counts = model.parameter_counts()
+    local_expert = sum(
+        p.numel() for name, p in model.named_parameters() if "deepspeed_experts" in name
+    )
+    dense = sum(p.numel() for p in model.parameters()) - local_expert
+
+    bf16 = run.deepspeed.precision != "fp32"
+    weight_bytes, grad_bytes, optimizer_bytes = (2, 2, 12) if bf16 else (4, 4, 8)
+    zero = run.deepspeed.zero_stage
+    expert_dp = world_size // ep
+
+    def state_bytes(params: int, dp: int) -> float:
+        grads = grad_bytes * params / (dp if zero >= 2 else 1)
+        return weight_bytes * params + grads + optimizer_bytes * params / dp
+
+    b, s, d = trainer.micro_batch_size, model_cfg.seq_len, model_cfg.hidden_size
+    expert_hidden = moe.expert_hidden or model_cfg.ffn_hidden
+    per_token = experts_per_token(moe)
+    act_elem = 2 if bf16 else 4
+    activations = (
+        model_cfg.num_layers * 34 * b * s * d * act_elem / 2
+        + counts["moe_layers"] * b * s * per_token * (2 * d + 3 * expert_hidden) * act_elem
+        + b * s * vocab_size * (act_elem + 4)
+    )
+    padding = moe.capacity_factor if (moe.capacity_factor and moe.router == "token_choice") else 1.0
+    rows = b * s * per_token * padding
+    all_to_all = 4 * rows * d * act_elem * (ep - 1) / ep * counts["moe_layers"] * trainer.grad_accum
+    return {
+        "world_size": world_size,
+        "ep_size": ep,
+        "data_parallel": world_size,
+        "expert_data_parallel": expert_dp,
+        "experts_per_rank": moe.num_experts // ep if counts["moe_layers"] else 0,
+        "global_batch_sequences": b * trainer.grad_accum * world_size,
+        "params_total": counts["total"],
+        "params_active": counts["active"],
+        "params_dense_per_rank": dense,
+        "params_expert_per_rank": local_expert,
+        "memory_weights_optimizer_gib": (state_bytes(dense, world_size) + state_bytes(local_expert, expert_dp)) / GIB,
+        "memory_activations_gib": activations / GIB,
+        "all_to_all_gib_per_step": all_to_all / GIB,
+        "precision": "bf16" if bf16 else "fp32",
+        "zero_stage": zero,
+    }
+
+
+def print_plan(plan: dict) -> None:
+    ep, world = plan["ep_size"], plan["world_size"]
+    memory = plan["memory_weights_optimizer_gib"] + plan["memory_activations_gib"]
+    print(f"dry run: {world} ranks, expert parallel {ep} x expert-data parallel {plan['expert_data_parallel']}, "
+          f"ZeRO-{plan['zero_stage']}, {plan['precision']}, global batch {plan['global_batch_sequences']} sequences")
+    print(f"model: {plan['params_total'] / 1e9:.3f}B parameters, {plan['params_active'] / 1e9:.3f}B active per token")
+    groups = min(world // ep, 4)
+    for g in range(groups):
+        ranks = list(range(g * ep, (g + 1) * ep))
+        print(f"  expert-parallel group {g}: ranks {ranks[0]}-{ranks[-1]}" if ep > 1 else f"  rank {ranks[0]}")
+    if world // ep > groups:
+        print(f"  ... {world // ep} expert-parallel groups in all (consecutive ranks, DeepSpeed's layout)")
+    e = plan["experts_per_rank"]
+    print(f"per rank (every rank holds the same amounts; expert-parallel rank r holds the {e} experts "
+          f"r*{e} to r*{e}+{e - 1} of every MoE layer):")
+    print(f"  parameters   dense {plan['params_dense_per_rank'] / 1e6:.1f}M, expert {plan['params_expert_per_rank'] / 1e6:.1f}M")
+    print(f"  memory       {plan['memory_weights_optimizer_gib']:.2f} GiB weights+grads+optimizer, "
+          f"{plan['memory_activations_gib']:.2f} GiB activations (estimate), {memory:.2f} GiB in all")
+    print(f"  all-to-all   {plan['all_to_all_gib_per_step']:.3f} GiB sent per optimizer step")
+
+
+def check_fits(plan: dict, device_gib: float | None) -> None:
+    if device_gib is not None and plan["memory_weights_optimizer_gib"] + plan["memory_activations_gib"] > device_gib:
+        total = plan["memory_weights_optimizer_gib"] + plan["memory_activations_gib"]
+        raise ConfigError(
+            f"the plan needs about {total:.1f} GiB per rank, more than dry_run_device_gib={device_gib:g}: "
+            "raise moe.ep_size or world_size, or lower trainer.micro_batch_size"
+        )
+
+
+def vocab_for_plan(run: RunConfig) -> int:
+    return math.ceil(run.data.vocab_size / 64) * 64
