@@ -4,7 +4,6 @@ DeepSpeed launcher + engine (ZeRO-2) training with ep_size=2."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.distributed
@@ -24,7 +24,7 @@ def _free_port() -> int:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **extra}
+    return subprocess_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **extra)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DETERMINISTIC = ("event", "step", "tokens", "loss", "aux_loss", "lr", "grad_norm", "experts", "val_loss")
@@ -27,7 +27,12 @@ def _command(run_dir: Path, *extra: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def _run(command: list[str], cwd: Path) -> None:
+    result = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -38,7 +43,7 @@ def _records(run_dir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_sigkill_then_resume_gives_the_same_metrics(tmp_path):
     reference = tmp_path / "reference"
-    subprocess.run(_command(reference), cwd=tmp_path, env=_env(), check=True, capture_output=True, timeout=300)
+    _run(_command(reference), tmp_path)
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(_command(killed), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
@@ -56,8 +61,7 @@ def test_sigkill_then_resume_gives_the_same_metrics(tmp_path):
     latest = (killed / "checkpoints" / "latest").read_text().strip()
     assert (killed / "checkpoints" / latest / "mp_rank_00_model_states.pt").exists()
 
-    subprocess.run(_command(killed, "trainer.resume=true"), cwd=tmp_path, env=_env(), check=True,
-                   capture_output=True, timeout=300)
+    _run(_command(killed, "trainer.resume=true"), tmp_path)
     assert _records(killed) == _records(reference)
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["steps_this_session"] < STEPS

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 from hydra.errors import ConfigCompositionException
 
 from train.config import ConfigError, to_run_config
@@ -57,7 +57,7 @@ def test_invalid_values_name_the_field(compose_run, overrides, field):
 
 
 def _run_cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    environment = subprocess_env(PYTHONPATH=str(ROOT), **env)
     return subprocess.run(
         [sys.executable, "-m", "train", *args], cwd=tmp_path, env=environment, capture_output=True, text=True,
         timeout=120,
