@@ -44,6 +44,7 @@ def test_unknown_key_fails_at_compose(compose_run):
         (["moe.eval_capacity_factor=-1"], "moe.eval_capacity_factor"),
         (["model.hidden_size=100", "model.num_heads=3"], "model.num_heads"),
         (["deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
+        (["deepspeed.zero_stage=0"], "wrong gradient norm under expert parallelism"),
         (["deepspeed.precision=fp16"], "deepspeed.precision"),
         (["trainer.micro_batch_size=0"], "trainer.micro_batch_size"),
         (["data.val_fraction=0.9"], "data.val_fraction"),
