@@ -199,7 +199,8 @@ def build_ours(s: Shape, x_TD: torch.Tensor, grad_TD: torch.Tensor, capacity_fac
 
     def note() -> str:
         mode = "dropless" if capacity_factor is None else f"cf {capacity_factor}"
-        return f"{mode}, C={seen.get('capacity', '?')}"
+        capacity = seen.get("capacity")
+        return mode if capacity is None else f"{mode}, C={capacity}"
 
     return Step(run, [*layer.parameters(), x], note)
 

@@ -64,10 +64,14 @@ def assign_slots(
 
 
 def scatter_to_slots(x_TD: torch.Tensor, token_A: torch.Tensor, slot_A: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """Copy each kept assignment's token into its slot; empty slots stay zero. [E*C, D]."""
-    kept = slot_A >= 0
-    buffer = x_TD.new_zeros(num_slots, x_TD.shape[-1])
-    return buffer.index_copy(0, slot_A[kept], x_TD[token_A[kept]])
+    """Copy each kept assignment's token into its slot; empty slots stay zero. [E*C, D].
+
+    Dropped assignments go to one extra row that is cut off afterwards: no boolean-mask indexing,
+    which would wait for the device to say how many were kept.
+    """
+    index_A = torch.where(slot_A >= 0, slot_A, num_slots)
+    buffer = x_TD.new_zeros(num_slots + 1, x_TD.shape[-1])
+    return buffer.index_copy(0, index_A, x_TD[token_A])[:num_slots]
 
 
 def gather_from_slots(y_SD: torch.Tensor, slot_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,8 @@ class MoEAux:
     """Histogram [E+1]: how many tokens got 0, 1, ..., E experts (int64)."""
     entropy_sum: torch.Tensor
     """Sum over tokens of the router distribution's entropy, in nats (fp32, detached)."""
-    capacity: int
+    capacity: int | None
+    """Slots per expert; None when dropless (reading the busiest expert would cost a host sync)."""
 
 
 @dataclass
@@ -278,7 +279,6 @@ class MoELayer(MoE):
             histogram = torch.bincount(per_token, minlength=cfg.num_experts + 1)
             probs = plan.probs_TE.clamp_min(1e-20)
             entropy_sum = -(probs * probs.log()).sum()
-        capacity = plan.capacity if plan.capacity is not None else int(kept_E.max()) if kept_E.numel() else 0
         return MoEAux(
             loss=cfg.aux_loss_coef * plan.balance_loss + cfg.z_loss_coef * plan.z_loss,
             load_balancing_loss=plan.balance_loss.detach(),
@@ -287,5 +287,5 @@ class MoELayer(MoE):
             kept_E=kept_E,
             experts_per_token=histogram,
             entropy_sum=entropy_sum,
-            capacity=capacity,
+            capacity=plan.capacity,
         )

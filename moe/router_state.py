@@ -40,11 +40,12 @@ class StepStatefulRouter(nn.Module):
         self.ep_group = ep_group
 
     def _apply(self, fn, recurse: bool = True):
+        # Keep fp32 copies from before `fn`: casting back after a bf16 round trip would not
+        # restore the values (1/6 is not a bf16 number), only the dtype.
+        saved = {name: getattr(self, name).detach().clone() for name in self.FP32_BUFFERS}
         super()._apply(fn, recurse)
-        for name in self.FP32_BUFFERS:
-            buffer = getattr(self, name)
-            if buffer.dtype != torch.float32:
-                setattr(self, name, buffer.float())
+        for name, value in saved.items():
+            setattr(self, name, value.to(device=getattr(self, name).device, dtype=torch.float32))
         return self
 
     def pending_statistics(self) -> torch.Tensor:

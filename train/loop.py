@@ -174,15 +174,15 @@ class Trainer:
             figures: dict[str, str] = {}
             if done % run.logging.log_every == 0 or done == run.trainer.max_steps:
                 elapsed = time.perf_counter() - window_start
-                train_loss = mean_over_ranks(float(loss_sum) / window_steps)
-                record = self._train_record(done, train_loss, mean_over_ranks(float(aux_sum) / window_steps),
+                train_loss = mean_over_ranks(float(loss_sum) / window_steps, world.device)
+                record = self._train_record(done, train_loss, mean_over_ranks(float(aux_sum) / window_steps, world.device),
                                             window_steps * self.tokens_per_step / elapsed)
                 self._log(record)
                 figures = {"loss": f"{train_loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}",
                            "mfu": f"{100 * (record['mfu'] or 0):.1f}%"}
                 loss_sum.zero_()
                 aux_sum.zero_()
-                window_steps, window_start = 0, time.perf_counter()
+                window_steps = 0
             if (run.trainer.eval_every and done % run.trainer.eval_every == 0) or done == run.trainer.max_steps:
                 evaluation = self.evaluate()
                 val_loss, final_evaluation = evaluation["val_loss"], evaluation
@@ -193,6 +193,10 @@ class Trainer:
                 checkpoint.save(self.engine, self.checkpoint_dir, done,
                                 {"step": done, "tokens": done * self.tokens_per_step,
                                  "initial_val_loss": initial_val_loss}, world.rank)
+            if figures:
+                # The next window starts after this step's evaluation and checkpoint: tokens/s and
+                # MFU measure training only (summary.json's tokens/s is the whole wall time).
+                window_start = time.perf_counter()
             progress.update(1, **figures)
         progress.close()
         wall = time.perf_counter() - started

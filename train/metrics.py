@@ -62,10 +62,11 @@ def figures_per_layer(rows: torch.Tensor) -> dict[str, Any]:
     return figures
 
 
-def mean_over_ranks(value: float) -> float:
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    """Mean of a per-rank number; on `device` because NCCL reduces CUDA tensors only."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return float(tensor.item()) / dist.get_world_size()
 
@@ -89,7 +90,14 @@ class MetricsFile:
         """On resume, drop lines logged after the checkpoint we resume from: they will be redone."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by the kill that we are resuming from
+                continue
+            if record.get("step", step + 1) <= step:
+                kept.append(line)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.path)

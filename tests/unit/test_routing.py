@@ -208,6 +208,10 @@ def test_router_state_survives_bf16_and_stays_out_of_expert_checkpoint_keys():
         for key in layer.state_dict():
             # DeepSpeed files every MoE-module key containing "expert" as a routed expert's weight.
             assert ("expert" in key) == ("deepspeed_experts" in key), key
+    layer = _layer(bias_update_rate=0.01)
+    layer.router.selection_bias.fill_(1.0 / 3.0)
+    layer.bfloat16()
+    assert float(layer.router.selection_bias[0]) == float(torch.tensor(1.0 / 3.0)), "rounded through bf16"
 
 
 def test_layer_balancing_loss_is_split_invariant_through_the_layer():
