@@ -32,10 +32,8 @@ from hydra import compose, initialize_config_dir
 from train.cli import CONF_DIR
 from train.config import to_run_config
 from train.distributed import init_world, resolve_device
-from train.engine import build_engine
 from train.flops import peak_tflops
-from train.loop import Trainer, _prepared_data
-from train.model import GPT
+from train.loop import build_trainer
 
 
 def measure(overrides: list[str], implementation: str, steps: int, warmup: int) -> dict:
@@ -43,15 +41,8 @@ def measure(overrides: list[str], implementation: str, steps: int, warmup: int) 
         cfg = compose("config", overrides=[*overrides, f"moe.implementation={implementation}"])
     run = to_run_config(cfg)
     world = init_world(run.trainer.device)
-    from train.data import TokenDataset
-
-    data_dir = _prepared_data(run, world)
-    train_data, val_data = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
-    torch.manual_seed(run.trainer.seed)
-    model = GPT(run.model, run.moe, vocab_size=-(-train_data.vocab_size // 64) * 64, seed=run.trainer.seed)
-    engine, scheduler = build_engine(model, run, world.device)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(run, world, engine, scheduler, model, train_data, val_data, Path(tmp))
+        trainer = build_trainer(run, world, lambda: Path(tmp))
         times = []
         for step in range(warmup + steps):
             if world.device.type == "cuda":
@@ -78,7 +69,7 @@ def measure(overrides: list[str], implementation: str, steps: int, warmup: int) 
         "tokens_per_step": trainer.tokens_per_step,
         "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if world.device.type == "cuda" else None,
     }
-    del trainer, engine, model
+    del trainer
     gc.collect()
     if world.device.type == "cuda":
         torch.cuda.empty_cache()

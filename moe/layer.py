@@ -274,6 +274,8 @@ class MoELayer(MoE):
         cfg = self.config
         with torch.no_grad():
             routed_E = torch.bincount(plan.expert_A, minlength=cfg.num_experts)
+            if self.training and isinstance(self.router, TokenChoiceRouter):
+                self.router.record_routed(routed_E)
             kept_E = torch.bincount(plan.expert_A[plan.kept_A], minlength=cfg.num_experts)
             per_token = torch.bincount(plan.token_A[plan.kept_A], minlength=num_tokens)
             histogram = torch.bincount(per_token, minlength=cfg.num_experts + 1)

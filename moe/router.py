@@ -73,9 +73,6 @@ class TokenChoiceRouter(StepStatefulRouter):
             topk_weight_TK, topk_idx_TK = torch.topk(scores_TE, cfg.top_k, dim=-1)
         if cfg.normalize_topk and (cfg.top_k > 1 or cfg.score_func == "sigmoid"):
             topk_weight_TK = topk_weight_TK / topk_weight_TK.sum(dim=-1, keepdim=True)
-        if self.training:
-            with torch.no_grad():
-                self.pending_routed += torch.bincount(topk_idx_TK.reshape(-1), minlength=cfg.num_experts)
         return RoutingDecision(topk_idx_TK, topk_weight_TK, probs_TE, logits_TE)
 
     def losses(self, decision: RoutingDecision) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +84,10 @@ class TokenChoiceRouter(StepStatefulRouter):
         return balance, router_z_loss(decision.logits_TE)
 
     # ---------------------------------------------------------------- once per optimizer step
+    def record_routed(self, routed_E: torch.Tensor) -> None:
+        """Assignments per expert of one training micro-batch (the layer counts them anyway)."""
+        self.pending_routed += routed_E
+
     def pending_statistics(self) -> torch.Tensor:
         return self.pending_routed.double()
 

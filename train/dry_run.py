@@ -18,8 +18,6 @@ takes seconds on a laptop. Figures per rank:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from train.config import ConfigError, RunConfig
@@ -112,6 +110,3 @@ def check_fits(plan: dict, device_gib: float | None) -> None:
             "raise moe.ep_size or world_size, or lower trainer.micro_batch_size"
         )
 
-
-def vocab_for_plan(run: RunConfig) -> int:
-    return math.ceil(run.data.vocab_size / 64) * 64

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,11 @@ from train import checkpoint
 from train.config import ConfigError, RunConfig, to_run_config
 from train.data import TokenDataset, prepare_dataset
 from train.distributed import World, init_world, launcher_world_size
-from train.dry_run import check_fits, parallel_plan, print_plan, vocab_for_plan
+from train.dry_run import check_fits, parallel_plan, print_plan
 from train.engine import build_engine
 from train.flops import flops_per_token, peak_tflops
 from train.metrics import ExpertCounts, MetricsFile, Progress, figures_per_layer, finite_or_none, mean_over_ranks
-from train.model import GPT, expert_choice_layers
-
-VOCAB_MULTIPLE = 64  # embedding rows padded to a multiple of 64: faster matmuls, unused rows are harmless
+from train.model import GPT, expert_choice_layers, padded_vocab_size
 
 
 def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
@@ -35,7 +34,7 @@ def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
     if run.dry_run:
         if run.world_size is None:
             raise ConfigError("dry_run=true needs world_size=N (the number of ranks to plan for)")
-        plan = parallel_plan(run, run.world_size, vocab_for_plan(run))
+        plan = parallel_plan(run, run.world_size, padded_vocab_size(run.data.vocab_size))
         print_plan(plan)
         check_fits(plan, run.dry_run_device_gib)
         return plan
@@ -53,6 +52,13 @@ def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
         world = init_world(run.trainer.device)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    return build_trainer(run, world, lambda: _resolve_run_dir(run, world)).fit()
+
+
+def build_trainer(run: RunConfig, world: World, run_dir: Callable[[], Path]) -> Trainer:
+    """Data, model and DeepSpeed engine for `run` (also what the end-to-end benchmark times).
+    `run_dir` is asked for once the data has been checked, so bad data fails before a run
+    directory is chosen."""
     data_dir = _prepared_data(run, world)
     train_data, val_data = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
     for split in (train_data, val_data):
@@ -60,13 +66,11 @@ def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
             raise ConfigError(
                 f"model.seq_len={run.model.seq_len} needs more tokens than the {split.split} split holds ({split.num_tokens})"
             )
-    run_dir = _resolve_run_dir(run, world)
-
+    directory = run_dir()
     torch.manual_seed(run.trainer.seed)  # identical dense weights on every rank; experts seed themselves
-    vocab_size = math.ceil(train_data.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    model = GPT(run.model, run.moe, vocab_size=vocab_size, seed=run.trainer.seed)
+    model = GPT(run.model, run.moe, vocab_size=padded_vocab_size(train_data.vocab_size), seed=run.trainer.seed)
     engine, scheduler = build_engine(model, run, world.device)
-    return Trainer(run, world, engine, scheduler, model, train_data, val_data, run_dir).fit()
+    return Trainer(run, world, engine, scheduler, model, train_data, val_data, directory)
 
 
 def _holds_a_run(path: Path) -> bool:

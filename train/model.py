@@ -115,6 +115,11 @@ class GPTOutput:
     """Per MoE layer, in depth order."""
 
 
+def padded_vocab_size(tokenizer_vocab: int) -> int:
+    """Embedding rows rounded up to a multiple of 64: faster matmuls; the unused rows are harmless."""
+    return -(-tokenizer_vocab // 64) * 64
+
+
 def experts_per_token(moe: MoEConfig) -> float:
     """Average experts a token runs through: K for token choice, the capacity factor for expert choice."""
     return moe.top_k if moe.router == "token_choice" else float(moe.capacity_factor)
