@@ -9,7 +9,7 @@ TORCH_CPU ?= torch==2.13.0
 TORCH_GPU ?= torch>=2.4,<2.15
 HAS_GPU   := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: help install train test test-fast lint prepare bench bench-routing bench-gpu clean
+.PHONY: help install train test test-fast lint prepare bench bench-routing bench-gpu clean eval generate export consolidate docker lint-docker test-slurm
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,11 +29,26 @@ train: $(STAMP)  ## train the smoke GPT-MoE on the embedded corpus (ARGS='key=va
 prepare: $(STAMP)  ## tokenise the embedded corpus into webdataset shards (cached)
 	$(PY) -m train.data.prepare
 
+eval: $(STAMP)  ## loss/perplexity of the newest run (or ARGS='RUN_DIR ...') under every routing mode
+	$(PY) -m train.evaluate $(ARGS)
+
+generate: $(STAMP)  ## generate text from the newest run (ARGS='--prompt "..." --top-p 0.9 ...')
+	$(PY) -m train.generate $(ARGS)
+
+export: $(STAMP)  ## Hugging Face Mixtral checkpoint of the newest run (ARGS='--out DIR [RUN_DIR]')
+	$(PY) -m train.export_hf $(ARGS)
+
+consolidate: $(STAMP)  ## one safetensors file of a checkpoint of any expert-parallel layout (ARGS='RUN_DIR --out F')
+	$(PY) -m train.consolidate $(ARGS)
+
 test: $(STAMP)  ## all CPU tests: unit, multi-process (gloo) and whole runs
 	$(PY) -m pytest -m "not gpu" -q
 
 test-fast: $(STAMP)  ## the fast CPU tier only (what a plain `pytest` runs)
 	$(PY) -m pytest -q
+
+test-slurm: $(STAMP)  ## the Slurm tests alone: a local cluster (root, Debian's slurmctld/slurmd), sbatch, preemption
+	$(PY) -m pytest tests/integration/test_slurm.py tests/integration/test_preempt_resume.py -m slow -q
 
 bench: $(STAMP)  ## MoE layer vs dense FFN vs stock DeepSpeed MoE (forward+backward), CPU shapes
 	$(PY) -m bench.moe_layer --json bench/moe_layer_cpu.json
@@ -44,8 +59,16 @@ bench-routing: $(STAMP)  ## train the smoke model under each routing scheme and 
 bench-gpu: $(STAMP)  ## every GPU figure in one run: GPU tests, layer and end-to-end benchmarks, bf16 smoke
 	PYTHON=$(PY) bash bench/gpu_all.sh
 
-lint: $(STAMP)  ## ruff
+lint: $(STAMP)  ## ruff and hadolint
 	$(VENV)/bin/ruff check moe train tests
+	$(VENV)/bin/hadolint docker/Dockerfile
+
+lint-docker: $(STAMP)  ## hadolint on docker/Dockerfile (rules ignored in .hadolint.yaml, each with its reason)
+	$(VENV)/bin/hadolint docker/Dockerfile
+
+IMAGE ?= moe-gpt
+docker:  ## build the GPU image from docker/Dockerfile, tagged $(IMAGE) (needs a Docker engine)
+	docker build -f docker/Dockerfile -t $(IMAGE) .
 
 clean:  ## remove the virtualenv, caches and runs
 	rm -rf $(VENV) .cache runs

@@ -30,6 +30,7 @@ from moe.dispatch import (
     scatter_to_slots,
 )
 from moe.expert_choice import ExpertChoiceRouter
+from moe.expert_sharding import run_sharded, shard_swiglu_experts
 from moe.experts import SwiGLUExpert, expert_generator
 from moe.grouped_experts import stack_expert_weights, swiglu_capacity, swiglu_grouped
 from moe.router import TokenChoiceRouter
@@ -98,16 +99,21 @@ class MoELayer(MoE):
             capacity_factor=config.capacity_factor or 1.0,
             eval_capacity_factor=config.eval_capacity_factor or 1.0,
             min_capacity=config.min_capacity,
+            # With a tensor-parallel unit (mpu), build expert-parallel groups among ranks of the same
+            # tensor-parallel rank: those hold different tokens, so no token reaches an expert twice.
+            # Experts themselves stay whole (replicated over tensor-parallel ranks).
+            enable_expert_tensor_parallelism=True,
         )
         self.config = config
+        self._init = (seed, layer_index, init_std, out_std)
         router_class = ExpertChoiceRouter if config.router == "expert_choice" else TokenChoiceRouter
         self.deepspeed_moe.gate = router_class(hidden_size, config)
         self.ec_eval_mode = config.ec_eval_mode
+        self.tensor_parallel_group = None
+        """Set by `shard_experts_for_tensor_parallel`: the group over which experts' hidden units are split."""
         """Expert choice at eval: causal or batch; an attribute so an evaluation can measure both."""
         self.ep_rank = self._expected_ep_rank()
-        for local_index, expert in enumerate(self.local_experts):
-            global_expert = self.ep_rank * self.num_local_experts + local_index
-            expert.init_weights(init_std, out_std, expert_generator(seed, layer_index, global_expert))
+        self._init_experts()
         # Named without "expert": DeepSpeed's checkpointing treats such keys as routed experts.
         self.shared_mlp = None
         if config.shared_expert_hidden:
@@ -126,10 +132,34 @@ class MoELayer(MoE):
     def ep_group(self):
         return self.deepspeed_moe.ep_group
 
+    def _init_experts(self) -> None:
+        """Global expert j is drawn from (seed, layer, j) alone: the same weights at every layout."""
+        seed, layer_index, init_std, out_std = self._init
+        for local_index, expert in enumerate(self.local_experts):
+            global_expert = self.ep_rank * self.num_local_experts + local_index
+            expert.init_weights(init_std, out_std, expert_generator(seed, layer_index, global_expert))
+
+    def shard_experts_for_tensor_parallel(self, group, rank: int, size: int) -> None:
+        """Expert tensor parallelism (moe/expert_sharding.py): keep hidden units chunk `rank` of
+        `size` of every local expert, and complete expert outputs over `group`. Call after
+        construction, before the engine is built."""
+        if self.config.implementation != "ours":
+            raise ValueError("expert tensor parallelism needs moe.implementation=ours")
+        if (self.local_experts[0].w1.out_features) % size:
+            raise ValueError(f"the expert hidden size {self.local_experts[0].w1.out_features} must be divisible by {size}")
+        # With an mpu, DeepSpeed forms expert-parallel groups among the ranks of one tensor-parallel
+        # rank ([0, tp, 2tp, ...] for ep ranks 0, 1, 2, ...): draw the whole experts of that rank's
+        # global ids, then keep the shard.
+        self.ep_rank = (dist.get_rank() // size) % self.ep_size if dist.is_initialized() else 0
+        self._init_experts()
+        shard_swiglu_experts(self.local_experts, rank, size)
+        self.tensor_parallel_group = group
+
     def _expected_ep_rank(self) -> int:
         # DeepSpeed groups consecutive ranks into expert-parallel groups ([0..ep-1], [ep..2ep-1], ...),
         # so the expert-parallel rank is known before the engine creates the groups; the weights
         # of global expert j are then drawn the same way at every expert-parallel size.
+        # (Tensor parallelism changes the layout: see shard_experts_for_tensor_parallel.)
         if self.ep_size == 1 or not dist.is_initialized():
             return 0
         return dist.get_rank() % self.ep_size
@@ -159,7 +189,10 @@ class MoELayer(MoE):
             order_N, counts_E = self._sorted_by_expert(plan)
             rows_ND = x_TD[plan.token_A[order_N]]
             if self.ep_size == 1:
-                y_rows_ND = swiglu_grouped(rows_ND, counts_E, *stack_expert_weights(self.local_experts))
+                y_rows_ND = run_sharded(
+                    lambda rows: swiglu_grouped(rows, counts_E, *stack_expert_weights(self.local_experts)),
+                    rows_ND, self.tensor_parallel_group,
+                )
             else:
                 y_rows_ND = self._experts_variable_all_to_all(rows_ND, counts_E)
             y_TD = self._combine_sorted(plan, order_N, y_rows_ND, num_tokens)
@@ -252,7 +285,10 @@ class MoELayer(MoE):
         received_SD = all_to_all_slots(buffer_SD, self.ep_group, self.ep_size)
         ep, e, dim = self.ep_size, self.num_local_experts, x_TD.shape[-1]
         per_expert_eND = received_SD.view(ep, e, capacity, dim).transpose(0, 1).reshape(e, ep * capacity, dim)
-        out_eND = swiglu_capacity(per_expert_eND, *stack_expert_weights(self.local_experts))
+        out_eND = run_sharded(
+            lambda rows: swiglu_capacity(rows, *stack_expert_weights(self.local_experts)),
+            per_expert_eND, self.tensor_parallel_group,
+        )
         y_local_SD = out_eND.view(e, ep, capacity, dim).transpose(0, 1).reshape(ep * e * capacity, dim)
         y_SD = all_to_all_slots(y_local_SD, self.ep_group, self.ep_size)
         num_tokens = x_TD.shape[0]
@@ -266,7 +302,10 @@ class MoELayer(MoE):
         exchange = VariableExchange(counts_E, self.ep_group, self.ep_size)
         received_MD = exchange.send(rows_ND)
         local_order_M, local_counts_e = exchange.received_by_local_expert()
-        y_sorted_MD = swiglu_grouped(received_MD[local_order_M], local_counts_e, *stack_expert_weights(self.local_experts))
+        y_sorted_MD = run_sharded(
+            lambda rows: swiglu_grouped(rows, local_counts_e, *stack_expert_weights(self.local_experts)),
+            received_MD[local_order_M], self.tensor_parallel_group,
+        )
         y_received_MD = torch.empty_like(y_sorted_MD).index_copy(0, local_order_M, y_sorted_MD)
         return exchange.send_back(y_received_MD)
 

@@ -1,10 +1,16 @@
 """Checkpoints: DeepSpeed's own (model, optimizer, scheduler, one file per expert) plus our
-client state (step, tokens, data position) and every rank's RNG states.
+client state (step, tokens, data position), every rank's RNG states and a layout-free copy of
+the optimizer state (train/portable_state.py).
 
 Each save goes into its own tag directory. `latest` is ours, not DeepSpeed's (which truncates
 and rewrites it in place): only after every rank has finished writing, the files are flushed to
 disk and `latest` is replaced atomically, so a process killed at any moment leaves `latest`
 naming a complete checkpoint, and a half-written tag directory is never picked.
+
+Resuming at the layout a checkpoint was saved at (ranks, expert-parallel size, ZeRO stage,
+precision) is DeepSpeed's own load and continues the identical trajectory. At another layout
+DeepSpeed loads the weights, scheduler and counters, and the fp32 master weights, AdamW moments
+and step count come from the layout-free copy.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from train import portable_state
 
 
 def tag_for(step: int) -> str:
@@ -46,11 +54,11 @@ def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], 
     tag_dir.mkdir(parents=True, exist_ok=True)
     torch.save(rng_states(), tag_dir / f"rng_rank{rank:05d}.pt")
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
-    # DeepSpeed's save ends with a barrier: every rank's files are closed here.
+    portable_state.save(engine, tag_dir)
+    # DeepSpeed's save and ours end with a barrier: every rank's files are closed here.
     if rank == 0:
-        for path in sorted(tag_dir.rglob("*")):
-            if path.is_file():
-                _fsync(path)
+        for path in sorted(tag_dir.rglob("*"), reverse=True):  # files before the folders holding them
+            _fsync(path)
         _fsync(tag_dir)
         _atomic_write(checkpoint_dir / "latest", tag)
     dist.barrier()
@@ -80,14 +88,35 @@ def latest_tag(checkpoint_dir: Path) -> str | None:
 
 
 def load(engine, checkpoint_dir: Path, rank: int) -> dict[str, Any]:
-    """Restore the engine and this rank's RNG from the latest checkpoint; returns client state."""
+    """Restore the engine from the latest checkpoint; returns the client state. Same layout:
+    DeepSpeed's full load plus this rank's RNG states. Another layout: weights, scheduler and
+    counters by DeepSpeed, fp32 master weights and optimizer state from the layout-free copy; RNG
+    states are per rank and do not carry over (training draws random numbers only for dropout-like
+    options such as moe.jitter_eps)."""
     tag = latest_tag(checkpoint_dir)
     if tag is None:
         raise FileNotFoundError(f"no checkpoint to resume from in {checkpoint_dir} (no 'latest' file)")
-    path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+    tag_dir = checkpoint_dir / tag
+    index = portable_state.read_index(tag_dir)
+    here = portable_state.current_layout(engine)
+    if index is None or index["layout"] == here:
+        path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+        rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
+        if rng_file.exists():
+            restore_rng_states(torch.load(rng_file, weights_only=False))
+        return client_state
+    if not portable_state.supported(engine):
+        raise ValueError(f"{tag_dir} was saved at {portable_state.describe(index['layout'])}; resuming it at "
+                         f"{portable_state.describe(here)} is not supported with tensor parallelism")
+    path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=False,
+                                                load_lr_scheduler_states=True)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint_dir / tag}")
-    rng_file = checkpoint_dir / tag / f"rng_rank{rank:05d}.pt"
-    if rng_file.exists():
-        restore_rng_states(torch.load(rng_file, weights_only=False))
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    portable_state.restore(engine, tag_dir, index)
+    if rank == 0:
+        print(f"checkpoint  {tag} saved at {portable_state.describe(index['layout'])}, loaded at "
+              f"{portable_state.describe(here)}: weights, AdamW state (step {index['optimizer_step']}) "
+              "and schedule carried over", flush=True)
     return client_state

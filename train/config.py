@@ -98,6 +98,9 @@ class TrainerConfig:
     """Save every N steps (and at the end); 0 = only at the end."""
     resume: bool = False
     """Continue from the latest checkpoint in run_dir."""
+    auto_resume: bool = False
+    """Continue from run_dir's latest checkpoint when it has one, start fresh when it has none:
+    what a requeued Slurm job needs (launch/slurm/train.sbatch sets it). Needs trainer.run_dir."""
     seed: int = 1337
     device: str = "auto"
     """auto (cuda when available), cuda or cpu."""
@@ -105,9 +108,12 @@ class TrainerConfig:
     """Where the run writes everything; default runs/<name>."""
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one device for MFU; None = known GPU table, or a measured matmul on CPU."""
+    max_nonfinite_steps: int = 5
+    """A step with a NaN or Inf loss is skipped (no update); this many in a row stop the run
+    (exit status 3), leaving the last good checkpoint as `latest`."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_batches"):
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_batches", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "checkpoint_every"):
@@ -117,6 +123,8 @@ class TrainerConfig:
             raise ValueError(f"trainer.device must be auto, cuda or cpu, got {self.device!r}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ValueError(f"trainer.peak_tflops must be > 0 or null, got {self.peak_tflops}")
+        if self.auto_resume and not self.run_dir:
+            raise ValueError("trainer.auto_resume=true needs trainer.run_dir (where a restarted job finds its checkpoint)")
 
 
 @dataclass
@@ -126,10 +134,35 @@ class LoggingConfig:
     log_every: int = 10
     """Write a metrics.jsonl line (and refresh the progress bar figures) every N steps."""
     progress_bar: bool = True
+    plots: str = "end"
+    """Expert-load heatmaps (PNG, one per MoE layer, drawn from metrics.jsonl by train/plots.py)
+    in <run_dir>/plots: `end` of the run, after every evaluation too (`eval`: about 0.3 s per
+    MoE layer each time), or `off`."""
+    wandb: bool = False
+    """Also log every metrics.jsonl record to Weights & Biases, from rank 0 only (`logging=wandb`)."""
+    wandb_project: str = "moe-gpt"
+    wandb_entity: str | None = None
+    """W&B team or user; None = the API key's default entity."""
+    wandb_mode: str = "auto"
+    """auto (WANDB_MODE if set, else online when WANDB_API_KEY is set, else offline), online,
+    offline or disabled."""
+    wandb_dir: str | None = None
+    """Where W&B writes its local files (wandb/...); None = $WANDB_DIR if set, else the run directory."""
+    wandb_run_name: str | None = None
+    """Display name; None = the run directory's path."""
+    wandb_tags: list[str] = field(default_factory=list)
+    wandb_group: str | None = None
+    """Groups runs in the W&B UI (for example one sweep or one comparison)."""
 
     def __post_init__(self) -> None:
         if self.log_every < 1:
             raise ValueError(f"logging.log_every must be >= 1, got {self.log_every}")
+        if self.plots not in ("end", "eval", "off"):
+            raise ValueError(f"logging.plots must be end, eval or off, got {self.plots!r}")
+        if self.wandb_mode not in ("auto", "online", "offline", "disabled"):
+            raise ValueError(f"logging.wandb_mode must be auto, online, offline or disabled, got {self.wandb_mode!r}")
+        if self.wandb and not self.wandb_project:
+            raise ValueError("logging.wandb_project must be a non-empty W&B project name when logging.wandb=true")
 
 
 @dataclass
@@ -157,9 +190,20 @@ class RunConfig:
 
     def check_world_size(self, world_size: int) -> None:
         """Parallel degrees live in config, the world size comes from the launcher: they must fit."""
-        if world_size % self.moe.ep_size != 0:
+        tp, ep = self.model.tensor_parallel, self.moe.ep_size
+        if world_size % tp != 0:
             raise ConfigError(
-                f"moe.ep_size={self.moe.ep_size} must divide the world size {world_size} given by the launcher"
+                f"model.tensor_parallel={tp} must divide the world size {world_size} given by the launcher"
+            )
+        if (world_size // tp) % ep != 0:
+            raise ConfigError(
+                f"moe.ep_size={ep} must divide the world size {world_size} given by the launcher"
+                + (f" divided by model.tensor_parallel={tp}" if tp > 1 else "")
+            )
+        if tp > 1 and self.moe.implementation == "deepspeed":
+            raise ConfigError(
+                "model.tensor_parallel > 1 needs moe.implementation=ours (stock DeepSpeed MoE gathers tokens "
+                "across tensor-parallel ranks with a collective that gloo rejects)"
             )
 
 

@@ -16,10 +16,31 @@ class World:
     world_size: int
     local_rank: int
     device: torch.device
+    tensor_parallel: int = 1
+    """Ranks per tensor-parallel group (consecutive ranks, megatron-core's order)."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Model replicas: tensor-parallel ranks share one replica and one slice of every batch."""
+        return self.world_size // self.tensor_parallel
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.rank // self.tensor_parallel
+
+    @property
+    def replica_group(self):
+        """One rank per tensor-parallel group (the ranks with this rank's tensor-parallel rank):
+        statistics summed over it count every token once. None = the whole world."""
+        if self.tensor_parallel == 1:
+            return None
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_group()
 
 
 def _free_port() -> int:
@@ -41,8 +62,9 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init_world(requested_device: str) -> World:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU)."""
+def init_world(requested_device: str, tensor_parallel: int = 1) -> World:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU), and
+    megatron-core's parallel state when tensor_parallel > 1."""
     device = resolve_device(requested_device)
     if device.type == "cpu":
         # DeepSpeed picks its accelerator from this; without it a CUDA build on a GPU-less
@@ -64,9 +86,17 @@ def init_world(requested_device: str) -> World:
     if not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    world_size = torch.distributed.get_world_size()
+    if world_size % tensor_parallel:
+        raise ValueError(f"model.tensor_parallel={tensor_parallel} must divide the world size {world_size}")
+    if tensor_parallel > 1:
+        from train import tensor_parallel as tp
+
+        tp.initialize(tensor_parallel)
     return World(
         rank=torch.distributed.get_rank(),
-        world_size=torch.distributed.get_world_size(),
+        world_size=world_size,
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         device=device,
+        tensor_parallel=tensor_parallel,
     )

@@ -22,6 +22,7 @@ import torch
 
 from train.config import ConfigError, RunConfig
 from train.model import GPT, experts_per_token
+from train.tp_layout import split_kind
 
 GIB = 2**30
 
@@ -32,19 +33,25 @@ def parallel_plan(run: RunConfig, world_size: int, vocab_size: int) -> dict:
         raise ConfigError(f"world_size must be >= 1, got {world_size}")
     run.check_world_size(world_size)
     moe, model_cfg, trainer = run.moe, run.model, run.trainer
-    ep = moe.ep_size
+    ep, tp = moe.ep_size, model_cfg.tensor_parallel
+    data_parallel = world_size // tp
     with torch.device("meta"):
         model = GPT(model_cfg, moe, vocab_size=vocab_size, seed=0)
     counts = model.parameter_counts()
+    # A tensor-parallel rank holds 1/tp of every split weight (train/tp_layout.py) and the rest whole.
     local_expert = sum(
-        p.numel() for name, p in model.named_parameters() if "deepspeed_experts" in name
+        p.numel() // (tp if split_kind(name) else 1) for name, p in model.named_parameters() if "deepspeed_experts" in name
     )
-    dense = sum(p.numel() for p in model.parameters()) - local_expert
+    dense = sum(
+        p.numel() // (tp if split_kind(name) else 1) for name, p in model.named_parameters() if "deepspeed_experts" not in name
+    )
 
     bf16 = run.deepspeed.precision != "fp32"
     weight_bytes, grad_bytes, optimizer_bytes = (2, 2, 12) if bf16 else (4, 4, 8)
     zero = run.deepspeed.zero_stage
-    expert_dp = world_size // ep
+    # Expert-parallel groups are formed among the ranks of one tensor-parallel rank (DeepSpeed's
+    # layout with an mpu), so an expert's replicas are the data-parallel ranks over ep.
+    expert_dp = data_parallel // ep
 
     def state_bytes(params: int, dp: int) -> float:
         grads = grad_bytes * params / (dp if zero >= 2 else 1)
@@ -65,15 +72,16 @@ def parallel_plan(run: RunConfig, world_size: int, vocab_size: int) -> dict:
     return {
         "world_size": world_size,
         "ep_size": ep,
-        "data_parallel": world_size,
+        "tensor_parallel": tp,
+        "data_parallel": data_parallel,
         "expert_data_parallel": expert_dp,
         "experts_per_rank": moe.num_experts // ep if counts["moe_layers"] else 0,
-        "global_batch_sequences": b * trainer.grad_accum * world_size,
+        "global_batch_sequences": b * trainer.grad_accum * data_parallel,
         "params_total": counts["total"],
         "params_active": counts["active"],
         "params_dense_per_rank": dense,
         "params_expert_per_rank": local_expert,
-        "memory_weights_optimizer_gib": (state_bytes(dense, world_size) + state_bytes(local_expert, expert_dp)) / GIB,
+        "memory_weights_optimizer_gib": (state_bytes(dense, data_parallel) + state_bytes(local_expert, expert_dp)) / GIB,
         "memory_activations_gib": activations / GIB,
         "all_to_all_gib_per_step": all_to_all / GIB,
         "precision": "bf16" if bf16 else "fp32",
@@ -84,15 +92,22 @@ def parallel_plan(run: RunConfig, world_size: int, vocab_size: int) -> dict:
 def print_plan(plan: dict) -> None:
     ep, world = plan["ep_size"], plan["world_size"]
     memory = plan["memory_weights_optimizer_gib"] + plan["memory_activations_gib"]
-    print(f"dry run: {world} ranks, expert parallel {ep} x expert-data parallel {plan['expert_data_parallel']}, "
+    tp = plan["tensor_parallel"]
+    layout = f"tensor parallel {tp} x " if tp > 1 else ""
+    print(f"dry run: {world} ranks, {layout}expert parallel {ep} x expert-data parallel {plan['expert_data_parallel']}, "
           f"ZeRO-{plan['zero_stage']}, {plan['precision']}, global batch {plan['global_batch_sequences']} sequences")
     print(f"model: {plan['params_total'] / 1e9:.3f}B parameters, {plan['params_active'] / 1e9:.3f}B active per token")
     groups = min(world // ep, 4)
     for g in range(groups):
-        ranks = list(range(g * ep, (g + 1) * ep))
-        print(f"  expert-parallel group {g}: ranks {ranks[0]}-{ranks[-1]}" if ep > 1 else f"  rank {ranks[0]}")
+        # Ranks of one tensor-parallel rank, taken ep at a time (DeepSpeed's layout).
+        first = (g // tp) * ep * tp + g % tp
+        ranks = list(range(first, first + ep * tp, tp))
+        listed = f"{ranks[0]}-{ranks[-1]}" if tp == 1 else ", ".join(map(str, ranks))
+        print(f"  expert-parallel group {g}: ranks {listed}" if ep > 1 else f"  rank {ranks[0]}")
     if world // ep > groups:
-        print(f"  ... {world // ep} expert-parallel groups in all (consecutive ranks, DeepSpeed's layout)")
+        print(f"  ... {world // ep} expert-parallel groups in all")
+    if tp > 1:
+        print(f"  tensor-parallel groups: ranks 0-{tp - 1}, {tp}-{2 * tp - 1}, ... (consecutive, megatron-core's layout)")
     e = plan["experts_per_rank"]
     print(f"per rank (every rank holds the same amounts; expert-parallel rank r holds the {e} experts "
           f"r*{e} to r*{e}+{e - 1} of every MoE layer):")

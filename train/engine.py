@@ -69,9 +69,12 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
-def build_engine(model: torch.nn.Module, run: RunConfig, device: torch.device):
+def build_engine(model: torch.nn.Module, run: RunConfig, device: torch.device, mpu=None):
+    """`mpu`: the tensor-parallel unit (train.tensor_parallel.MegatronMPU) when model.tensor_parallel > 1;
+    DeepSpeed then reduces gradients over its data-parallel group and counts split weights in the norm."""
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
+        mpu=mpu,
         model_parameters=optimizer_param_groups(model, run.deepspeed.weight_decay),
         config=deepspeed_config(run, device),
     )

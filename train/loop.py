@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from train.engine import build_engine
 from train.flops import flops_per_token, peak_tflops
 from train.metrics import ExpertCounts, MetricsFile, Progress, figures_per_layer, finite_or_none, mean_over_ranks
 from train.model import GPT, expert_choice_layers, padded_vocab_size
+from train.nonfinite import NonFiniteLossStop, NonFiniteStreak, discard_routing_statistics, poison_if_nonfinite
+from train.preemption import PREEMPTED_EXIT_STATUS, Preempted, PreemptionWatch
 
 
 def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
@@ -42,17 +46,24 @@ def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
     for path in run.data.files:
         if not Path(path).is_file():
             raise ConfigError(f"data.files: {path!r} does not exist or is not a file")
-    if run.trainer.resume is False and run.trainer.run_dir and _holds_a_run(Path(run.trainer.run_dir)):
+    if run.trainer.auto_resume:
+        # Read before any rank joins the process group, so before any rank can write a checkpoint:
+        # every rank sees the same answer.
+        has_checkpoint = checkpoint.latest_tag(Path(run.trainer.run_dir) / "checkpoints") is not None
+        run = replace(run, trainer=replace(run.trainer, resume=run.trainer.resume or has_checkpoint))
+    elif run.trainer.resume is False and run.trainer.run_dir and _holds_a_run(Path(run.trainer.run_dir)):
         raise ConfigError(
             f"trainer.run_dir={run.trainer.run_dir!r} already holds a run: pass trainer.resume=true to continue it "
             "or choose another trainer.run_dir"
         )
 
-    try:
-        world = init_world(run.trainer.device)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    return build_trainer(run, world, lambda: _resolve_run_dir(run, world)).fit()
+    # Handlers go in before the slow start-up: a scheduler's warning that arrives meanwhile is kept.
+    with PreemptionWatch() as preemption:
+        try:
+            world = init_world(run.trainer.device, run.model.tensor_parallel)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        return build_trainer(run, world, lambda: _resolve_run_dir(run, world)).fit(preemption)
 
 
 def build_trainer(run: RunConfig, world: World, run_dir: Callable[[], Path]) -> Trainer:
@@ -69,7 +80,14 @@ def build_trainer(run: RunConfig, world: World, run_dir: Callable[[], Path]) -> 
     directory = run_dir()
     torch.manual_seed(run.trainer.seed)  # identical dense weights on every rank; experts seed themselves
     model = GPT(run.model, run.moe, vocab_size=padded_vocab_size(train_data.vocab_size), seed=run.trainer.seed)
-    engine, scheduler = build_engine(model, run, world.device)
+    if world.tensor_parallel > 1:
+        from train import tensor_parallel
+
+        tensor_parallel.shard_model(model, world.rank % world.tensor_parallel, world.tensor_parallel)
+        mpu = tensor_parallel.MegatronMPU()
+    else:
+        mpu = None
+    engine, scheduler = build_engine(model, run, world.device, mpu)
     return Trainer(run, world, engine, scheduler, model, train_data, val_data, directory)
 
 
@@ -128,6 +146,9 @@ def _resolve_run_dir(run: RunConfig, world: World) -> Path:
 class Trainer:
     """The loop's state: one object so that steps, logging and checkpoints read plainly."""
 
+    last_step_skipped = False
+    """Whether the last train_step's update was skipped (non-finite loss or gradients)."""
+
     def __init__(self, run, world, engine, scheduler, model, train_data, val_data, run_dir: Path) -> None:
         self.run, self.world, self.engine, self.scheduler = run, world, engine, scheduler
         self.model: GPT = model
@@ -135,9 +156,12 @@ class Trainer:
         self.run_dir = run_dir
         self.checkpoint_dir = run_dir / "checkpoints"
         self.metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=world.is_main)
-        self.expert_counts = ExpertCounts()
+        from train.sinks import open_sinks  # plots and W&B (rank 0 only); wandb imported only when asked for
+
+        self.sinks = open_sinks(run, world.is_main, run_dir)
+        self.expert_counts = ExpertCounts(world.replica_group)
         trainer = run.trainer
-        self.global_batch = trainer.micro_batch_size * trainer.grad_accum * world.world_size
+        self.global_batch = trainer.micro_batch_size * trainer.grad_accum * world.data_parallel_size
         self.tokens_per_step = self.global_batch * run.model.seq_len
         self.params = model.parameter_counts()
         self.flops_per_token = flops_per_token(
@@ -146,7 +170,9 @@ class Trainer:
         self.peak_tflops, self.peak_source = peak_tflops(world.device, trainer.peak_tflops)
 
     # ------------------------------------------------------------------ the job
-    def fit(self) -> dict[str, Any]:
+    def fit(self, preemption: PreemptionWatch | None = None) -> dict[str, Any]:
+        """The loop. With `preemption`, a stop signal to any rank ends it at the next step boundary
+        with a checkpoint (train/preemption.py)."""
         run, world = self.run, self.world
         start_step, initial_val_loss = 0, None
         if world.is_main:
@@ -157,6 +183,8 @@ class Trainer:
             state = checkpoint.load(self.engine, self.checkpoint_dir, world.rank)
             start_step, initial_val_loss = state["step"], state.get("initial_val_loss")
             self.metrics.truncate_after(start_step)
+        elif run.trainer.auto_resume:
+            self.metrics.truncate_after(-1)  # killed before its first checkpoint: start the record over
         self._print_header(start_step)
         if initial_val_loss is None:
             evaluation = self.evaluate()
@@ -168,35 +196,43 @@ class Trainer:
         loss_sum = torch.zeros((), device=world.device, dtype=torch.float64)
         aux_sum = torch.zeros_like(loss_sum)
         window_steps, train_loss, val_loss = 0, float("nan"), initial_val_loss
+        window_applied = 0  # steps of the window that were not skipped for a non-finite loss
+        nonfinite = NonFiniteStreak(run.trainer.max_nonfinite_steps)
         final_evaluation: dict[str, float] = {}
         for step in range(start_step, run.trainer.max_steps):
             lm_loss, aux_loss = self.train_step(step)
-            loss_sum += lm_loss
-            aux_sum += aux_loss
+            if not self.last_step_skipped:  # a skipped step's loss is NaN or Inf: kept out of the means
+                loss_sum += lm_loss
+                aux_sum += aux_loss
+                window_applied += 1
             window_steps += 1
             done = step + 1
+            self._stop_after_nonfinite_streak(nonfinite, done)
             figures: dict[str, str] = {}
             if done % run.logging.log_every == 0 or done == run.trainer.max_steps:
                 elapsed = time.perf_counter() - window_start
-                train_loss = mean_over_ranks(float(loss_sum) / window_steps, world.device)
-                record = self._train_record(done, train_loss, mean_over_ranks(float(aux_sum) / window_steps, world.device),
-                                            window_steps * self.tokens_per_step / elapsed)
+                train_loss, aux = (mean_over_ranks(float(total) / window_applied, world.device) if window_applied
+                                   else float("nan") for total in (loss_sum, aux_sum))
+                record = self._train_record(done, train_loss, aux, window_steps * self.tokens_per_step / elapsed)
                 self._log(record)
                 figures = {"loss": f"{train_loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}",
                            "mfu": f"{100 * (record['mfu'] or 0):.1f}%"}
                 loss_sum.zero_()
                 aux_sum.zero_()
-                window_steps = 0
+                window_steps = window_applied = 0
             if (run.trainer.eval_every and done % run.trainer.eval_every == 0) or done == run.trainer.max_steps:
                 evaluation = self.evaluate()
                 val_loss, final_evaluation = evaluation["val_loss"], evaluation
                 self._log({"event": "eval", "step": done, "tokens": done * self.tokens_per_step, **evaluation})
                 modes = "".join(f", {k[4:]} {v:.4f}" for k, v in evaluation.items() if k.startswith("val_loss_"))
                 progress.print(f"step {done}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.1f}{modes}")
-            if (run.trainer.checkpoint_every and done % run.trainer.checkpoint_every == 0) or done == run.trainer.max_steps:
+            due = (run.trainer.checkpoint_every and done % run.trainer.checkpoint_every == 0) or done == run.trainer.max_steps
+            if due and not self.last_step_skipped:  # only after an applied update: `latest` is always a good state
                 checkpoint.save(self.engine, self.checkpoint_dir, done,
                                 {"step": done, "tokens": done * self.tokens_per_step,
                                  "initial_val_loss": initial_val_loss}, world.rank)
+            if preemption is not None and done < run.trainer.max_steps and (received := preemption.agreed()):
+                self._stop_for_preemption(received, done, bool(due), initial_val_loss, progress)
             if figures:
                 # The next window starts after this step's evaluation and checkpoint: tokens/s and
                 # MFU measure training only (summary.json's tokens/s is the whole wall time).
@@ -206,29 +242,57 @@ class Trainer:
         wall = time.perf_counter() - started
         return self._finish(start_step, train_loss, val_loss, initial_val_loss, wall, final_evaluation)
 
+    def _stop_for_preemption(self, received: str, done: int, saved: bool, initial_val_loss: float, progress) -> None:
+        """Checkpoint this step (unless the loop just did, or the step was skipped and `latest` is
+        the last good state), record the stop in metrics.jsonl, and leave with Preempted."""
+        if not saved and not self.last_step_skipped:
+            checkpoint.save(self.engine, self.checkpoint_dir, done,
+                            {"step": done, "tokens": done * self.tokens_per_step, "initial_val_loss": initial_val_loss},
+                            self.world.rank)
+        self._log({"event": "preempted", "step": done, "tokens": done * self.tokens_per_step, "signal": received,
+                   "checkpoint": checkpoint.latest_tag(self.checkpoint_dir)})
+        progress.close()
+        if self.world.is_main:
+            print(f"preempted   {received} at step {done}: checkpoint {checkpoint.latest_tag(self.checkpoint_dir)} saved, "
+                  f"exiting with status {PREEMPTED_EXIT_STATUS} (trainer.auto_resume=true continues from it)", flush=True)
+        raise Preempted(done, received)
+
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over grad_accum micro-batches; returns mean (LM loss, aux loss)."""
         trainer, world = self.run.trainer, self.world
         batch = self.train_data.sample_batch(trainer.seed, step, self.global_batch, self.run.model.seq_len)
-        # Every rank draws the same global batch and takes its slice: the data order depends
-        # only on (seed, step), whatever the number of ranks, and resuming needs no reader state.
-        batch = torch.from_numpy(batch).view(trainer.grad_accum, world.world_size, trainer.micro_batch_size, -1)
+        # Every rank draws the same global batch and takes its replica's slice (tensor-parallel
+        # ranks share one): the data order depends only on (seed, step), whatever the number of
+        # ranks, and resuming needs no reader state.
+        batch = torch.from_numpy(batch).view(trainer.grad_accum, world.data_parallel_size, trainer.micro_batch_size, -1)
         lm_total = torch.zeros((), device=world.device, dtype=torch.float64)
         aux_total = torch.zeros_like(lm_total)
+        step_routing = []
         for micro in range(trainer.grad_accum):
-            tokens = batch[micro, world.rank].to(world.device, non_blocking=True)
+            tokens = batch[micro, world.data_parallel_rank].to(world.device, non_blocking=True)
             out = self.engine(tokens[:, :-1])
             lm_loss = F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-            self.engine.backward(lm_loss + out.aux_loss)
+            # A NaN/Inf loss becomes NaN gradients, and DeepSpeed then skips the whole step
+            # (train/nonfinite.py); a finite loss is multiplied by exactly 1.
+            self.engine.backward(poison_if_nonfinite(lm_loss + out.aux_loss))
             boundary = self.engine.is_gradient_accumulation_boundary()
             self.engine.step()
-            if boundary:
-                # Once per optimizer step, with every micro-batch's routing counted: bias
-                # balancing, the global balancing loss's fractions, expert-choice thresholds.
-                update_routing_state(self.model)
-            self.expert_counts.add(out.moe_aux)
+            step_routing.append(out.moe_aux)
             lm_total += lm_loss.detach()
             aux_total += out.aux_loss.detach()
+            if boundary:
+                # Skipped for a non-finite loss on any rank, or non-finite gradients (all ranks agree).
+                self.last_step_skipped = not self.engine.was_step_applied()
+                if self.last_step_skipped:
+                    discard_routing_statistics(self.model)
+                    continue
+                if not bool(torch.isfinite(lm_total + aux_total)):
+                    raise RuntimeError(f"step {step + 1}: DeepSpeed applied an update although the loss was not finite")
+                # Once per optimizer step, with every micro-batch's routing counted: bias
+                # balancing, the global balancing loss's fractions, expert-choice thresholds.
+                update_routing_state(self.model, self.world.replica_group)
+                for moe_aux in step_routing:
+                    self.expert_counts.add(moe_aux)
         return lm_total / trainer.grad_accum, aux_total / trainer.grad_accum
 
     def evaluate(self) -> dict[str, float]:
@@ -274,8 +338,9 @@ class Trainer:
             "event": "train",
             "step": step,
             "tokens": step * self.tokens_per_step,
-            "loss": loss,
-            "aux_loss": aux,
+            "loss": finite_or_none(loss),
+            "aux_loss": finite_or_none(aux),
+            "skipped_nonfinite": self.engine.skipped_steps,
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": finite_or_none(float(grad_norm)) if grad_norm is not None else None,
             "tokens_per_s": tokens_per_s,
@@ -283,8 +348,22 @@ class Trainer:
             "experts": self.expert_counts.reduce_window(),
         }
 
+    def _stop_after_nonfinite_streak(self, streak: NonFiniteStreak, step: int) -> None:
+        """Count a skipped step; at trainer.max_nonfinite_steps in a row, record and print why and
+        stop (before this step's checkpoint: `latest` keeps naming the last good one)."""
+        try:
+            streak.record(step, self.last_step_skipped, lambda: checkpoint.latest_tag(self.checkpoint_dir))
+        except NonFiniteLossStop as stop:
+            self._log({"event": "stopped", "step": step, "reason": "non-finite loss",
+                       "skipped_nonfinite": self.engine.skipped_steps})
+            if self.world.is_main:
+                print(stop.message, file=sys.stderr, flush=True)
+            raise
+
     def _log(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
+        for sink in self.sinks:  # after metrics.jsonl: the plot sink draws from it
+            sink.write(record)
 
     def _print_header(self, start_step: int) -> None:
         p, run = self.params, self.run
@@ -293,7 +372,7 @@ class Trainer:
             f"run dir     {self.run_dir}  ({what})",
             f"device      {self.world.device.type} x {self.world.world_size}, "
             f"{'bf16' if self.engine.bfloat16_enabled() else 'fp32'}, ZeRO-{run.deepspeed.zero_stage}, "
-            f"ep_size {run.moe.ep_size}",
+            f"ep_size {run.moe.ep_size}" + (f", tensor_parallel {tp}" if (tp := self.world.tensor_parallel) > 1 else ""),
             f"model       {p['total'] / 1e6:.2f}M parameters, {p['active'] / 1e6:.2f}M active per token, "
             f"{p['moe_layers']} MoE layers x {run.moe.num_experts} experts (top-{run.moe.top_k})",
             f"batch       {self.global_batch} x {run.model.seq_len} tokens per step, {run.trainer.max_steps} steps",
@@ -312,6 +391,7 @@ class Trainer:
             "steps": run.trainer.max_steps,
             "tokens": run.trainer.max_steps * self.tokens_per_step,
             "final_train_loss": finite_or_none(train_loss),
+            "skipped_nonfinite": self.engine.skipped_steps,
             "initial_val_loss": initial_val_loss,
             "final_val_loss": val_loss,
             "final_val_ppl": math.exp(val_loss),
@@ -330,6 +410,8 @@ class Trainer:
             tmp = self.run_dir / "summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
             os.replace(tmp, self.run_dir / "summary.json")
+            for sink in self.sinks:
+                sink.finish(summary)
             mfu = "n/a" if summary["mfu"] is None else f"{100 * summary['mfu']:.1f}%"
             print(
                 f"done        val loss {initial_val_loss:.3f} -> {val_loss:.3f} (perplexity {math.exp(val_loss):.1f}), "

@@ -23,9 +23,12 @@ class ExpertCounts:
     sum, token count; `figures_per_layer` turns rows into named figures.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, group=None) -> None:
         self.window: torch.Tensor | None = None
         self.total: torch.Tensor | None = None
+        self.group = group
+        """Ranks to sum over: None = all; with tensor parallelism one rank per tensor-parallel
+        group, since its ranks route the same tokens."""
 
     def add(self, moe_aux: list[MoEAux]) -> None:
         if not moe_aux:
@@ -45,7 +48,7 @@ class ExpertCounts:
             return {}
         rows = self.window.clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(rows)
+            dist.all_reduce(rows, group=self.group)
         self.window = None
         rows = rows.cpu()
         self.total = rows if self.total is None else self.total + rows

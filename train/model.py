@@ -7,6 +7,7 @@ Readable in one sitting on purpose (nanoGPT): every block is a few lines.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from deepspeed.moe.layer import MoE
@@ -16,6 +17,9 @@ from torch.nn import functional as F
 from moe import MoEAux, MoEConfig, MoELayer, SwiGLUExpert
 from moe.experts import default_out_std
 from moe.stock import StockDeepSpeedMoE
+
+if TYPE_CHECKING:
+    from train.kv_cache import KVCache, LayerKVCache
 
 
 @dataclass
@@ -34,6 +38,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Share the input embedding with the output projection (GPT-2 style)."""
     init_std: float = 0.02
+    tensor_parallel: int = 1
+    """Ranks that split attention heads and dense-FFN units (megatron-core layers, train/tensor_parallel.py).
+    Experts are split by moe.ep_size instead; the world size must be a multiple of tensor_parallel * ep_size."""
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "num_layers", "hidden_size", "num_heads", "ffn_hidden"):
@@ -42,6 +49,11 @@ class ModelConfig:
         if self.hidden_size % self.num_heads != 0:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}"
+            )
+        if self.tensor_parallel < 1 or self.num_heads % self.tensor_parallel or self.ffn_hidden % self.tensor_parallel:
+            raise ValueError(
+                f"model.tensor_parallel={self.tensor_parallel} must be >= 1 and divide model.num_heads={self.num_heads} "
+                f"and model.ffn_hidden={self.ffn_hidden}"
             )
         if (self.hidden_size // self.num_heads) % 2 != 0:
             raise ValueError("model.hidden_size / model.num_heads must be even (rotary embeddings rotate pairs)")
@@ -77,16 +89,25 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
+        """Heads on this rank: all of them, or a tensor-parallel share (train/tensor_parallel.py)."""
+        self.head_dim = cfg.hidden_size // cfg.num_heads
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        batch, seq, dim = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(batch, seq, 3, self.num_heads, dim // self.num_heads).unbind(2)
+    def forward(
+        self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKVCache | None = None
+    ) -> torch.Tensor:
+        """`cache` (generation only): keys and values of earlier positions; this call's are appended
+        and the queries attend to all of them (train/kv_cache.py)."""
+        batch, seq, _ = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(batch, seq, 3, self.num_heads, self.head_dim).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(out.transpose(1, 2).reshape(batch, seq, dim))
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = cache.attend(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 
 
 class Block(nn.Module):
@@ -97,8 +118,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.ffn = ffn
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, MoEAux | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKVCache | None = None
+    ) -> tuple[torch.Tensor, MoEAux | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
             y, aux = self.ffn(h)
@@ -169,24 +192,30 @@ class GPT(nn.Module):
         # bf16 along with the weights, which would round the angles of late positions.
         self._rotary_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def rotary(self, seq: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary(self, seq: int, device: torch.device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Angles of positions start .. start + seq - 1."""
         if device not in self._rotary_cache:
             cos, sin = rotary_tables(self.cfg.seq_len, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta)
             self._rotary_cache[device] = (cos.to(device), sin.to(device))
         cos, sin = self._rotary_cache[device]
-        return cos[:seq], sin[:seq]
+        return cos[start : start + seq], sin[start : start + seq]
 
-    def forward(self, tokens_BS: torch.Tensor) -> GPTOutput:
+    def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None) -> GPTOutput:
+        """Logits of every position. With a `cache` (generation), `tokens_BS` continue the tokens the
+        cache already holds: their positions start at `cache.length`, and the cache grows by them."""
         seq = tokens_BS.shape[1]
-        if seq > self.cfg.seq_len:
-            raise ValueError(f"input has {seq} tokens, more than model.seq_len={self.cfg.seq_len}")
-        cos, sin = self.rotary(seq, tokens_BS.device)
+        start = 0 if cache is None else cache.length
+        if start + seq > self.cfg.seq_len:
+            raise ValueError(f"input has {start + seq} tokens, more than model.seq_len={self.cfg.seq_len}")
+        cos, sin = self.rotary(seq, tokens_BS.device, start)
         x = self.embed(tokens_BS)
         moe_aux: list[MoEAux] = []
-        for block in self.blocks:
-            x, aux = block(x, cos, sin)
+        for index, block in enumerate(self.blocks):
+            x, aux = block(x, cos, sin) if cache is None else block(x, cos, sin, cache.layer(index))
             if aux is not None:
                 moe_aux.append(aux)
+        if cache is not None:
+            cache.advance(seq)
         logits = self.lm_head(self.norm(x))
         aux_loss = sum((a.loss for a in moe_aux), start=logits.new_zeros((), dtype=torch.float32))
         return GPTOutput(logits, aux_loss, moe_aux)
@@ -197,6 +226,10 @@ class GPT(nn.Module):
         Active counts K of E experts per MoE layer (expert choice: cf on average); embeddings are excluded from the FLOPs
         count (a lookup, not a matmul) but the tied output projection is included.
         """
+        def whole(p: torch.Tensor) -> int:
+            # Once sharded (train/tensor_parallel.py), a rank holds 1/tp of each split weight.
+            return p.numel() * (self.cfg.tensor_parallel if getattr(p, "tensor_model_parallel", False) else 1)
+
         expert_per_layer = 0
         total_experts = 0
         active_experts = 0
@@ -204,14 +237,14 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, MoE):
                 num_moe_layers += 1
-                one_expert = sum(p.numel() for p in module.deepspeed_moe.experts.deepspeed_experts[0].parameters())
+                one_expert = sum(whole(p) for p in module.deepspeed_moe.experts.deepspeed_experts[0].parameters())
                 expert_per_layer = one_expert
                 total_experts += one_expert * module.num_experts
                 active_experts += round(one_expert * experts_per_token(module.config))
         local_expert_params = sum(
-            p.numel() for m in self.modules() if isinstance(m, MoE) for p in m.deepspeed_moe.experts.parameters()
+            whole(p) for m in self.modules() if isinstance(m, MoE) for p in m.deepspeed_moe.experts.parameters()
         )
-        dense = sum(p.numel() for p in self.parameters()) - local_expert_params
+        dense = sum(whole(p) for p in self.parameters()) - local_expert_params
         embedding = self.embed.weight.numel()
         matmul_dense = dense - embedding + (embedding if self.cfg.tie_embeddings else 0)
         return {

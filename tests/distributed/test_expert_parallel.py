@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import subprocess_env
@@ -86,7 +87,7 @@ def test_deepspeed_launcher_trains_with_ep2_zero2(tmp_path):
 
 def test_ep2_checkpoint_loads_at_ep1_with_identical_weights(tmp_path, compose_run):
     """Weights saved by 2 ranks at ep_size=2 load into 1 rank at ep_size=1 (DeepSpeed's per-expert
-    files are renumbered from global ids); optimizer state across layouts is not carried yet."""
+    files are renumbered from global ids). With optimizer state: test_layout_resume.py."""
     from train.config import to_run_config
     from train.distributed import init_world
     from train.engine import build_engine
@@ -118,3 +119,52 @@ def test_ep2_checkpoint_loads_at_ep1_with_identical_weights(tmp_path, compose_ru
             assert torch.equal(experts[expert].w2.weight.detach(), state[key])
     dense = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert torch.equal(model.embed.weight.detach(), dense["embed.weight"])
+
+
+def test_consolidate_ep2_checkpoint_equals_the_model_loaded_at_ep1(tmp_path, compose_run):
+    """moe-consolidate reads a checkpoint written by 2 ranks at ep_size=2 (without DeepSpeed's engine)
+    and writes the very weights DeepSpeed's own loader puts into the same model at ep_size=1; the
+    file then evaluates, in one process, to the run's own final validation loss."""
+    from safetensors.torch import load_file
+
+    from train.config import to_run_config
+    from train.consolidate import consolidate
+    from train.distributed import init_world
+    from train.engine import build_engine
+    from train.evaluate import mean_token_loss, validation_windows
+    from train.load import load_model
+    from train.model import GPT
+
+    run_dir = tmp_path / "run"
+    common = ["model=gpt_tiny", "moe=top2_shared", "trainer.micro_batch_size=4", "trainer.eval_batches=2",
+              f"data.cache_dir={ROOT / '.cache' / 'data'}"]
+    command = [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank",
+        "--master_port", str(_free_port()), "--module", "train", *common, "moe.ep_size=2", "trainer.max_steps=2",
+        "trainer.eval_every=0", "logging.progress_bar=false", f"trainer.run_dir={run_dir}",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    out = tmp_path / "whole.safetensors"
+    header = consolidate(run_dir, out)
+    assert header["moe"]["ep_size"] == 1 and header["step"] == 2
+    consolidated = load_file(str(out))
+
+    run = to_run_config(compose_run([*common, "moe.ep_size=1"]))
+    world = init_world("cpu")
+    torch.manual_seed(123)  # different from the run's seed: every compared weight must come from the files
+    model = GPT(run.model, run.moe, vocab_size=4096, seed=123)
+    engine, _ = build_engine(model, run, world.device)
+    engine.load_checkpoint(str(run_dir / "checkpoints"), tag="step_00000002", load_module_only=True,
+                           load_optimizer_states=False, load_lr_scheduler_states=False)
+    expected = model.state_dict()
+    assert set(consolidated) == set(expected) - {"lm_head.weight"}  # tied: stored once, as embed.weight
+    assert any(".deepspeed_experts.7." in key for key in consolidated) and any("shared_mlp" in key for key in consolidated)
+    for key, value in consolidated.items():
+        assert torch.equal(value, expected[key].detach().float()), key
+
+    loaded = load_model(out)
+    windows = validation_windows(loaded.validation_data_dir(), run.model.seq_len, 2 * 4)
+    loss, _ = mean_token_loss(loaded.model, [np.stack(windows[i:i + 4]) for i in (0, 4)])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert loss == pytest.approx(summary["final_val_loss"], rel=1e-6)

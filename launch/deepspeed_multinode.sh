@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Train on several machines with the DeepSpeed launcher: it reads an MPI-style hostfile
+# ("worker-0 slots=8", one line per node), reaches every node with pdsh over passwordless ssh and
+# starts one process per slot there.
+#
+#   launch/deepspeed_multinode.sh HOSTFILE [hydra overrides...]
+#   DRY_RUN=1 launch/deepspeed_multinode.sh hostfile experiment=h100_350m    # print, run nothing
+#
+# Run it from a node that can ssh to every host, in a checkout at the same path on every node (a
+# shared file system), with the same virtualenv there. Or without ssh: run it on every node
+# yourself with NODE_RANK=0, 1, ... (the launcher's --no_ssh mode).
+#
+# Environment (all optional):
+#   MASTER_ADDR    address of rank 0 (default: the first host of the hostfile)
+#   MASTER_PORT    default 29500
+#   NUM_NODES      use the first N hosts of the hostfile (default: all)
+#   GPUS_PER_NODE  use the first N slots of every host (default: the hostfile's slots)
+#   LOG_DIR        one log file per rank, on each node (default runs/logs/<date-time>; "none": the
+#                  ranks write to this terminal, through pdsh)
+#   FORWARD_ENV    extended regular expression of the variable names handed to every node. DeepSpeed
+#                  itself passes NCCL_*, PYTHON*, UCX_*, MV2_*, MLFLOW_*; the default adds the rest a
+#                  run needs: OMP_NUM_THREADS, TORCH_*, PYTORCH_*, CUDA_DEVICE_MAX_CONNECTIONS,
+#                  DS_ACCELERATOR, GLOO_*, HF_*, WANDB_MODE/PROJECT/ENTITY/DIR (never WANDB_API_KEY:
+#                  put secrets in ~/.netrc on each node). They go into a file that DeepSpeed reads
+#                  (DS_ENV_FILE, its .deepspeed_env mechanism) and exports in the pdsh command.
+#   NODE_RANK      launch only this node's ranks, without ssh (--no_ssh)
+#   PYTHON         default .venv/bin/python
+#   DRY_RUN=1      print the command and the forwarded variables, run nothing
+set -euo pipefail
+hostfile="${1:?usage: $0 HOSTFILE [hydra overrides...]}"
+shift
+[ -f "$hostfile" ] || { echo "error: hostfile $hostfile does not exist" >&2; exit 2; }
+# Paths given by the caller are relative to where they ran this, not to the checkout.
+hostfile="$(realpath "$hostfile")"
+log_dir="${LOG_DIR:-}"
+[ -n "$log_dir" ] && [ "$log_dir" != none ] && log_dir="$(realpath -m "$log_dir")"
+here="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$here"
+
+first_host="$(awk '!/^[[:space:]]*(#|$)/ {print $1; exit}' "$hostfile")"
+[ -n "$first_host" ] || { echo "error: hostfile $hostfile names no host (expected lines like 'worker-0 slots=8')" >&2; exit 2; }
+master_addr="${MASTER_ADDR:-$first_host}"
+master_port="${MASTER_PORT:-29500}"
+log_dir="${log_dir:-runs/logs/$(date +%Y%m%d-%H%M%S)}"
+forward="${FORWARD_ENV:-^(NCCL_.*|OMP_NUM_THREADS|TORCH_.*|PYTORCH_.*|CUDA_DEVICE_MAX_CONNECTIONS|DS_ACCELERATOR|GLOO_.*|HF_.*|WANDB_(MODE|PROJECT|ENTITY|DIR))$}"
+
+# Forwarded variables: KEY=VALUE lines, as DeepSpeed's .deepspeed_env; in a file of this launch,
+# not in the checkout or the home directory.
+env_file="$(mktemp "${TMPDIR:-/tmp}/moe-gpt-deepspeed-env.XXXXXX")"
+trap 'rm -f "$env_file"' EXIT
+while IFS= read -r name; do
+  value="${!name}"
+  [[ "$value" == *$'\n'* ]] && continue  # one line per variable: multi-line values cannot travel
+  printf '%s=%s\n' "$name" "$value" >>"$env_file"
+done < <(compgen -e | grep -E "$forward" || true)
+
+command=("${PYTHON:-.venv/bin/python}" -m deepspeed.launcher.runner --hostfile "$hostfile"
+  --master_addr "$master_addr" --master_port "$master_port" --no_local_rank)
+[ -n "${NUM_NODES:-}" ] && command+=(--num_nodes "$NUM_NODES")
+[ -n "${GPUS_PER_NODE:-}" ] && command+=(--num_gpus "$GPUS_PER_NODE")
+if [ "$log_dir" != none ]; then
+  log_dir="$(realpath -m "$log_dir")"
+  command+=(--enable_each_rank_log "$log_dir")
+fi
+[ -n "${NODE_RANK:-}" ] && command+=(--no_ssh --node_rank "$NODE_RANK")
+command+=(--module train "$@")
+
+if [ -n "${DRY_RUN:-}" ]; then
+  echo "DS_ENV_FILE=$env_file (forwarded to every node):"
+  sed 's/^/  /' "$env_file"
+  printf '%q ' "${command[@]}"
+  echo
+  exit 0
+fi
+if [ "$log_dir" != none ]; then
+  mkdir -p "$log_dir"
+  echo "per-rank logs: $log_dir/<date-time>_rank<N>.log"
+fi
+# Not exec: the EXIT trap removes the environment file afterwards.
+DS_ENV_FILE="$env_file" "${command[@]}"

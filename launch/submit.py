@@ -1,0 +1,107 @@
+"""Submit a training job to Slurm: the sbatch flags from a few plain options, then
+launch/slurm/train.sbatch with your Hydra overrides.
+
+    python launch/submit.py --nodes 2 --gpus-per-node 8 --time 04:00:00 --partition gpu \\
+        --account my-project --output-dir /scratch/runs -- experiment=h100_350m moe.ep_size=8
+    python launch/submit.py --dry-run ...     # print the sbatch command instead of running it
+
+The run directory is <output-dir>/<job-name>-<job id> and Slurm's log <output-dir>/<job-name>-<job id>.out;
+a job that is requeued (time limit, preemption) keeps both and resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH_SCRIPT = ROOT / "launch" / "slurm" / "train.sbatch"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="0: CPU ranks (gloo)")
+    parser.add_argument("--ranks-per-node", type=int, default=None,
+                        help="processes per node (default: one per GPU, or 1 without GPUs)")
+    parser.add_argument("--cpus-per-task", type=int, default=None, help="CPU cores per rank (also OMP_NUM_THREADS)")
+    parser.add_argument("--time", default="04:00:00", help="time limit, as sbatch --time takes it")
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--account", default=None)
+    parser.add_argument("--job-name", default="moe-gpt")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/slurm"),
+                        help="where the run directory and Slurm's log go (a shared file system)")
+    parser.add_argument("--warning-seconds", type=int, default=120,
+                        help="SIGUSR1 this long before the time limit: time to finish a step and save a checkpoint")
+    parser.add_argument("--sbatch-arg", action="append", default=[], metavar="FLAG",
+                        help="any other sbatch flag, e.g. --sbatch-arg=--exclusive (repeatable)")
+    parser.add_argument("--wait", action="store_true", help="return when the job has ended (sbatch --wait)")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch command and exit")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for python -m train (after --)")
+    args = parser.parse_args(argv)
+    for name in ("nodes", "warning_seconds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.gpus_per_node < 0:
+        parser.error(f"--gpus-per-node must be >= 0, got {args.gpus_per_node}")
+    if args.ranks_per_node is None:
+        args.ranks_per_node = args.gpus_per_node or 1
+    if args.ranks_per_node < 1:
+        parser.error(f"--ranks-per-node must be >= 1, got {args.ranks_per_node}")
+    return args
+
+
+def sbatch_command(args: argparse.Namespace) -> list[str]:
+    output_dir = args.output_dir.resolve()
+    command = [
+        "sbatch", "--parsable",
+        f"--job-name={args.job_name}",
+        f"--nodes={args.nodes}",
+        f"--ntasks-per-node={args.ranks_per_node}",
+        f"--time={args.time}",
+        f"--signal=B:USR1@{args.warning_seconds}",
+        f"--chdir={ROOT}",
+        f"--output={output_dir}/%x-%j.out",
+        # The batch script names the run directory after the job: the same across requeues.
+        f"--export=ALL,OUTPUT_DIR={output_dir}",
+    ]
+    if args.gpus_per_node:
+        command.append(f"--gpus-per-node={args.gpus_per_node}")
+    if args.cpus_per_task:
+        command.append(f"--cpus-per-task={args.cpus_per_task}")
+    if args.partition:
+        command.append(f"--partition={args.partition}")
+    if args.account:
+        command.append(f"--account={args.account}")
+    if args.wait:
+        command.append("--wait")
+    return [*command, *args.sbatch_arg, str(BATCH_SCRIPT), *args.overrides]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = sbatch_command(args)
+    if args.dry_run:
+        print(shlex.join(command))
+        return 0
+    args.output_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the log's directory
+    # With --wait, sbatch prints the job id only when the job ends: read it as it comes.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    job_id = process.stdout.readline().strip().split(";")[0]
+    if job_id:
+        output_dir = args.output_dir.resolve()
+        print(f"submitted job {job_id}: run dir {output_dir}/{args.job_name}-{job_id}, "
+              f"log {output_dir}/{args.job_name}-{job_id}.out", flush=True)
+    status = process.wait()
+    if args.wait and job_id:
+        print(f"job {job_id} ended with status {status}", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

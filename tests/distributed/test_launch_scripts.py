@@ -1,0 +1,118 @@
+"""launch/deepspeed_local.sh and launch/deepspeed_multinode.sh: the commands they build, and a real
+two-node launch through DeepSpeed's pdsh path on this machine (pdsh and ssh replaced by stand-ins
+that run each node's command here, in an empty environment as an ssh login would)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import subprocess_env
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCAL = ROOT / "launch" / "deepspeed_local.sh"
+MULTINODE = ROOT / "launch" / "deepspeed_multinode.sh"
+
+FAKE_PDSH = r"""#!/usr/bin/env bash
+# pdsh -S -f N -w HOST,HOST CMD...: record the arguments, run CMD once per host here with %n = the
+# host's index, in an empty environment: only what the command exports reaches the node.
+printf '%s\n' "$@" > "$PDSH_RECORD"
+while [ $# -gt 0 ]; do case "$1" in -S) shift ;; -f) shift 2 ;; -w) hosts="$2"; shift 2 ;; *) break ;; esac; done
+command="$*"
+index=0
+pids=()
+for host in ${hosts//,/ }; do
+  env -i HOME="$HOME" PATH="$PATH" bash -c "${command//\%n/$index}" &
+  pids+=($!)
+  index=$((index + 1))
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+FAKE_SSH = "#!/bin/sh\n# the launcher's reachability check (ssh HOST hostname)\nexit 0\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(script: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(script), *args], env=subprocess_env(**env), capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_local_dry_run_prints_the_launcher_command(tmp_path):
+    result = _run(LOCAL, "2", "model=gpt_tiny", "moe.ep_size=2", DRY_RUN="1", LOG_DIR=str(tmp_path / "logs"),
+                  MASTER_PORT="29611", PYTHON="python3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        "python3", "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank", "--master_port", "29611",
+        "--enable_each_rank_log", str(tmp_path / "logs"), "--module", "train", "model=gpt_tiny", "moe.ep_size=2",
+    ]
+    bad = _run(LOCAL, "two", DRY_RUN="1")
+    assert bad.returncode == 2 and "NUM_RANKS must be a positive integer, got 'two'" in bad.stderr
+
+
+def test_multinode_dry_run_names_the_master_and_forwards_the_environment(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\n\nworker-0 slots=8\nworker-1 slots=8\n")
+    result = _run(MULTINODE, str(hostfile), "experiment=h100_350m", DRY_RUN="1", PYTHON="python3", LOG_DIR="none",
+                  OMP_NUM_THREADS="4", NCCL_IB_DISABLE="1", WANDB_MODE="offline", WANDB_API_KEY="secret")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    forwarded = {line.strip() for line in lines[1:-1]}
+    assert {"OMP_NUM_THREADS=4", "NCCL_IB_DISABLE=1", "WANDB_MODE=offline"} <= forwarded
+    assert not any(line.startswith("WANDB_API_KEY") for line in forwarded), "secrets stay on the launching node"
+    assert lines[-1].split() == [
+        "python3", "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--master_addr", "worker-0",
+        "--master_port", "29500", "--no_local_rank", "--module", "train", "experiment=h100_350m",
+    ]
+    missing = _run(MULTINODE, str(tmp_path / "nope"), DRY_RUN="1")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    hostfile.write_text("# nothing\n")
+    empty = _run(MULTINODE, str(hostfile), DRY_RUN="1")
+    assert empty.returncode == 2 and "names no host" in empty.stderr
+
+
+@pytest.mark.distributed
+def test_two_nodes_through_pdsh_train_with_per_rank_logs_and_forwarded_environment(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("pdsh", FAKE_PDSH), ("ssh", FAKE_SSH)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    run_dir, logs, record = tmp_path / "run", tmp_path / "logs", tmp_path / "pdsh_args"
+    result = _run(
+        MULTINODE, str(hostfile), "model=gpt_tiny", "moe.ep_size=2", "trainer.max_steps=2", "trainer.micro_batch_size=4",
+        "trainer.eval_every=0", "trainer.eval_batches=2", "logging.log_every=1", "logging.progress_bar=false",
+        "trainer.peak_tflops=1", f"data.cache_dir={ROOT / '.cache' / 'data'}", f"trainer.run_dir={run_dir}",
+        PATH=f"{bin_dir}:{os.environ['PATH']}", PDSH_RECORD=str(record), PYTHON=sys.executable,
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), LOG_DIR=str(logs),
+        OMP_NUM_THREADS="1", NCCL_DEBUG="WARN",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    pdsh_args = record.read_text().splitlines()
+    assert pdsh_args[:5] == ["-S", "-f", "1024", "-w", "node-a,node-b"]
+    exports = pdsh_args[5]
+    assert "export OMP_NUM_THREADS=1;" in exports and "export NCCL_DEBUG=WARN;" in exports
+    assert {"--node_rank=%n", "--master_addr=127.0.0.1", "--no_local_rank", f"--enable_each_rank_log={logs}",
+            "train", "model=gpt_tiny"} <= set(pdsh_args)
+
+    rank_logs = sorted(logs.glob("*_rank*.log"))
+    assert [p.name.rsplit("_", 1)[1] for p in rank_logs] == ["rank0.log", "rank1.log"]
+    assert "summary" in rank_logs[0].read_text() and "device      cpu x 2" in rank_logs[0].read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "train"] == [1, 2]

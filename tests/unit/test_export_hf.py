@@ -1,0 +1,102 @@
+"""The Mixtral export: Hugging Face transformers loads it offline and its logits equal ours."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe import MoEConfig
+from train.config import ConfigError
+from train.export_hf import export_mixtral, rotary_rows_to_halves
+from train.model import GPT, ModelConfig, apply_rotary, rotary_tables
+from train.routing_modes import RoutingMode, moe_layers, routing
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 320  # not a multiple of 64 on purpose: rows padded as training pads them
+
+
+def _model(tie: bool = True, **moe_overrides) -> GPT:
+    torch.manual_seed(0)
+    moe = MoEConfig(**{"num_experts": 4, "top_k": 2, "capacity_factor": 1.0, "eval_capacity_factor": 1.0, **moe_overrides})
+    cfg = ModelConfig(seq_len=24, num_layers=2, hidden_size=32, num_heads=4, ffn_hidden=48, tie_embeddings=tie)
+    model = GPT(cfg, moe, vocab_size=-(-VOCAB // 64) * 64, seed=0)
+    with torch.no_grad():
+        for layer in moe_layers(model):
+            layer.router.weight.normal_(0, 1.0)  # decisive routing: no top-k near-ties between implementations
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)  # norms and all weights away from their initial values
+    return model.eval()
+
+
+def test_rotary_permutation_turns_interleaved_pairs_into_halves():
+    heads, head_dim, dim = 2, 8, 16
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(heads * head_dim, dim, generator=generator)
+    x = torch.randn(5, dim, generator=generator)
+    cos, sin = rotary_tables(5, head_dim, 10000.0)
+    ours = apply_rotary((x @ weight.T).view(5, heads, head_dim).transpose(0, 1), cos, sin)  # fp32 inside
+    permuted = (x @ rotary_rows_to_halves(weight, heads).T).view(5, heads, head_dim).transpose(0, 1)
+    rotate_half = torch.cat([-permuted[..., head_dim // 2:], permuted[..., : head_dim // 2]], -1)
+    theirs = permuted * torch.cat([cos, cos], -1) + rotate_half * torch.cat([sin, sin], -1)
+    order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+    torch.testing.assert_close(theirs, ours[..., order], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_transformers_loads_the_export_and_logits_equal_ours(tmp_path, monkeypatch, tie):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from train.data import train_bpe_tokenizer
+
+    model = _model(tie=tie)
+    tokenizer = train_bpe_tokenizer(["def add(a, b):\n    return a + b\n", "Ünïcode text, and more text."] * 20, VOCAB)
+    tokenizer.save(str(tmp_path / "tok.json"))
+    export_mixtral(model, tmp_path / "hf", tmp_path / "tok.json")
+
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    hf.eval()
+    tokens = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), routing(model, RoutingMode("dropless", None)):
+        ours = model(tokens).logits
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    assert theirs.shape == ours.shape
+    # fp32, different attention kernels and summation orders: agreement to 1e-5 on logits of size ~1.
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "def add(a, b):  # Ünïcode"
+    assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text).ids
+    assert hf_tokenizer.decode(tokenizer.encode(text).ids) == text
+
+
+@pytest.mark.parametrize(
+    "overrides, feature",
+    [
+        ({"router": "expert_choice", "capacity_factor": 2.0}, "moe.router=expert_choice"),
+        ({"shared_expert_hidden": 16}, "moe.shared_expert_hidden"),
+        ({"score_func": "sigmoid"}, "moe.score_func=sigmoid"),
+        ({"normalize_topk": False}, "moe.normalize_topk=false"),
+        ({"top_k": 1}, "moe.top_k=1"),
+        ({"every": 2}, "moe.every=2"),
+        ({"every": 0}, "moe.every=0"),
+        ({"bias_update_rate": 0.001}, "moe.bias_update_rate"),
+    ],
+)
+def test_what_mixtral_lacks_is_refused_by_name(tmp_path, overrides, feature):
+    with pytest.raises(ConfigError, match="cannot export to Mixtral") as error:
+        export_mixtral(_model(**overrides), tmp_path / "hf")
+    assert feature in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_cli_refuses_a_missing_checkpoint(capsys):
+    from train.export_hf import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["/nonexistent/run", "--out", "/tmp/unused"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such checkpoint" in err[0]

@@ -1,0 +1,120 @@
+"""KV-cache generation against recomputing the whole context, causal routing at generation, CLI errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe import MoEConfig
+from train.config import ConfigError
+from train.generate import generate_tokens
+from train.kv_cache import KVCache
+from train.model import GPT, ModelConfig
+from train.routing_modes import generation_mode, moe_layers, routing
+from train.sampling import SamplingConfig
+
+VOCAB, SEQ = 64, 16
+
+
+def _model(**moe_overrides) -> GPT:
+    torch.manual_seed(0)
+    # A capacity factor small enough to drop tokens: generation must switch it off.
+    moe = MoEConfig(**{"num_experts": 4, "top_k": 2, "capacity_factor": 0.5, "eval_capacity_factor": 0.5,
+                       "min_capacity": 0, **moe_overrides})
+    model = GPT(ModelConfig(seq_len=SEQ, num_layers=2, hidden_size=32, num_heads=4, ffn_hidden=48), moe, VOCAB, seed=0)
+    with torch.no_grad():
+        for layer in moe_layers(model):
+            layer.router.weight.normal_(0, 1.0)  # decisive routing: no near-ties between experts
+        model.embed.weight.normal_(0, 1.0)  # a peaked next-token distribution, so greedy has no near-ties
+    if model.moe_config.router == "expert_choice":
+        for layer in moe_layers(model):
+            # Thresholds as training would learn them: a token gets 0 to 4 experts.
+            layer.router.threshold.copy_(torch.tensor([0.2, 0.25, 0.3, 0.22]))
+            layer.router.threshold_ready.fill_(1.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_cached_logits_equal_full_forward(router):
+    model = _model(router=router)
+    tokens = torch.randint(0, VOCAB, (2, SEQ))
+    with torch.no_grad(), routing(model, generation_mode(model)):
+        full = model(tokens).logits
+        cache = KVCache.for_model(model, batch=2)
+        pieces = [model(tokens[:, :5], cache=cache).logits]  # a prefill of several tokens
+        pieces += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(5, 9)]  # one at a time
+        pieces.append(model(tokens[:, 9:], cache=cache).logits)  # several after a cached prefix (offset mask)
+    assert cache.length == SEQ
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+@pytest.mark.parametrize("sampling", [SamplingConfig(temperature=0), SamplingConfig(temperature=1.0, top_k=20, top_p=0.9)])
+def test_cache_generation_equals_no_cache_token_for_token(router, sampling):
+    model = _model(router=router)
+    prompt = [3, 14, 15, 9, 2, 6]
+    runs = []
+    for use_cache in (True, False):
+        with routing(model, generation_mode(model)):
+            # 3 * SEQ new tokens: the context window slides twice.
+            runs.append(generate_tokens(model, prompt, 3 * SEQ, sampling, torch.Generator().manual_seed(7),
+                                        use_cache=use_cache))
+    assert runs[0] == runs[1]
+    assert len(runs[0]) == 3 * SEQ
+
+
+def test_cache_feeds_each_token_once():
+    """With the cache, n new tokens cost n - 1 one-token forwards after the prompt (linear);
+    without it every step re-reads the whole context (quadratic)."""
+    model = _model()
+    positions = {True: 0, False: 0}
+    for use_cache in (True, False):
+        def count(module, args, out, use_cache=use_cache):
+            positions[use_cache] += args[0].shape[1]
+
+        handle = model.embed.register_forward_hook(count)
+        with routing(model, generation_mode(model)):
+            generate_tokens(model, [1, 2, 3], 10, SamplingConfig(temperature=0), use_cache=use_cache)
+        handle.remove()
+    assert positions[True] == 3 + 10 - 1
+    assert positions[False] == sum(range(3, 3 + 10))
+
+
+def test_generation_routing_is_dropless_and_restored():
+    model = _model()
+    assert generation_mode(model).name == "dropless"
+    with routing(model, generation_mode(model)):
+        assert model.moe_config.eval_capacity_factor is None
+    assert model.moe_config.eval_capacity_factor == 0.5
+
+
+def test_expert_choice_without_thresholds_cannot_generate():
+    model = _model(router="expert_choice")
+    for layer in moe_layers(model):
+        layer.router.threshold_ready.zero_()
+    with pytest.raises(ConfigError, match="thresholds"):
+        generation_mode(model)
+
+
+def test_cache_respects_the_context_length():
+    model = _model()
+    cache = KVCache.for_model(model)
+    with torch.no_grad():
+        model(torch.zeros(1, SEQ - 1, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="seq_len"):
+            model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["/nonexistent/run"], "no such checkpoint"), (["x", "--top-p", "1.5"], "top_p must be in"),
+     (["x", "--top-k", "0"], "positive integer"), (["x", "--temperature", "-1"], "temperature must be")],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    from train.generate import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]

@@ -1,0 +1,101 @@
+"""Reading DeepSpeed MoE checkpoints without the engine: files laid out as DeepSpeed writes them
+(experts by global id, one set per tensor-parallel rank) give back the whole model exactly.
+
+The real files of real multi-process runs are covered in tests/distributed (ep_size 2) and
+tests/integration; these build the layout by hand to cover tensor-parallel shards and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from moe import MoEConfig
+from train.config import ConfigError, RunConfig
+from train.consolidate import consolidate
+from train.load import load_model, moe_layer_prefixes
+from train.model import GPT, ModelConfig
+
+EXPERTS, HEADS = 4, 4
+
+
+def _whole_model(tensor_parallel: int) -> tuple[RunConfig, GPT]:
+    run = RunConfig(
+        model=ModelConfig(seq_len=16, num_layers=2, hidden_size=32, num_heads=HEADS, ffn_hidden=48,
+                          tensor_parallel=tensor_parallel),
+        moe=MoEConfig(num_experts=EXPERTS, top_k=2, shared_expert_hidden=16),
+    )
+    torch.manual_seed(0)
+    whole = GPT(ModelConfig(seq_len=16, num_layers=2, hidden_size=32, num_heads=HEADS, ffn_hidden=48), run.moe, 64, seed=5)
+    with torch.no_grad():
+        for name, buffer in whole.named_buffers():
+            if name.endswith("selection_bias"):
+                buffer.normal_()  # a router buffer, not only parameters, must come back
+    return run, whole
+
+
+def _write_checkpoint(run_dir: Path, run: RunConfig, whole: GPT, tensor_parallel: int, drop: str | None = None) -> None:
+    """Files named and keyed as DeepSpeed's _save_moe_checkpoint writes them."""
+    from train.tp_layout import shard
+
+    tag = run_dir / "checkpoints" / "step_00000007"
+    tag.mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step_00000007")
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(run)))
+    state = whole.state_dict()
+    prefixes = moe_layer_prefixes(whole)
+    for rank in range(tensor_parallel):
+        part = {k: shard(k, v, rank, tensor_parallel, HEADS).clone() for k, v in state.items()}
+        non_expert = {k: v for k, v in part.items() if ".deepspeed_experts." not in k}
+        if tensor_parallel > 1:
+            non_expert["blocks.0.attn.qkv._extra_state"] = None  # megatron-core's empty fp8 slot
+        torch.save({"module": non_expert, "step": 7}, tag / f"mp_rank_{rank:02d}_model_states.pt")
+        for layer, prefix in enumerate(prefixes):
+            for expert in range(EXPERTS):
+                name = f"layer_{layer}_expert_{expert}_mp_rank_{rank:02d}_model_states.pt"
+                if name == drop:
+                    continue
+                marker = f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{expert}."
+                torch.save({k: v for k, v in part.items() if k.startswith(marker)}, tag / name)
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_checkpoint_files_give_back_the_whole_model(tmp_path, tensor_parallel):
+    run, whole = _whole_model(tensor_parallel)
+    _write_checkpoint(tmp_path / "run", run, whole, tensor_parallel)
+    loaded = load_model(tmp_path / "run")
+    assert loaded.step == 7 and loaded.run.moe.ep_size == 1 and loaded.run.model.tensor_parallel == 1
+    expected = whole.state_dict()
+    got = loaded.model.state_dict()
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+    # Consolidated once, the file loads to the same model (no tokenizer: that would prepare the dataset).
+    consolidate(tmp_path / "run", tmp_path / "whole.safetensors", with_tokenizer=False)
+    again = load_model(tmp_path / "whole.safetensors").model.state_dict()
+    for key in expected:
+        assert torch.equal(again[key], expected[key]), key
+
+
+def test_a_missing_expert_file_is_named(tmp_path):
+    run, whole = _whole_model(1)
+    _write_checkpoint(tmp_path / "run", run, whole, 1, drop="layer_1_expert_2_mp_rank_00_model_states.pt")
+    with pytest.raises(ConfigError, match="layer_1_expert_2_mp_rank_00_model_states.pt: missing"):
+        load_model(tmp_path / "run")
+
+
+def test_tensor_parallel_files_must_match_the_config(tmp_path):
+    run, whole = _whole_model(2)
+    _write_checkpoint(tmp_path / "run", run, whole, 1)
+    with pytest.raises(ConfigError, match="model.tensor_parallel=2"):
+        load_model(tmp_path / "run")
+
+
+@pytest.mark.parametrize("name, message", [("nothing-here", "no such checkpoint"), ("notes.txt", "expected a run directory")])
+def test_paths_that_are_not_checkpoints(tmp_path, name, message):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ConfigError, match=message):
+        load_model(tmp_path / name)

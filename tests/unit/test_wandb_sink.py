@@ -1,0 +1,53 @@
+"""W&B sink pieces that need no run: mode choice, key mapping, rank gating, config errors
+(the whole path, read back with wandb's reader, is tests/integration/test_wandb.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from train.config import ConfigError, to_run_config
+from train.sinks import open_sinks
+from train.wandb_sink import resolve_mode, wandb_items
+
+
+@pytest.mark.parametrize(
+    "setting, environ, mode",
+    [
+        ("auto", {}, "offline"),
+        ("auto", {"WANDB_API_KEY": "k" * 40}, "online"),
+        ("auto", {"WANDB_API_KEY": ""}, "offline"),
+        ("auto", {"WANDB_API_KEY": "k" * 40, "WANDB_MODE": "offline"}, "offline"),
+        ("offline", {"WANDB_API_KEY": "k" * 40}, "offline"),
+        ("disabled", {}, "disabled"),
+    ],
+)
+def test_mode(setting, environ, mode):
+    assert resolve_mode(setting, environ) == mode
+
+
+def test_keys_pad_indices_to_the_last_index_and_skip_nulls():
+    record = {"event": "train", "step": 7, "loss": 2.5, "grad_norm": None,
+              "experts": {"moe_layer_3": {"cv": 0.25, "load": [0.5] + [0.05] * 10}}}
+    items = wandb_items(record)
+    assert items["train/loss"] == 2.5 and "train/grad_norm" not in items and "train/step" not in items
+    assert items["experts/moe_layer_3/cv"] == 0.25
+    assert items["experts/moe_layer_3/load/00"] == 0.5 and items["experts/moe_layer_3/load/10"] == 0.05
+    assert len(items) == 1 + 1 + 11
+
+
+def test_other_ranks_get_no_sink(compose_run, tmp_path):
+    run = to_run_config(compose_run(["logging=wandb", "logging.wandb_mode=offline"]))
+    assert open_sinks(run, is_main=False, run_dir=tmp_path) == []
+    assert not list(Path(tmp_path).iterdir()), "nothing written for a non-zero rank"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("logging.wandb_mode=sometimes", "logging.wandb_mode must be auto, online, offline or disabled"),
+     ("logging.plots=always", "logging.plots must be end, eval or off")],
+)
+def test_bad_logging_values_name_the_field(compose_run, override, message):
+    with pytest.raises(ConfigError, match=message):
+        to_run_config(compose_run(["logging=wandb", override]))

@@ -1,0 +1,64 @@
+"""What the inference commands (moe-eval, moe-generate, moe-export, moe-consolidate) share:
+argument errors and user mistakes as one line on stderr with exit status 2, and a quiet import
+of DeepSpeed (the model's MoE layers are DeepSpeed modules; no process group is started)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+
+# Before anything imports DeepSpeed (the model's MoE layers do): on a machine without CUDA, its CPU
+# accelerator, chosen quietly rather than after a warning that it found no GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from train.config import ConfigError  # noqa: E402
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument prints `error: ...` on one line (no usage block) and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def quiet_deepspeed() -> None:
+    """Keep DeepSpeed's logger to warnings."""
+    import deepspeed
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+
+
+def run_command(body: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run a command's body; a ConfigError (any user mistake) becomes `error: ...` and exit status 2."""
+    try:
+        return body(argv) or 0
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value

@@ -1,0 +1,202 @@
+"""moe-eval: loss and perplexity of a checkpoint under every routing mode and several batch sizes.
+
+    moe-eval [CHECKPOINT] [--text FILE] [--modes trained,dropless,...] [--capacity-factor 1.0]
+             [--batch-sizes 1,16,64] [--windows N | --all-windows] [--json results.json]
+
+CHECKPOINT: a run directory, a checkpoint directory or a consolidated .safetensors file (default:
+the newest run under runs/). Data: the run's own validation split (its prepared dataset, found
+from config.yaml), by default the same windows the training loop validates on (trainer.eval_batches
+x trainer.micro_batch_size consecutive windows of model.seq_len + 1 tokens), or a text file of
+yours (one document, cut into the same kind of windows).
+
+Routing modes (train/routing_modes.py): token choice `trained`, `dropless`, `cf=X`; expert choice
+`batch`, `causal`, `batch cf=X`. Each mode runs at every batch size: capacity modes and expert
+choice's batch mode change with the batch (tokens compete for slots), causal modes must not.
+The mode and batch size the training loop used give exactly its `val_loss` in metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from train.commands import ArgumentParser, positive_float, positive_int, quiet_deepspeed, run_command
+
+
+@torch.no_grad()
+def mean_token_loss(model: torch.nn.Module, batches: Iterator[np.ndarray] | list[np.ndarray]) -> tuple[float, int]:
+    """(mean next-token cross-entropy in nats, predicted tokens) over batches of [B, S+1] windows,
+    computed as the training loop's validation computes it."""
+    device = model.embed.weight.device
+    total, count = 0.0, 0
+    for batch in batches:
+        tokens = torch.from_numpy(batch).to(device)
+        logits = model(tokens[:, :-1]).logits.float()
+        total += float(F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"))
+        count += tokens[:, 1:].numel()
+    return total / count, count
+
+
+def in_batches(windows: list[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+    """Windows of equal length stacked batch_size at a time; a shorter (tail) window goes alone."""
+    pending: list[np.ndarray] = []
+    for window in windows:
+        if pending and (len(pending) == batch_size or len(window) != len(pending[0])):
+            yield np.stack(pending)
+            pending = []
+        pending.append(window)
+    if pending:
+        yield np.stack(pending)
+
+
+def validation_windows(data_dir: Path, seq_len: int, count: int | None) -> list[np.ndarray]:
+    """The first `count` (None: all) consecutive non-overlapping seq_len + 1 windows of the validation
+    split: the windows TokenDataset.eval_batches gives the training loop, in the same order."""
+    from train.data import TokenDataset
+
+    data = TokenDataset(data_dir, "val")
+    window = seq_len + 1
+    available = data.num_tokens // window
+    count = available if count is None else min(count, available)
+    return [data.read(i * window, window) for i in range(count)]
+
+
+def text_windows(path: Path, tokenizer, eot: int, seq_len: int) -> list[np.ndarray]:
+    """One document (end-of-text first, as documents start in training) cut into seq_len + 1 windows
+    that do not overlap; a shorter tail of at least 2 tokens is a window of its own."""
+    from train.config import ConfigError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--text {path}: cannot read it as UTF-8 text ({error})") from None
+    ids = np.array([eot, *tokenizer.encode(text).ids], dtype=np.int64)
+    if len(ids) < 2:
+        raise ConfigError(f"--text {path}: holds no text to predict")
+    window = seq_len + 1
+    windows = [ids[i:i + window] for i in range(0, len(ids) - 1, window)]
+    return [w for w in windows if len(w) >= 2]
+
+
+def _parse_list(text: str, kind, what: str) -> list:
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except Exception as error:
+        raise ValueError(f"{what}: expected a comma-separated list, got {text!r} ({error})") from None
+    if not values:
+        raise ValueError(f"{what}: expected at least one value")
+    return values
+
+
+def format_table(results: list[dict], batch_sizes: list[int], marker: tuple[str, int] | None) -> str:
+    header = f"{'routing':<16}" + "".join(f"{f'batch {b}':>22}" for b in batch_sizes)
+    lines = [header]
+    for mode in dict.fromkeys(r["mode"] for r in results):
+        cells = []
+        for b in batch_sizes:
+            (r,) = [r for r in results if r["mode"] == mode and r["batch_size"] == b]
+            star = "*" if marker == (mode, b) else " "
+            cells.append(f"{r['loss']:.4f} (ppl {r['perplexity']:.1f}){star}")
+        lines.append(f"{mode:<16}" + "".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = ArgumentParser(prog="moe-eval", description="Loss and perplexity of a checkpoint under every routing mode.")
+    parser.add_argument("checkpoint", nargs="?", help="run directory, checkpoint directory or consolidated .safetensors "
+                        "(default: the newest run under runs/)")
+    parser.add_argument("--text", type=Path, help="evaluate on this text file instead of the run's validation split")
+    parser.add_argument("--modes", help="comma-separated routing modes (default: all that apply to the model)")
+    parser.add_argument("--capacity-factor", type=positive_float, action="append", default=None,
+                        help="add the mode 'cf=X' (token choice) / 'batch cf=X' (expert choice); repeatable (default 1.0)")
+    parser.add_argument("--batch-sizes", help="comma-separated (default: 1, the run's micro-batch size, 64)")
+    parser.add_argument("--windows", type=positive_int, help="validation windows (default: what training validates on)")
+    parser.add_argument("--all-windows", action="store_true", help="the whole validation split")
+    parser.add_argument("--json", type=Path, help="write the results here (default: <run dir>/eval.json)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    try:
+        batch_sizes = _parse_list(args.batch_sizes, int, "--batch-sizes") if args.batch_sizes else None
+        wanted = _parse_list(args.modes, str.strip, "--modes") if args.modes else None
+    except ValueError as error:
+        parser.error(str(error))
+    if batch_sizes is not None and min(batch_sizes) < 1:
+        parser.error(f"--batch-sizes must be positive integers, got {args.batch_sizes}")
+    quiet_deepspeed()
+    from train.config import ConfigError
+    from train.data import EOT, load_tokenizer
+    from train.load import load_model
+    from train.routing_modes import available_modes, routing, trained_mode_name
+
+    loaded = load_model(args.checkpoint, args.device)
+    run, model = loaded.run, loaded.model
+    seq_len = run.model.seq_len
+    if args.text is not None:
+        if not args.text.is_file():
+            raise ConfigError(f"--text {args.text}: no such file")
+        try:
+            tokenizer = load_tokenizer(loaded.tokenizer_path())
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        windows = text_windows(args.text, tokenizer, tokenizer.token_to_id(EOT), seq_len)
+        data_description = f"text file {args.text}"
+    else:
+        count = None if args.all_windows else (args.windows or run.trainer.eval_batches * run.trainer.micro_batch_size)
+        windows = validation_windows(loaded.validation_data_dir(), seq_len, count)
+        data_description = "validation split"
+    batch_sizes = batch_sizes or sorted({1, run.trainer.micro_batch_size, 64})
+    modes = available_modes(model, args.capacity_factor or [1.0])
+    if wanted is not None:
+        unknown = [name for name in wanted if name not in {m.name for m in modes}]
+        if unknown:
+            raise ConfigError(f"--modes: {', '.join(unknown)} does not apply to this model; "
+                              f"choose from {', '.join(m.name for m in modes)}")
+        modes = [m for m in modes if m.name in wanted]
+
+    predicted = sum(len(w) - 1 for w in windows)
+    print(f"checkpoint  {loaded.source} (step {loaded.step})")
+    print(f"data        {data_description}: {len(windows)} windows of up to {seq_len + 1} tokens, {predicted:,} predicted tokens")
+    results = []
+    for mode in modes:
+        for batch_size in batch_sizes:
+            with routing(model, mode):
+                loss, tokens = mean_token_loss(model, in_batches(windows, batch_size))
+            results.append({"mode": mode.name, "batch_size": batch_size, "loss": loss, "perplexity": math.exp(loss),
+                            "tokens": tokens, "batch_dependent": mode.batch_dependent})
+    trained = trained_mode_name(model)
+    as_in_training = args.text is None and args.windows is None and not args.all_windows
+    marker = (trained, run.trainer.micro_batch_size) if as_in_training else None
+    print(format_table(results, batch_sizes, marker))
+    if marker is not None and marker[0] in {m.name for m in modes} and marker[1] in batch_sizes:
+        print(f"* = the training loop's validation (routing {trained}, micro-batch {marker[1]}): its val_loss in metrics.jsonl")
+    report = {
+        "checkpoint": str(loaded.source), "step": loaded.step, "data": data_description, "windows": len(windows),
+        "predicted_tokens": predicted, "trained_mode": trained, "training_micro_batch_size": run.trainer.micro_batch_size,
+        "router": run.moe.router if run.moe.every else "dense", "results": results,
+    }
+    out = args.json or _default_json(loaded.source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"json        {out}")
+    return 0
+
+
+def _default_json(source: Path) -> Path:
+    if source.suffix == ".safetensors":
+        return source.with_name(source.stem + ".eval.json")
+    return source.parent.parent / "eval.json"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run_command(_main, argv))
+
+
+if __name__ == "__main__":
+    main()

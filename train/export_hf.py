@@ -1,0 +1,194 @@
+"""moe-export: a token-choice model as a Hugging Face Mixtral checkpoint.
+
+    moe-export [CHECKPOINT] --out DIR
+
+Writes DIR/config.json, DIR/model.safetensors (fp32) and the tokenizer (tokenizer.json +
+tokenizer_config.json), which `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and
+`AutoTokenizer.from_pretrained(DIR)` load offline. Weights use the Hub's Mixtral names
+(`block_sparse_moe.experts.{e}.w1/w2/w3`), which transformers 4.x loads as they are and 5.x
+converts on load into its fused expert tensors.
+
+The mapping is exact:
+- our fused `qkv` is split into q_proj, k_proj, v_proj (one key/value head per query head);
+- our rotary embedding rotates interleaved channel pairs (2i, 2i+1) by angle i (train/model.py
+  `apply_rotary`), Mixtral rotates (i, i + d/2) (`rotate_half`): permuting the rows of q_proj and
+  k_proj within each head, evens first then odds, turns one into the other, and attention scores
+  are unchanged because q and k are permuted alike;
+- the router: Mixtral takes the softmax of all logits, the top-k, and renormalises the k
+  weights, as our token-choice router with score_func=softmax, normalize_topk=true and k >= 2;
+- the vocabulary keeps our padded rows (train.model.padded_vocab_size), so logits match
+  position for position; tied embeddings map to tie_word_embeddings.
+Mixtral routes without capacity: it equals our model in the `dropless` routing mode.
+
+What Mixtral cannot express is refused with one line naming it: expert choice, a shared
+expert, sigmoid scores, unnormalised top-k weights, top-1 (our weight is the router
+probability; Mixtral's renormalised weight is 1), a selection bias (aux-loss-free balancing),
+dense FFN blocks between MoE blocks (moe.every > 1), a dense model, stock DeepSpeed layers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from train.commands import ArgumentParser, quiet_deepspeed, run_command
+from train.config import ConfigError
+
+
+def unsupported_features(model: torch.nn.Module) -> list[str]:
+    """What `model` has that a Mixtral checkpoint cannot represent exactly (empty: exportable)."""
+    moe = model.moe_config
+    if moe.every == 0:
+        return ["a dense model (moe.every=0): Mixtral needs an MoE FFN in every block"]
+    problems = []
+    if moe.implementation != "ours":
+        problems.append(f"stock DeepSpeed MoE layers (moe.implementation={moe.implementation}): their gate is DeepSpeed's own")
+    if moe.router != "token_choice":
+        problems.append(f"{moe.router.replace('_', ' ')} routing (moe.router={moe.router}): Mixtral is token choice")
+    if moe.every != 1:
+        problems.append(f"dense FFN blocks between MoE blocks (moe.every={moe.every}): every Mixtral block is MoE")
+    if moe.shared_expert_hidden:
+        problems.append("a shared expert (moe.shared_expert_hidden): Mixtral has none")
+    if moe.score_func != "softmax":
+        problems.append(f"{moe.score_func} router scores (moe.score_func={moe.score_func}): Mixtral takes a softmax")
+    if moe.router == "token_choice" and not moe.normalize_topk and moe.top_k > 1:
+        problems.append("unnormalised top-k weights (moe.normalize_topk=false): Mixtral renormalises them to sum to 1")
+    if moe.router == "token_choice" and moe.top_k == 1:
+        problems.append("top-1 routing (moe.top_k=1): our weight is the router probability, Mixtral's renormalised weight is 1")
+    biases = [b for name, b in model.named_buffers() if name.endswith("selection_bias")]
+    if moe.bias_update_rate > 0 or any(bool(b.abs().sum() > 0) for b in biases):
+        problems.append("a selection bias (aux-loss-free balancing, moe.bias_update_rate): Mixtral selects by score alone")
+    return problems
+
+
+def rotary_rows_to_halves(weight_OD: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a q or k projection reordered within each head from interleaved pairs (2i, 2i+1) to
+    halves (i, i + d/2): evens first, then odds."""
+    head_dim = weight_OD.shape[0] // heads
+    order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+    return weight_OD.view(heads, head_dim, -1)[:, order].reshape_as(weight_OD)
+
+
+def mixtral_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Our GPT's weights under Mixtral's (Hub) names."""
+    cfg = model.cfg
+    dim, heads = cfg.hidden_size, cfg.num_heads
+    state: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
+    if not cfg.tie_embeddings:
+        state["lm_head.weight"] = model.lm_head.weight
+    for i, block in enumerate(model.blocks):
+        prefix = f"model.layers.{i}"
+        q, k, v = block.attn.qkv.weight.split(dim, dim=0)
+        state[f"{prefix}.self_attn.q_proj.weight"] = rotary_rows_to_halves(q, heads)
+        state[f"{prefix}.self_attn.k_proj.weight"] = rotary_rows_to_halves(k, heads)
+        state[f"{prefix}.self_attn.v_proj.weight"] = v
+        state[f"{prefix}.self_attn.o_proj.weight"] = block.attn.proj.weight
+        state[f"{prefix}.input_layernorm.weight"] = block.attn_norm.weight
+        state[f"{prefix}.post_attention_layernorm.weight"] = block.ffn_norm.weight
+        state[f"{prefix}.block_sparse_moe.gate.weight"] = block.ffn.router.weight
+        for e, expert in enumerate(block.ffn.local_experts):
+            for name in ("w1", "w2", "w3"):
+                state[f"{prefix}.block_sparse_moe.experts.{e}.{name}.weight"] = getattr(expert, name).weight
+    return {k: v.detach().float().cpu().contiguous().clone() for k, v in state.items()}
+
+
+def mixtral_config(model: torch.nn.Module, eot_id: int | None) -> dict:
+    cfg, moe = model.cfg, model.moe_config
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "vocab_size": int(model.embed.weight.shape[0]),
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": moe.expert_hidden or cfg.ffn_hidden,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_heads,
+        "head_dim": cfg.hidden_size // cfg.num_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,  # transformers 4.x
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # transformers 5.x
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "sliding_window": None,
+        "attention_dropout": 0.0,
+        "num_local_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "router_aux_loss_coef": moe.aux_loss_coef,
+        "router_jitter_noise": 0.0,
+        "output_router_logits": False,
+        "initializer_range": cfg.init_std,
+        "use_cache": True,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "pad_token_id": None,
+        "torch_dtype": "float32",
+    }
+
+
+def export_mixtral(model: torch.nn.Module, out: Path, tokenizer_file: Path | None = None) -> None:
+    """Write a Mixtral checkpoint of `model` (a train.model.GPT) to directory `out`; ConfigError when
+    the model has something Mixtral cannot represent."""
+    from safetensors.torch import save_file
+
+    problems = unsupported_features(model)
+    if problems:
+        raise ConfigError(f"cannot export to Mixtral: {'; '.join(problems)}")
+    eot_id = None
+    tokenizer = None
+    if tokenizer_file is not None:
+        from train.data import EOT, load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_file)
+        eot_id = tokenizer.token_to_id(EOT)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(mixtral_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(mixtral_config(model, eot_id), indent=2) + "\n", encoding="utf-8")
+    if tokenizer is not None:
+        from train.data import EOT
+
+        tokenizer.save(str(out / "tokenizer.json"))
+        tokenizer_config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": EOT, "eos_token": EOT, "unk_token": None,
+            "model_max_length": model.cfg.seq_len,
+            "add_prefix_space": False,
+            "clean_up_tokenization_spaces": False,
+        }
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = ArgumentParser(prog="moe-export", description="Export a token-choice model as a Hugging Face Mixtral checkpoint.")
+    parser.add_argument("checkpoint", nargs="?", help="run directory, checkpoint directory or consolidated .safetensors "
+                        "(default: the newest run under runs/)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    args = parser.parse_args(argv)
+    quiet_deepspeed()
+    from train.load import load_model
+
+    loaded = load_model(args.checkpoint)
+    problems = unsupported_features(loaded.model)
+    if problems:
+        raise ConfigError(f"cannot export to Mixtral: {'; '.join(problems)}")
+    try:
+        tokenizer_file = loaded.tokenizer_path()
+    except ConfigError as error:
+        print(f"note: no tokenizer exported ({error})", file=sys.stderr)
+        tokenizer_file = None
+    export_mixtral(loaded.model, args.out, tokenizer_file)
+    print(f"exported {loaded.source} (step {loaded.step}) as Mixtral -> {args.out} "
+          f"(equals our model with dropless routing; load with transformers' AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run_command(_main, argv))
+
+
+if __name__ == "__main__":
+    main()

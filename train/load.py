@@ -1,0 +1,309 @@
+"""Loading a trained model for inference in one process, without DeepSpeed's engine or a process group.
+
+A path may name a run directory (its `checkpoints/latest`), a `checkpoints/` directory, one
+checkpoint tag directory, or a consolidated `.safetensors` file (train/consolidate.py). A
+DeepSpeed MoE checkpoint of any expert-parallel layout is read file by file:
+
+- `mp_rank_00_model_states.pt['module']`: every non-expert weight and buffer (routers included);
+- `layer_{L}_expert_{E}_mp_rank_00_model_states.pt`: expert E of the L-th MoE layer (in module
+  order), its keys already numbered by the GLOBAL expert id (DeepSpeed's `_save_moe_checkpoint`
+  renames local ids to global ones; `load_moe_state_dict` renames them back for the loading rank).
+
+With every expert in one process (ep_size 1), local id = global id, so the union of those
+files is exactly the state dict of `train.model.GPT` built from the run's config.yaml with
+`moe.ep_size=1`, whatever ep_size the run trained with. A tensor-parallel run wrote those files
+once per tensor-parallel rank (`mp_rank_01`, ...), each with its shard of the split weights: the
+shards are joined into whole weights (train/tp_layout.py). The result is loaded strictly: a
+missing or unexpected key is an error, not a silently random weight.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from train.config import ConfigError, RunConfig, to_run_config
+
+CONSOLIDATED_FORMAT = "moe-gpt-consolidated-v1"
+NON_EXPERT_FILE = "mp_rank_00_model_states.pt"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    """A train.model.GPT holding every expert (ep_size 1), in eval mode."""
+    run: RunConfig
+    """The run's configuration, with moe.ep_size=1 (the layout of `model`)."""
+    source: Path
+    """The checkpoint tag directory or consolidated file the weights came from."""
+    step: int | None
+    """Training step of the checkpoint, when known."""
+    data_dir: Path | None = None
+    """The run's prepared dataset, when it is known to exist (see `validation_data_dir`)."""
+    tokenizer_file: Path | None = None
+
+    def validation_data_dir(self) -> Path:
+        """The run's own prepared dataset (found in the cache, or prepared again from data config)."""
+        if self.data_dir is None or not (self.data_dir / "meta.json").is_file():
+            self.data_dir = prepare_run_data(self.run)
+        return self.data_dir
+
+    def tokenizer_path(self) -> Path:
+        if self.tokenizer_file is not None and self.tokenizer_file.is_file():
+            return self.tokenizer_file
+        return self.validation_data_dir() / "tokenizer.json"
+
+
+# ---------------------------------------------------------------------- finding checkpoints
+def newest_run(root: Path, pattern: str = "*/*/checkpoints/latest") -> Path | None:
+    """The run directory under `root` whose latest checkpoint was written last, if any."""
+    candidates = [p.parent.parent for p in root.glob(pattern)]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda run_dir: (run_dir / "checkpoints" / "latest").stat().st_mtime)
+
+
+def default_checkpoint(runs_root: Path = Path("runs")) -> Path:
+    """The run under runs/ whose latest checkpoint is newest (what `make train` just wrote)."""
+    run_dir = newest_run(runs_root)
+    if run_dir is None:
+        raise ConfigError(
+            f"no checkpoint given and no run with a checkpoint under {runs_root}/: pass a run directory, "
+            "a checkpoint directory or a consolidated .safetensors file"
+        )
+    return run_dir
+
+
+def resolve_checkpoint(path: str | Path | None) -> Path:
+    """The checkpoint tag directory or consolidated file that `path` names."""
+    if path is None:
+        path = default_checkpoint()
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ConfigError(f"{path}: expected a run directory, a checkpoint directory or a consolidated .safetensors file")
+        return path
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such checkpoint (expected a run directory, a checkpoint directory or a .safetensors file)")
+    if (path / NON_EXPERT_FILE).is_file():
+        return path
+    for checkpoints in (path / "checkpoints", path):
+        latest = checkpoints / "latest"
+        if latest.is_file():
+            tag_dir = checkpoints / latest.read_text().strip()
+            if not (tag_dir / NON_EXPERT_FILE).is_file():
+                raise ConfigError(f"{latest} names {tag_dir.name}, which holds no {NON_EXPERT_FILE}")
+            return tag_dir
+    run_dir = newest_run(path, "*/checkpoints/latest")  # runs/<name>: its newest run
+    if run_dir is not None:
+        return resolve_checkpoint(run_dir)
+    raise ConfigError(f"{path}: holds no checkpoint (no checkpoints/latest, no latest, no {NON_EXPERT_FILE})")
+
+
+# ---------------------------------------------------------------------- configuration
+def run_config_from_dict(values: dict[str, Any], where: str) -> RunConfig:
+    """A validated RunConfig from a config.yaml's values (fields added since then take their defaults)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), values)
+    except Exception as error:  # unknown key or wrong type
+        raise ConfigError(f"{where}: {str(error).splitlines()[0]}") from None
+    try:
+        return to_run_config(merged)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing; a checkpoint is read with the config.yaml of its run directory")
+    return run_config_from_dict(OmegaConf.to_container(OmegaConf.load(path)), str(path))
+
+
+def single_process_layout(run: RunConfig) -> RunConfig:
+    """The same model whole in one process: every expert (laid out by global id), every head."""
+    run.moe = replace(run.moe, ep_size=1)
+    run.model = replace(run.model, tensor_parallel=1)
+    return run
+
+
+def prepare_run_data(run: RunConfig) -> Path:
+    """The run's prepared dataset: found in its cache (same fingerprint), or prepared again."""
+    from train.data import prepare_dataset
+
+    source: str | list[str] = list(run.data.files) or "embedded"
+    try:
+        return prepare_dataset(source, cache_dir=run.data.cache_dir, vocab_size=run.data.vocab_size,
+                               val_fraction=run.data.val_fraction, text_field=run.data.text_field)
+    except ValueError as error:
+        raise ConfigError(f"the run's data: {error}") from None
+
+
+# ---------------------------------------------------------------------- reading weights
+def build_model(run: RunConfig, vocab_rows: int) -> torch.nn.Module:
+    """A GPT on the CPU, one process, no process group: ep_size must be 1 (MoE layers then need no
+    expert-parallel group; `test_model.py` and the dry run build models the same way)."""
+    from train.model import GPT
+
+    assert run.moe.ep_size == 1
+    return GPT(run.model, run.moe, vocab_size=vocab_rows, seed=run.trainer.seed)
+
+
+def moe_layer_prefixes(model: torch.nn.Module) -> list[str]:
+    """Module names of the MoE layers, in the order DeepSpeed numbers them (`layer_{L}` in file names)."""
+    from deepspeed.moe.layer import MoE
+
+    return [name for name, module in model.named_modules() if isinstance(module, MoE)]
+
+
+def read_deepspeed_weights(
+    tag_dir: Path, model: torch.nn.Module, tensor_parallel: int = 1
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Whole-model state dict (global expert ids, fp32) from one DeepSpeed checkpoint tag, and the
+    client state saved with it (step, tokens, ...). A tensor-parallel run wrote one set of files per
+    tensor-parallel rank (`mp_rank_{r}`), each holding its shard of the split weights; they are
+    joined by train/tp_layout.py's rules."""
+    found = len(list(tag_dir.glob("mp_rank_*_model_states.pt")))
+    if found != tensor_parallel:
+        raise ConfigError(f"{tag_dir}: {found} mp_rank_*_model_states.pt files, but the run's "
+                          f"model.tensor_parallel={tensor_parallel}")
+    shards = [_read_tensor_parallel_rank(tag_dir, model, rank) for rank in range(tensor_parallel)]
+    if tensor_parallel == 1:
+        state = shards[0][0]
+    else:
+        from train.tp_layout import merge
+
+        heads = model.cfg.num_heads
+        state = {key: merge(key, [shard[key] for shard, _ in shards], heads) for key in shards[0][0]}
+    return to_fp32(state), shards[0][1]
+
+
+def _read_tensor_parallel_rank(tag_dir: Path, model: torch.nn.Module, rank: int) -> tuple[dict, dict]:
+    non_expert_file = tag_dir / f"mp_rank_{rank:02d}_model_states.pt"
+    non_expert = torch.load(non_expert_file, map_location="cpu", weights_only=False)
+    if not isinstance(non_expert, dict) or "module" not in non_expert:
+        raise ConfigError(f"{non_expert_file}: not a DeepSpeed model-states file (no 'module')")
+    state = dict(non_expert["module"])
+    for key in [k for k in state if k.endswith("._extra_state")]:
+        # megatron-core's tensor-parallel layers carry an empty slot for Transformer Engine's fp8 metadata.
+        if state[key] is not None:
+            raise ConfigError(f"{non_expert_file}: {key} holds extra state (fp8 metadata?) that cannot be consolidated")
+        del state[key]
+    num_experts = model.moe_config.num_experts
+    for layer_index, prefix in enumerate(moe_layer_prefixes(model)):
+        for expert in range(num_experts):
+            path = tag_dir / f"layer_{layer_index}_expert_{expert}_mp_rank_{rank:02d}_model_states.pt"
+            if not path.is_file():
+                raise ConfigError(f"{path}: missing; the config says MoE layer {prefix} has {num_experts} experts")
+            for key, value in torch.load(path, map_location="cpu", weights_only=False).items():
+                if not key.startswith(prefix + ".deepspeed_moe.experts.deepspeed_experts."):
+                    raise ConfigError(f"{path}: holds {key!r}, not a weight of expert {expert} of {prefix}")
+                state[key] = value
+    extra = sorted(tag_dir.glob(f"layer_{len(moe_layer_prefixes(model))}_expert_*_model_states.pt"))
+    if extra:
+        raise ConfigError(f"{extra[0]}: more MoE layers in the checkpoint than in the model its config.yaml describes")
+    client = {k: v for k, v in non_expert.items() if k in ("step", "tokens", "initial_val_loss")}
+    return state, client
+
+
+def to_fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+
+
+def load_state_strictly(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    state = dict(state)
+    if model.cfg.tie_embeddings:
+        # Tied: one tensor, stored once in a consolidated file.
+        state.setdefault("lm_head.weight", state.get("embed.weight"))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(
+            f"{where}: does not match the model its config describes "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ConfigError(f"{where}: {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, header) of a consolidated file; the header is the JSON train/consolidate.py wrote."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        state = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise ConfigError(f"{path}: not a readable safetensors file ({str(error).splitlines()[0]})") from None
+    header_text = metadata.get("moe_gpt")
+    if header_text is None:
+        raise ConfigError(f"{path}: not a consolidated moe-gpt file (no 'moe_gpt' metadata); make one with moe-consolidate")
+    header = json.loads(header_text)
+    if header.get("format") != CONSOLIDATED_FORMAT:
+        raise ConfigError(f"{path}: format {header.get('format')!r}, expected {CONSOLIDATED_FORMAT}")
+    return state, header
+
+
+def load_model(path: str | Path | None, device: str | torch.device = "cpu") -> LoadedModel:
+    """The model of a run directory, checkpoint directory or consolidated file, ready for inference."""
+    source = resolve_checkpoint(path)
+    if source.suffix == ".safetensors":
+        state, header = read_consolidated(source)
+        run = single_process_layout(run_config_from_dict(header["run"], f"{source} (run config)"))
+        model = build_model(run, vocab_rows=int(header["vocab_rows"]))
+        load_state_strictly(model, state, str(source))
+        data_dir = Path(header["data_dir"]) if header.get("data_dir") else None
+        tokenizer = source.with_name(source.stem + ".tokenizer.json")
+        loaded = LoadedModel(model, run, source, header.get("step"), data_dir, tokenizer if tokenizer.is_file() else None)
+    else:
+        run = read_run_config(source.parent.parent)
+        tensor_parallel = run.model.tensor_parallel
+        run = single_process_layout(run)
+        non_expert = torch.load(source / NON_EXPERT_FILE, map_location="cpu", weights_only=False)
+        vocab_rows = int(non_expert["module"]["embed.weight"].shape[0])
+        del non_expert
+        model = build_model(run, vocab_rows)
+        state, client = read_deepspeed_weights(source, model, tensor_parallel)
+        load_state_strictly(model, state, str(source))
+        loaded = LoadedModel(model, run, source, client.get("step"))
+    if loaded.run.moe.implementation == "deepspeed" and loaded.run.moe.capacity_factor is None:
+        _world_of_one()
+    loaded.model.to(device).eval()
+    return loaded
+
+
+def _world_of_one() -> None:
+    """Stock DeepSpeed's dropless gate all-reduces its capacity even on one rank: it needs a process group."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        from train.distributed import init_world
+
+        init_world("cpu")
+
+
+def header_for(loaded: LoadedModel) -> dict[str, Any]:
+    """What a consolidated file records besides the weights: enough to rebuild the model and find its data."""
+    model = loaded.model
+    data_dir = loaded.data_dir
+    return {
+        "format": CONSOLIDATED_FORMAT,
+        "source": str(loaded.source.resolve()),
+        "step": loaded.step,
+        "vocab_rows": int(model.embed.weight.shape[0]),
+        "data_dir": str(data_dir.resolve()) if data_dir is not None else None,
+        "run": OmegaConf.to_container(OmegaConf.structured(loaded.run)),
+        "model": asdict(loaded.run.model),
+        "moe": asdict(loaded.run.moe),
+    }

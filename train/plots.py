@@ -1,0 +1,178 @@
+"""Expert-load plots for people without W&B: PNG files drawn from metrics.jsonl.
+
+One figure per MoE layer, `<run_dir>/plots/expert_load_<layer>.png`: a heatmap of each expert's
+share of the kept tokens over training (x = step, y = expert, colour = share relative to an
+even split), and below it the drop % and the coefficient of variation over the same steps.
+
+The figures are drawn from metrics.jsonl, not from memory, so a resumed run's plots cover the
+whole run. `python -m train.plots RUN_DIR` draws them for any run directory, finished or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class LayerSeries:
+    """One MoE layer's figures over the logged steps (columns in step order)."""
+
+    steps: list[int] = field(default_factory=list)
+    load: list[list[float]] = field(default_factory=list)
+    """[step][expert] share of the kept assignments."""
+    drop_fraction: list[float] = field(default_factory=list)
+    cv: list[float] = field(default_factory=list)
+    dead_experts: list[float] = field(default_factory=list)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl; a torn last line (a killed run) is skipped."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def expert_series(records: list[dict[str, Any]]) -> dict[str, LayerSeries]:
+    """Per-layer series from the train records that carry expert figures."""
+    series: dict[str, LayerSeries] = {}
+    for record in records:
+        if record.get("event") != "train":
+            continue
+        for layer, figures in (record.get("experts") or {}).items():
+            s = series.setdefault(layer, LayerSeries())
+            s.steps.append(int(record["step"]))
+            s.load.append(list(figures["load"]))
+            s.drop_fraction.append(float(figures["drop_fraction"]))
+            s.cv.append(float(figures["cv"]))
+            s.dead_experts.append(float(figures["dead_experts"]))
+    return series
+
+
+def plot_layer(layer: str, series: LayerSeries, path: Path, title_suffix: str = "") -> Path:
+    """Write one layer's figure to `path` (PNG)."""
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display, Agg canvas
+
+    load_SE = np.asarray(series.load, dtype=float)  # S logged steps, E experts
+    num_experts = load_SE.shape[1]
+    relative_ES = load_SE.T * num_experts  # 1 = an even share
+    # Each record averages the window since the previous one: colour the span (previous, step].
+    edges = np.asarray([0, *series.steps], dtype=float)
+
+    fig = Figure(figsize=(10, 6.5), layout="constrained")
+    heat_ax, line_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.4])
+    mesh = heat_ax.pcolormesh(
+        edges, np.arange(num_experts + 1) - 0.5, relative_ES, cmap="RdBu_r",
+        norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=2.0), shading="flat",
+    )
+    colorbar = fig.colorbar(mesh, ax=heat_ax, extend="max", pad=0.01)
+    colorbar.set_label("share of kept tokens / even share\n(1 = balanced, 0 = no tokens)")
+    heat_ax.set_ylabel("expert")
+    heat_ax.set_ylim(num_experts - 0.5, -0.5)  # expert 0 at the top
+    tick_every = max(1, num_experts // 16)
+    heat_ax.set_yticks(range(0, num_experts, tick_every))
+    dead_now = int(series.dead_experts[-1])
+    heat_ax.set_title(
+        f"{layer}: tokens per expert over training{title_suffix}\n"
+        f"last window: drop {100 * series.drop_fraction[-1]:.1f}%, CV {series.cv[-1]:.3f}, dead experts {dead_now}",
+        fontsize=11,
+    )
+
+    line_ax.plot(series.steps, [100 * d for d in series.drop_fraction], color="tab:red", marker=".", label="drop %")
+    line_ax.set_ylabel("drop %", color="tab:red")
+    line_ax.set_ylim(bottom=0)
+    line_ax.set_xlabel("step")
+    line_ax.grid(alpha=0.3)
+    cv_ax = line_ax.twinx()
+    cv_ax.plot(series.steps, series.cv, color="tab:blue", marker=".", label="CV")
+    cv_ax.set_ylabel("CV of kept tokens", color="tab:blue")
+    cv_ax.set_ylim(bottom=0)
+    line_ax.set_xlim(0, edges[-1])
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)  # a reader never sees half a file
+    return path
+
+
+def write_expert_plots(metrics_path: Path, out_dir: Path, title_suffix: str = "") -> list[Path]:
+    """One PNG per MoE layer in `out_dir`; none for a dense model or before the first train record."""
+    if not metrics_path.exists():
+        return []
+    series = expert_series(read_metrics(metrics_path))
+    return [
+        plot_layer(layer, s, out_dir / f"expert_load_{layer}.png", title_suffix)
+        for layer, s in sorted(series.items(), key=lambda item: _layer_index(item[0]))
+    ]
+
+
+def _layer_index(name: str) -> int:
+    digits = name.rsplit("_", 1)[-1]
+    return int(digits) if digits.isdigit() else 0
+
+
+class PlotSink:
+    """Draws the run's plots at the end, and after every evaluation with `every_eval` (rank 0 only).
+
+    `on_plots(step, paths)` is told about each new set of files (the W&B sink logs them as images).
+    """
+
+    def __init__(self, run_dir: Path, every_eval: bool = False,
+                 on_plots: Callable[[int, list[Path]], None] | None = None) -> None:
+        self.run_dir = run_dir
+        self.every_eval = every_eval
+        self.on_plots = on_plots
+        self.last_step: int | None = None
+        """The last train record's step, None once it has been drawn."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        if record.get("event") == "train":
+            self.last_step = int(record["step"])
+        elif self.every_eval and record.get("event") == "eval" and self.last_step is not None:
+            self._draw(int(record["step"]))
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if self.last_step is not None:
+            self._draw(self.last_step)
+
+    def _draw(self, step: int) -> None:
+        paths = write_expert_plots(self.run_dir / "metrics.jsonl", self.run_dir / "plots", f" ({self.run_dir.name})")
+        self.last_step = None  # drawn: finish() need not draw the same figures again
+        if paths and self.on_plots is not None:
+            self.on_plots(step, paths)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.plots", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a run directory holding metrics.jsonl")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the PNGs (default RUN_DIR/plots)")
+    args = parser.parse_args(argv)
+    metrics = args.run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        print(f"error: {metrics} does not exist (expected a run directory holding metrics.jsonl)", file=sys.stderr)
+        return 2
+    paths = write_expert_plots(metrics, args.out or args.run_dir / "plots", f" ({args.run_dir.name})")
+    if not paths:
+        print(f"error: {metrics} has no train record with expert figures (a dense model, or no step logged yet)",
+              file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Stopping cleanly when the scheduler says time is up: checkpoint at the next step boundary on
+every rank, then exit with a status the batch script recognises and requeues.
+
+Slurm warns a job before its time limit (`#SBATCH --signal=B:USR1@120`, which
+launch/slurm/train.sbatch forwards to the ranks through srun) and sends SIGTERM when it cancels or
+preempts it; the deepspeed launcher and Kubernetes send SIGTERM too. The handler only records the
+signal: saving from inside a handler could interrupt a collective or a half-written file. At every
+step boundary the ranks agree whether any of them got a signal, with one all-reduce of a flag: the
+signal may reach the ranks at different moments (or only some of them), and a rank that stopped
+alone would leave the others waiting forever in their next collective.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+PREEMPTED_EXIT_STATUS = 75
+"""EX_TEMPFAIL in sysexits.h ("temporary failure; retry later"): a checkpoint was saved and the
+job wants to be started again. launch/slurm/train.sbatch requeues the job on this status."""
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class Preempted(SystemExit):
+    """Raised by the training loop after the checkpoint: the process exits with
+    PREEMPTED_EXIT_STATUS (a SystemExit passes through Hydra untouched), and a caller that runs
+    `train(cfg)` in process can catch it."""
+
+    def __init__(self, step: int, signal_name: str) -> None:
+        super().__init__(PREEMPTED_EXIT_STATUS)
+        self.step, self.signal_name = step, signal_name
+
+    def __str__(self) -> str:
+        return f"preempted by {self.signal_name}: checkpoint at step {self.step}"
+
+
+class PreemptionWatch:
+    """Context manager: while open, STOP_SIGNALS are recorded instead of killing the process;
+    on exit the previous handlers come back (tests run several jobs in one process)."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+        self.signals = signals
+        self.received: str | None = None
+        self._previous: dict[signal.Signals, object] = {}
+        self._group = None
+        self._group_ready = False
+
+    def __enter__(self) -> PreemptionWatch:
+        # signal.signal only works in the main thread; elsewhere (a notebook's worker thread)
+        # the job simply runs without preemption handling.
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+
+    def agreed(self) -> str | None:
+        """Collective (every rank calls it at the same step): None when no rank got a stop signal;
+        otherwise this rank's signal name, or "a signal to a peer rank" where only others got one."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return self.received
+        group = self._flag_group()
+        flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        if not int(flag.item()):
+            return None
+        return self.received or "a signal to a peer rank"
+
+    def _flag_group(self):
+        """The flag travels on CPU: over a gloo group when the default one is NCCL, so that the
+        per-step check never waits for the GPU stream (None = the default group, already gloo)."""
+        if not self._group_ready:
+            if dist.get_backend() != "gloo":
+                self._group = dist.new_group(backend="gloo")
+            self._group_ready = True
+        return self._group

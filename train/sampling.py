@@ -1,0 +1,83 @@
+"""Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus) sampling.
+
+Legend: B batch, V vocabulary.
+
+Filters never multiply logits by a 0/1 mask (a zeroed logit is still a finite score, and
+exp(0) = 1 gives the token probability mass); they set removed entries to -inf, so the softmax
+gives them exactly zero. Order, as in most libraries: temperature, then top-k, then top-p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    """0 = greedy (argmax); otherwise logits are divided by it before the filters."""
+    top_k: int | None = None
+    """Keep the k highest logits (exactly k, ties broken by lower token id); None = all."""
+    top_p: float | None = None
+    """Keep the smallest set of most probable tokens whose probability reaches p, in (0, 1]; None = all."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or unset, got {self.top_k!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def top_k_filter(logits_BV: torch.Tensor, k: int) -> torch.Tensor:
+    """Logits with all but the k largest entries of each row set to -inf (exactly k survive)."""
+    if k >= logits_BV.shape[-1]:
+        return logits_BV
+    # Indices, not a threshold (a value tied with the k-th would survive too); a stable sort so
+    # that ties go to the lower token id (torch.topk leaves their order unspecified).
+    keep_BK = torch.sort(logits_BV, dim=-1, descending=True, stable=True).indices[..., :k]
+    kept_BV = torch.zeros_like(logits_BV, dtype=torch.bool).scatter_(-1, keep_BK, True)
+    return logits_BV.masked_fill(~kept_BV, float("-inf"))
+
+
+def top_p_filter(logits_BV: torch.Tensor, p: float) -> torch.Tensor:
+    """Logits with everything outside each row's nucleus set to -inf: the smallest set of most
+    probable tokens whose total probability is >= p (the most probable token is always kept)."""
+    if p >= 1:
+        return logits_BV
+    probs_BV = torch.softmax(logits_BV.float(), dim=-1)
+    sorted_probs, order = torch.sort(probs_BV, dim=-1, descending=True, stable=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    # A token is needed while the tokens ranked above it have not yet reached p.
+    keep_sorted = mass_before < p
+    keep_sorted[..., 0] = True
+    kept_BV = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return logits_BV.masked_fill(~kept_BV, float("-inf"))
+
+
+def filtered_logits(logits_BV: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """Temperature-scaled, top-k and top-p filtered logits (fp32) that sampling draws from."""
+    logits_BV = logits_BV.float()
+    if not config.greedy:
+        logits_BV = logits_BV / config.temperature
+    if config.top_k is not None:
+        logits_BV = top_k_filter(logits_BV, config.top_k)
+    if config.top_p is not None:
+        logits_BV = top_p_filter(logits_BV, config.top_p)
+    return logits_BV
+
+
+def next_token(logits_BV: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row ([B] int64). Greedy takes the argmax (lowest id on ties); otherwise a draw
+    from the softmax of the filtered logits with `generator`, so a seed reproduces the text."""
+    if config.greedy:
+        return logits_BV.argmax(dim=-1)
+    probs_BV = torch.softmax(filtered_logits(logits_BV, config), dim=-1)
+    return torch.multinomial(probs_BV.cpu(), 1, generator=generator).squeeze(-1).to(logits_BV.device)

@@ -1,0 +1,38 @@
+"""Where a run's records go besides metrics.jsonl: plots and W&B, on rank 0 only.
+
+A sink has `write(record)` (every metrics.jsonl record, after it is on disk) and
+`finish(summary)` (summary.json's contents, once, at the end of a successful run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Sink(Protocol):
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def finish(self, summary: dict[str, Any]) -> None: ...
+
+
+def open_sinks(run, is_main: bool, run_dir: Path) -> list[Sink]:
+    """The sinks `run.logging` asks for. Other ranks get none: one W&B run and one set of plots
+    per job. The plot sink comes first so that its images reach W&B before the W&B run closes."""
+    if not is_main:
+        return []
+    sinks: list[Sink] = []
+    wandb_sink = None
+    if run.logging.wandb:
+        from train.wandb_sink import WandbSink, resolve_mode  # wandb is imported only when asked for
+
+        if resolve_mode(run.logging.wandb_mode) != "disabled":
+            wandb_sink = WandbSink(run, run_dir)
+    if run.logging.plots != "off":
+        from train.plots import PlotSink
+
+        sinks.append(PlotSink(run_dir, every_eval=run.logging.plots == "eval",
+                              on_plots=wandb_sink.log_images if wandb_sink else None))
+    if wandb_sink is not None:
+        sinks.append(wandb_sink)
+    return sinks
