@@ -110,6 +110,7 @@ class MoELayer(MoE):
         self.deepspeed_moe.gate = router_class(hidden_size, config)
         self.ec_eval_mode = config.ec_eval_mode
         self.tensor_parallel_group = None
+        self._frozen_stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         """Set by `shard_experts_for_tensor_parallel`: the group over which experts' hidden units are split."""
         """Expert choice at eval: causal or batch; an attribute so an evaluation can measure both."""
         self.ep_rank = self._expected_ep_rank()
@@ -138,6 +139,19 @@ class MoELayer(MoE):
         for local_index, expert in enumerate(self.local_experts):
             global_expert = self.ep_rank * self.num_local_experts + local_index
             expert.init_weights(init_std, out_std, expert_generator(seed, layer_index, global_expert))
+
+    def freeze_expert_weights(self) -> None:
+        """For inference only: stack the experts' weights once and reuse the stack in every forward
+        without gradients (stacking copies every expert each forward, which dominates the cost of
+        generating one token). Any later change to the weights must call this again; training
+        never uses the frozen stack (it needs the gradient path to each expert)."""
+        with torch.no_grad():
+            self._frozen_stack = stack_expert_weights(self.local_experts)
+
+    def _expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._frozen_stack is not None and not torch.is_grad_enabled():
+            return self._frozen_stack
+        return stack_expert_weights(self.local_experts)
 
     def shard_experts_for_tensor_parallel(self, group, rank: int, size: int) -> None:
         """Expert tensor parallelism (moe/expert_sharding.py): keep hidden units chunk `rank` of
@@ -190,7 +204,7 @@ class MoELayer(MoE):
             rows_ND = x_TD[plan.token_A[order_N]]
             if self.ep_size == 1:
                 y_rows_ND = run_sharded(
-                    lambda rows: swiglu_grouped(rows, counts_E, *stack_expert_weights(self.local_experts)),
+                    lambda rows: swiglu_grouped(rows, counts_E, *self._expert_weights()),
                     rows_ND, self.tensor_parallel_group,
                 )
             else:
@@ -286,7 +300,7 @@ class MoELayer(MoE):
         ep, e, dim = self.ep_size, self.num_local_experts, x_TD.shape[-1]
         per_expert_eND = received_SD.view(ep, e, capacity, dim).transpose(0, 1).reshape(e, ep * capacity, dim)
         out_eND = run_sharded(
-            lambda rows: swiglu_capacity(rows, *stack_expert_weights(self.local_experts)),
+            lambda rows: swiglu_capacity(rows, *self._expert_weights()),
             per_expert_eND, self.tensor_parallel_group,
         )
         y_local_SD = out_eND.view(e, ep, capacity, dim).transpose(0, 1).reshape(ep * e * capacity, dim)
@@ -303,7 +317,7 @@ class MoELayer(MoE):
         received_MD = exchange.send(rows_ND)
         local_order_M, local_counts_e = exchange.received_by_local_expert()
         y_sorted_MD = run_sharded(
-            lambda rows: swiglu_grouped(rows, local_counts_e, *stack_expert_weights(self.local_experts)),
+            lambda rows: swiglu_grouped(rows, local_counts_e, *self._expert_weights()),
             received_MD[local_order_M], self.tensor_parallel_group,
         )
         y_received_MD = torch.empty_like(y_sorted_MD).index_copy(0, local_order_M, y_sorted_MD)

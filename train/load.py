@@ -280,6 +280,11 @@ def load_model(path: str | Path | None, device: str | torch.device = "cpu") -> L
     if loaded.run.moe.implementation == "deepspeed" and loaded.run.moe.capacity_factor is None:
         _world_of_one()
     loaded.model.to(device).eval()
+    from moe import MoELayer
+
+    for layer in loaded.model.modules():
+        if isinstance(layer, MoELayer):
+            layer.freeze_expert_weights()  # the weights of a loaded model do not change: stack them once
     return loaded
 
 

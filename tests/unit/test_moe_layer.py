@@ -134,3 +134,23 @@ def test_capacity_formula():
     assert expert_capacity(100, 8, 2, 1.25, 4) == 32  # ceil(2 * 100 * 1.25 / 8) = 31.25 -> 32
     assert expert_capacity(10, 8, 1, 1.0, 4) == 4  # min_capacity wins
     assert expert_capacity(3, 2, 2, 4.0, 0) == 3  # never more than T
+
+
+def test_frozen_expert_stack_serves_inference_only():
+    """freeze_expert_weights: the same outputs without gradients; with gradients the layer still
+    stacks (and differentiates through) the live weights, so training never sees the frozen copy."""
+    torch.manual_seed(0)
+    layer = _layer(capacity_factor=None).eval()
+    x = torch.randn(2, 7, HIDDEN, dtype=torch.float64)
+    with torch.no_grad():
+        live = layer(x)[0]
+    layer.freeze_expert_weights()
+    with torch.no_grad():
+        assert torch.equal(layer(x)[0], live)
+    with torch.no_grad():
+        layer.local_experts[0].w2.weight.mul_(2.0)  # a change after freezing: inference keeps the frozen stack...
+        assert torch.equal(layer(x)[0], live)
+    y = layer(x)[0]  # ...while a forward with gradients uses the live weights
+    assert not torch.equal(y.detach(), live)
+    y.sum().backward()
+    assert layer.local_experts[0].w2.weight.grad is not None
