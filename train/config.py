@@ -76,8 +76,10 @@ class DeepSpeedConfig:
             raise ValueError(f"deepspeed.lr must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"deepspeed.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"deepspeed.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_steps < 1:
+            raise ValueError(
+                f"deepspeed.warmup_steps must be >= 1 (DeepSpeed's WarmupCosineLR needs a warm-up step), got {self.warmup_steps}"
+            )
 
 
 @dataclass

@@ -46,6 +46,7 @@ def test_unknown_key_fails_at_compose(compose_run):
         (["deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
         (["deepspeed.zero_stage=0"], "wrong gradient norm under expert parallelism"),
         (["deepspeed.precision=fp16"], "deepspeed.precision"),
+        (["deepspeed.warmup_steps=0"], "deepspeed.warmup_steps"),
         (["trainer.micro_batch_size=0"], "trainer.micro_batch_size"),
         (["data.val_fraction=0.9"], "data.val_fraction"),
     ],
