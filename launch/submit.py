@@ -15,6 +15,7 @@ import argparse
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="SIGUSR1 this long before the time limit: time to finish a step and save a checkpoint")
     parser.add_argument("--sbatch-arg", action="append", default=[], metavar="FLAG",
                         help="any other sbatch flag, e.g. --sbatch-arg=--exclusive (repeatable)")
-    parser.add_argument("--wait", action="store_true", help="return when the job has ended (sbatch --wait)")
+    parser.add_argument("--wait", action="store_true",
+                        help="return when the job has ended and its processes have exited (sbatch --wait, then "
+                             "until Slurm no longer lists it as completing)")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch command and exit")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for python -m train (after --)")
     args = parser.parse_args(argv)
@@ -99,8 +102,26 @@ def main(argv: list[str] | None = None) -> int:
               f"log {output_dir}/{args.job_name}-{job_id}.out", flush=True)
     status = process.wait()
     if args.wait and job_id:
+        wait_while_completing(job_id)
         print(f"job {job_id} ended with status {status}", flush=True)
     return status
+
+
+def wait_while_completing(job_id: str, timeout: float = 300, poll: float = 0.5) -> None:
+    """Wait until no process of the job runs any more.
+
+    `sbatch --wait` returns as soon as the job's state is final, and a cancelled job is final
+    (CANCELLED) the moment `scancel` runs, while its ranks still have KillWait seconds to write
+    their checkpoint and last metrics. Slurm lists the job as COMPLETING until they have exited.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listed = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--states", "COMPLETING", "--format", "%i"],
+                                capture_output=True, text=True)
+        if listed.returncode != 0 or not listed.stdout.strip():  # gone from squeue (MinJobAge) or not completing
+            return
+        time.sleep(poll)
+    print(f"warning: job {job_id} still completing after {timeout:.0f} s", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -154,7 +154,9 @@ def test_cancelled_job_saves_a_checkpoint_and_is_not_requeued(slurm, tmp_path):
 
     log = (output_dir / f"moe-gpt-{job_id}.out").read_text()
     assert "SIGTERM received" in log and "requeueing" not in log and "start 2" not in log, log + output
-    (stop,) = [r for r in _records(run_dir) if r["event"] == "preempted"]
+    stops = [r for r in _records(run_dir) if r["event"] == "preempted"]
+    assert len(stops) == 1, log + output
+    (stop,) = stops
     assert stop["signal"] == "SIGTERM" and 3 <= stop["step"] < 200
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stop['step']:08d}"
     assert not (run_dir / "summary.json").exists()
