@@ -33,6 +33,7 @@ from moe.expert_choice import ExpertChoiceRouter
 from moe.expert_sharding import run_sharded, shard_swiglu_experts
 from moe.experts import SwiGLUExpert, expert_generator
 from moe.grouped_experts import stack_expert_weights, swiglu_capacity, swiglu_grouped
+from moe.permute import combine_in_token_order, rows_in_expert_order
 from moe.router import TokenChoiceRouter
 
 
@@ -201,7 +202,10 @@ class MoELayer(MoE):
             y_TD = self._experts_fixed_all_to_all(x_TD, plan)
         else:
             order_N, counts_E = self._sorted_by_expert(plan)
-            rows_ND = x_TD[plan.token_A[order_N]]
+            if plan.top_k is not None:
+                rows_ND = rows_in_expert_order(x_TD, order_N, plan.top_k)
+            else:
+                rows_ND = x_TD[plan.token_A[order_N]]
             if self.ep_size == 1:
                 y_rows_ND = run_sharded(
                     lambda rows: swiglu_grouped(rows, counts_E, *self._expert_weights()),
@@ -282,11 +286,8 @@ class MoELayer(MoE):
     def _combine_sorted(self, plan: _Plan, order_N: torch.Tensor, y_rows_ND: torch.Tensor, num_tokens: int) -> torch.Tensor:
         if plan.top_k is not None:
             # Back into [T, K] (dropped choices stay zero), then a fixed-order weighted sum over K:
-            # bitwise deterministic on any device.
-            y_AD = y_rows_ND.new_zeros(plan.token_A.numel(), y_rows_ND.shape[-1]).index_copy(0, order_N, y_rows_ND)
-            index_TK = torch.arange(plan.token_A.numel(), device=y_AD.device).view(num_tokens, plan.top_k)
-            weight_TK = plan.weight_A.view(num_tokens, plan.top_k) * plan.kept_A.view(num_tokens, plan.top_k)
-            return gather_from_slots(y_AD, index_TK, weight_TK)
+            # bitwise deterministic on any device (moe/permute.py).
+            return combine_in_token_order(y_rows_ND, order_N, plan.weight_A.view(num_tokens, plan.top_k))
         all_rows = torch.arange(order_N.numel(), device=order_N.device)
         return combine_assignments(y_rows_ND, plan.token_A[order_N], all_rows, plan.weight_A[order_N], num_tokens)
 

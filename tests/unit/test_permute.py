@@ -1,0 +1,62 @@
+"""moe/permute.py against plain indexing with autograd (the oracle), forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe.permute import combine_in_token_order, rows_in_expert_order
+
+
+def _kept_order(num_tokens: int, top_k: int, num_experts: int, keep: float, generator: torch.Generator):
+    """Kept assignments sorted by a random expert choice: distinct indices in [0, T*K)."""
+    expert_A = torch.randint(0, num_experts, (num_tokens * top_k,), generator=generator)
+    kept_A = torch.rand(num_tokens * top_k, generator=generator) < keep
+    kept = torch.nonzero(kept_A, as_tuple=True)[0]
+    return kept[torch.argsort(expert_A[kept], stable=True)], kept_A
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+@pytest.mark.parametrize("keep", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_permute_and_combine_match_plain_indexing(top_k, keep, dtype):
+    generator = torch.Generator().manual_seed(top_k * 10 + int(keep * 10))
+    num_tokens, dim = 37, 12
+    order_N, kept_A = _kept_order(num_tokens, top_k, 5, keep, generator)
+    x = torch.randn(num_tokens, dim, generator=generator).to(dtype)
+    weight = torch.rand(num_tokens, top_k, generator=generator)  # fp32, as the router gives them
+    expert_scale = torch.randn(order_N.numel(), dim, generator=generator).to(dtype)  # stands in for the experts
+    grad_out = torch.randn(num_tokens, dim, generator=generator).to(dtype)
+
+    def fast(x_, w_):
+        rows = rows_in_expert_order(x_, order_N, top_k)
+        return combine_in_token_order(rows * expert_scale, order_N, w_)
+
+    def oracle(x_, w_):
+        token_A = torch.arange(num_tokens).repeat_interleave(top_k)
+        rows = x_[token_A[order_N]] * expert_scale
+        out = torch.zeros(num_tokens, dim, dtype=torch.float32 if dtype != torch.float64 else dtype)
+        for row, assignment in enumerate(order_N.tolist()):
+            token, choice = divmod(assignment, top_k)
+            out[token] = out[token] + w_[token, choice].to(out.dtype) * rows[row].to(out.dtype)
+        return out.to(dtype)
+
+    results = []
+    for fn in (fast, oracle):
+        x_ = x.clone().requires_grad_()
+        w_ = weight.clone().requires_grad_()
+        y = fn(x_, w_)
+        y.backward(grad_out)
+        results.append((y.detach(), x_.grad, w_.grad))
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for got, want in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    # Dropped assignments get no gradient through their weight, kept ones do.
+    dropped = ~kept_A.view(num_tokens, top_k)
+    assert torch.all(results[0][2][dropped] == 0)
+
+
+def test_rows_in_expert_order_rejects_a_3d_input():
+    with pytest.raises(ValueError, match="x_TD must be 2-D"):
+        rows_in_expert_order(torch.zeros(2, 3, 4), torch.arange(2), 1)
+
