@@ -74,22 +74,6 @@ def scatter_to_slots(x_TD: torch.Tensor, token_A: torch.Tensor, slot_A: torch.Te
     return buffer.index_copy(0, index_A, x_TD[token_A])[:num_slots]
 
 
-def gather_from_slots(y_SD: torch.Tensor, slot_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
-    """y_t = sum_k w_tk * y[slot_tk]; a dropped choice contributes zero. [T, D] in y's dtype.
-
-    A gather plus a sum over K rather than an atomic index_add, so the result is bitwise
-    deterministic on GPU too.
-    """
-    zero_row = y_SD.new_zeros(1, y_SD.shape[-1])
-    padded = torch.cat([y_SD, zero_row])
-    index_TK = torch.where(slot_TK >= 0, slot_TK, y_SD.shape[0])
-    picked_TKD = padded[index_TK]
-    # Weighting in at least fp32 (the router's precision), in fp64 when the model is fp64.
-    accumulate = torch.promote_types(y_SD.dtype, weight_TK.dtype)
-    combined = (picked_TKD.to(accumulate) * weight_TK.to(accumulate).unsqueeze(-1)).sum(dim=1)
-    return combined.to(y_SD.dtype)
-
-
 def combine_assignments(
     y_SD: torch.Tensor, token_A: torch.Tensor, slot_A: torch.Tensor, weight_A: torch.Tensor, num_tokens: int
 ) -> torch.Tensor:

@@ -26,14 +26,13 @@ from moe.dispatch import (
     assign_slots,
     combine_assignments,
     expert_capacity,
-    gather_from_slots,
     scatter_to_slots,
 )
 from moe.expert_choice import ExpertChoiceRouter
 from moe.expert_sharding import run_sharded, shard_swiglu_experts
 from moe.experts import SwiGLUExpert, expert_generator
 from moe.grouped_experts import stack_expert_weights, swiglu_capacity, swiglu_grouped
-from moe.permute import combine_in_token_order, rows_in_expert_order
+from moe.permute import combine_from_slots, combine_in_token_order, rows_in_expert_order, rows_to_slots
 from moe.router import TokenChoiceRouter
 
 
@@ -296,7 +295,10 @@ class MoELayer(MoE):
         each way (no count exchange, no host sync), batched GEMMs on [e, ep*C, D]."""
         num_experts, capacity = self.config.num_experts, plan.capacity
         assert plan.slot_A is not None and capacity is not None
-        buffer_SD = scatter_to_slots(x_TD, plan.token_A, plan.slot_A, num_experts * capacity)
+        if plan.top_k is not None:
+            buffer_SD = rows_to_slots(x_TD, plan.slot_A, plan.top_k, num_experts * capacity)
+        else:
+            buffer_SD = scatter_to_slots(x_TD, plan.token_A, plan.slot_A, num_experts * capacity)
         received_SD = all_to_all_slots(buffer_SD, self.ep_group, self.ep_size)
         ep, e, dim = self.ep_size, self.num_local_experts, x_TD.shape[-1]
         per_expert_eND = received_SD.view(ep, e, capacity, dim).transpose(0, 1).reshape(e, ep * capacity, dim)
@@ -309,7 +311,7 @@ class MoELayer(MoE):
         num_tokens = x_TD.shape[0]
         if plan.top_k is not None:
             slot_TK = plan.slot_A.view(num_tokens, plan.top_k)
-            return gather_from_slots(y_SD, slot_TK, plan.weight_A.view(num_tokens, plan.top_k))
+            return combine_from_slots(y_SD, slot_TK, plan.weight_A.view(num_tokens, plan.top_k))
         return combine_assignments(y_SD, plan.token_A, plan.slot_A, plan.weight_A, num_tokens)
 
     def _experts_variable_all_to_all(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,11 @@ need no atomic or accumulating scatter, forward or backward:
   and takes each token's weighted sum over its K choices: a reshape, not a gather through an
   index, so its backward is a gather too.
 
-Both are bitwise deterministic on any device. Their oracle is plain indexing with autograd
+The same two directions exist for the fixed capacity layout used with expert parallelism, where
+every kept assignment owns one of E*C slots (`rows_to_slots`, `combine_from_slots`): each slot
+holds at most one assignment, so again nothing is ever added into a row twice.
+
+All of them are bitwise deterministic on any device. Their oracle is plain indexing with autograd
 (tests/unit/test_permute.py).
 """
 
@@ -61,3 +65,60 @@ def combine_in_token_order(y_ND: torch.Tensor, order_N: torch.Tensor, weight_TK:
     weighted = y_TKD * weight_TK.to(accumulate).unsqueeze(-1)
     combined = weighted.sum(dim=1) if top_k > 1 else weighted.squeeze(1)
     return combined.to(y_ND.dtype)
+
+
+class _RowsToSlots(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, slot_A: torch.Tensor, top_k: int, num_slots: int) -> torch.Tensor:
+        # Dropped assignments (slot -1) write one spare row past the end, cut off below.
+        index_A = torch.where(slot_A >= 0, slot_A, num_slots)
+        ctx.save_for_backward(index_A)
+        ctx.top_k, ctx.num_tokens = top_k, x_TD.shape[0]
+        rows_AD = x_TD.index_select(0, torch.div(torch.arange(slot_A.numel(), device=slot_A.device), top_k,
+                                                 rounding_mode="floor"))
+        return x_TD.new_zeros(num_slots + 1, x_TD.shape[-1]).index_copy_(0, index_A, rows_AD)[:num_slots]
+
+    @staticmethod
+    def backward(ctx, grad_SD: torch.Tensor):
+        (index_A,) = ctx.saved_tensors
+        padded = torch.cat([grad_SD, grad_SD.new_zeros(1, grad_SD.shape[-1])])
+        grad_AD = padded.index_select(0, index_A)
+        grad_TD = grad_AD.view(ctx.num_tokens, ctx.top_k, -1).sum(dim=1) if ctx.top_k > 1 else grad_AD
+        return grad_TD, None, None, None
+
+
+def rows_to_slots(x_TD: torch.Tensor, slot_A: torch.Tensor, top_k: int, num_slots: int) -> torch.Tensor:
+    """The [num_slots, D] buffer holding x[a // top_k] at slot_A[a] for every kept assignment a
+    (token-major, slot -1 = dropped); empty slots are zero. Distinct kept slots required."""
+    if x_TD.dim() != 2:
+        raise ValueError(f"x_TD must be 2-D [T, D], got shape {tuple(x_TD.shape)}")
+    return _RowsToSlots.apply(x_TD, slot_A, top_k, num_slots)
+
+
+class _PickSlots(torch.autograd.Function):
+    """rows[a] = y[slot a] (zero where dropped); backward copies each gradient to its own slot."""
+
+    @staticmethod
+    def forward(ctx, y_SD: torch.Tensor, slot_A: torch.Tensor) -> torch.Tensor:
+        num_slots = y_SD.shape[0]
+        index_A = torch.where(slot_A >= 0, slot_A, num_slots)
+        ctx.save_for_backward(index_A)
+        ctx.num_slots = num_slots
+        return torch.cat([y_SD, y_SD.new_zeros(1, y_SD.shape[-1])]).index_select(0, index_A)
+
+    @staticmethod
+    def backward(ctx, grad_AD: torch.Tensor):
+        (index_A,) = ctx.saved_tensors
+        # Several dropped assignments share the spare row; whichever copy lands there is cut off.
+        grad_SD = grad_AD.new_zeros(ctx.num_slots + 1, grad_AD.shape[-1]).index_copy_(0, index_A, grad_AD)
+        return grad_SD[: ctx.num_slots], None
+
+
+def combine_from_slots(y_SD: torch.Tensor, slot_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
+    """y_t = sum_k w_tk * y[slot_tk], a dropped choice (slot -1) contributing zero. [T, D] in y's dtype."""
+    num_tokens, top_k = slot_TK.shape
+    picked_AD = _PickSlots.apply(y_SD, slot_TK.reshape(-1))
+    accumulate = torch.promote_types(y_SD.dtype, weight_TK.dtype)
+    weighted = picked_AD.view(num_tokens, top_k, -1).to(accumulate) * weight_TK.to(accumulate).unsqueeze(-1)
+    combined = weighted.sum(dim=1) if top_k > 1 else weighted.squeeze(1)
+    return combined.to(y_SD.dtype)

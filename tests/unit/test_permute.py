@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.permute import combine_in_token_order, rows_in_expert_order
+from moe.dispatch import assign_slots
+from moe.permute import combine_from_slots, combine_in_token_order, rows_in_expert_order, rows_to_slots
 
 
 def _kept_order(num_tokens: int, top_k: int, num_experts: int, keep: float, generator: torch.Generator):
@@ -60,3 +61,50 @@ def test_rows_in_expert_order_rejects_a_3d_input():
     with pytest.raises(ValueError, match="x_TD must be 2-D"):
         rows_in_expert_order(torch.zeros(2, 3, 4), torch.arange(2), 1)
 
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("capacity", [3, 40])  # 3 drops many assignments, 40 none
+def test_slot_layout_matches_plain_indexing(top_k, capacity):
+    generator = torch.Generator().manual_seed(top_k * 100 + capacity)
+    num_tokens, dim, num_experts = 29, 6, 4
+    logits = torch.randn(num_tokens, num_experts, generator=generator)
+    topk_idx = logits.topk(top_k, dim=-1).indices
+    slot_TK = assign_slots(topk_idx, num_experts, capacity)
+    num_slots = num_experts * capacity
+    x = torch.randn(num_tokens, dim, generator=generator, dtype=torch.float64)
+    weight = torch.rand(num_tokens, top_k, generator=generator, dtype=torch.float64)
+    expert_scale = torch.randn(num_slots, dim, generator=generator, dtype=torch.float64)
+    grad_out = torch.randn(num_tokens, dim, generator=generator, dtype=torch.float64)
+
+    def fast(x_, w_):
+        buffer = rows_to_slots(x_, slot_TK.reshape(-1), top_k, num_slots)
+        return combine_from_slots(buffer * expert_scale, slot_TK, w_)
+
+    def oracle(x_, w_):
+        buffer = torch.zeros(num_slots, dim, dtype=x_.dtype)
+        for token in range(num_tokens):
+            for choice in range(top_k):
+                slot = int(slot_TK[token, choice])
+                if slot >= 0:
+                    buffer[slot] = x_[token]
+        y = buffer * expert_scale
+        out = torch.zeros(num_tokens, dim, dtype=x_.dtype)
+        for token in range(num_tokens):
+            for choice in range(top_k):
+                slot = int(slot_TK[token, choice])
+                if slot >= 0:
+                    out[token] = out[token] + w_[token, choice] * y[slot]
+        return out
+
+    results = []
+    for fn in (fast, oracle):
+        x_ = x.clone().requires_grad_()
+        w_ = weight.clone().requires_grad_()
+        y = fn(x_, w_)
+        y.backward(grad_out)
+        results.append((y.detach(), x_.grad, w_.grad))
+    for got, want in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    if capacity == 3:
+        assert bool((slot_TK < 0).any()), "the small capacity should drop some assignments"
