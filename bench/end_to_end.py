@@ -3,6 +3,7 @@
     python -m bench.end_to_end [--steps N] [--warmup N] [--json PATH] [hydra overrides ...]
     python -m bench.end_to_end experiment=h100_350m          # on one H100/H200
     python -m bench.end_to_end model=gpt_tiny --steps 5      # CPU smoke
+    python -m bench.end_to_end --compile experiment=h100_350m  # also both with trainer.compile=true
 
 The same composed config is trained through the real DeepSpeed engine and `Trainer.train_step`
 twice, with `moe.implementation=ours` and `moe.implementation=deepspeed` (stock
@@ -36,9 +37,10 @@ from train.flops import peak_tflops
 from train.loop import build_trainer
 
 
-def measure(overrides: list[str], implementation: str, steps: int, warmup: int) -> dict:
+def measure(overrides: list[str], implementation: str, steps: int, warmup: int, compiled: bool = False) -> dict:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, f"moe.implementation={implementation}"])
+        cfg = compose("config", overrides=[*overrides, f"moe.implementation={implementation}",
+                                           f"trainer.compile={str(compiled).lower()}"])
     run = to_run_config(cfg)
     world = init_world(run.trainer.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,7 +58,7 @@ def measure(overrides: list[str], implementation: str, steps: int, warmup: int) 
     median = statistics.median(times)
     tokens_per_s = trainer.tokens_per_step / median
     result = {
-        "implementation": implementation,
+        "implementation": implementation + ("+compile" if compiled else ""),
         "step_s_median": median,
         "step_s_min": min(times),
         "tokens_per_s": tokens_per_s,
@@ -82,14 +84,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--compile", action="store_true",
+                        help="also run both with trainer.compile=true (warm-up steps absorb the compilation)")
     args, overrides = parser.parse_known_args()
     overrides = [*overrides, "logging.progress_bar=false"]
     if not any(o.startswith("trainer.peak_tflops=") for o in overrides):
         # One peak for both runs: on a CPU it is measured, and two measurements would differ.
         peak, _ = peak_tflops(resolve_device("auto"), None)
         overrides.append(f"trainer.peak_tflops={peak:.6g}")
-    results = [measure(overrides, impl, args.steps, args.warmup) for impl in ("ours", "deepspeed")]
-    ours, stock = results
+    variants = [("ours", False), ("deepspeed", False)]
+    if args.compile:
+        variants += [("ours", True), ("deepspeed", True)]
+    results = [measure(overrides, impl, args.steps, args.warmup, compiled) for impl, compiled in variants]
+    ours, stock = results[:2]
     print(f"config: {' '.join(overrides)}", file=sys.stderr)
     print("| implementation | step ms (median) | tokens/s | MFU | vs stock DeepSpeed |")
     print("|---|---|---|---|---|")

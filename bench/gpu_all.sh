@@ -15,5 +15,5 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 "$PY" -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 "$PY" -m bench.moe_layer --device cuda --shapes gpu --json "$OUT/layer_gpu.json" 2>&1 | tee "$OUT/layer_gpu.md"
 "$PY" -m bench.end_to_end experiment=h100_gpt2_small --json "$OUT/e2e_gpt2_small.json" 2>&1 | tee "$OUT/e2e_gpt2_small.md"
-"$PY" -m bench.end_to_end experiment=h100_350m --json "$OUT/e2e_350m.json" 2>&1 | tee "$OUT/e2e_350m.md"
+"$PY" -m bench.end_to_end --compile experiment=h100_350m --json "$OUT/e2e_350m.json" 2>&1 | tee "$OUT/e2e_350m.md"
 "$PY" -m train experiment=smoke logging.progress_bar=false "trainer.run_dir=$OUT/smoke" 2>&1 | tee "$OUT/smoke.log"

@@ -113,6 +113,9 @@ class TrainerConfig:
     max_nonfinite_steps: int = 5
     """A step with a NaN or Inf loss is skipped (no update); this many in a row stop the run
     (exit status 3), leaving the last good checkpoint as `latest`."""
+    compile: bool = False
+    """torch.compile the dense parts of every block (attention, norms, dense FFNs; not the MoE
+    layers), in place: train/compile.py. The first steps are slower while kernels are built."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_batches", "max_nonfinite_steps"):

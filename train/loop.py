@@ -87,6 +87,10 @@ def build_trainer(run: RunConfig, world: World, run_dir: Callable[[], Path]) -> 
         mpu = tensor_parallel.MegatronMPU()
     else:
         mpu = None
+    if run.trainer.compile:
+        from train.compile import compile_dense_parts
+
+        compile_dense_parts(model)
     engine, scheduler = build_engine(model, run, world.device, mpu)
     return Trainer(run, world, engine, scheduler, model, train_data, val_data, directory)
 
