@@ -255,6 +255,7 @@ class Trainer:
                             self.world.rank)
         self._log({"event": "preempted", "step": done, "tokens": done * self.tokens_per_step, "signal": received,
                    "checkpoint": checkpoint.latest_tag(self.checkpoint_dir)})
+        self._finish_sinks_early(f"preempted by {received}", done)
         progress.close()
         if self.world.is_main:
             print(f"preempted   {received} at step {done}: checkpoint {checkpoint.latest_tag(self.checkpoint_dir)} saved, "
@@ -360,9 +361,16 @@ class Trainer:
         except NonFiniteLossStop as stop:
             self._log({"event": "stopped", "step": step, "reason": "non-finite loss",
                        "skipped_nonfinite": self.engine.skipped_steps})
+            self._finish_sinks_early("non-finite loss", step)
             if self.world.is_main:
                 print(stop.message, file=sys.stderr, flush=True)
             raise
+
+    def _finish_sinks_early(self, reason: str, step: int) -> None:
+        """A run that stops before max_steps writes no summary.json, but its plots are still drawn
+        and its W&B run closed (flushed, marked with why it stopped)."""
+        for sink in self.sinks:
+            sink.finish({"stopped": reason, "steps": step})
 
     def _log(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)

@@ -1,7 +1,9 @@
 """Where a run's records go besides metrics.jsonl: plots and W&B, on rank 0 only.
 
 A sink has `write(record)` (every metrics.jsonl record, after it is on disk) and
-`finish(summary)` (summary.json's contents, once, at the end of a successful run).
+`finish(summary)` (once: summary.json's contents at the end of a successful run, or, when a run
+stops early for a stop signal or non-finite losses, {"stopped": reason, "steps": last step}, so
+the plots are drawn and the W&B run is closed with what was logged).
 """
 
 from __future__ import annotations

@@ -102,3 +102,5 @@ def test_nan_steps_are_skipped_counted_and_a_streak_stops_the_run(compose_run, t
     assert (checkpoints / "latest").read_text().strip() == "step_00000005"
     assert sorted(p.name for p in checkpoints.glob("step_*")) == [f"step_0000000{i}" for i in (1, 2, 4, 5)]
     assert not (run_dir / "summary.json").exists()
+    # The sinks were finished all the same: the expert-load plots of the steps that ran are drawn.
+    assert sorted(p.name for p in (run_dir / "plots").glob("*.png")), "no plots after the stop"
