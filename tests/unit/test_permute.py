@@ -17,6 +17,15 @@ def _kept_order(num_tokens: int, top_k: int, num_experts: int, keep: float, gene
     return kept[torch.argsort(expert_A[kept], stable=True)], kept_A
 
 
+def _output_and_gradients(fn, x, weight, grad_out):
+    """fn(x, weight) and the gradients of <output, grad_out> with respect to x and weight."""
+    x_ = x.clone().requires_grad_()
+    w_ = weight.clone().requires_grad_()
+    y = fn(x_, w_)
+    y.backward(grad_out)
+    return y.detach(), x_.grad, w_.grad
+
+
 @pytest.mark.parametrize("top_k", [1, 2, 4])
 @pytest.mark.parametrize("keep", [1.0, 0.7])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -42,13 +51,7 @@ def test_permute_and_combine_match_plain_indexing(top_k, keep, dtype):
             out[token] = out[token] + w_[token, choice].to(out.dtype) * rows[row].to(out.dtype)
         return out.to(dtype)
 
-    results = []
-    for fn in (fast, oracle):
-        x_ = x.clone().requires_grad_()
-        w_ = weight.clone().requires_grad_()
-        y = fn(x_, w_)
-        y.backward(grad_out)
-        results.append((y.detach(), x_.grad, w_.grad))
+    results = [_output_and_gradients(fn, x, weight, grad_out) for fn in (fast, oracle)]
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     for got, want in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
@@ -97,13 +100,7 @@ def test_slot_layout_matches_plain_indexing(top_k, capacity):
                     out[token] = out[token] + w_[token, choice] * y[slot]
         return out
 
-    results = []
-    for fn in (fast, oracle):
-        x_ = x.clone().requires_grad_()
-        w_ = weight.clone().requires_grad_()
-        y = fn(x_, w_)
-        y.backward(grad_out)
-        results.append((y.detach(), x_.grad, w_.grad))
+    results = [_output_and_gradients(fn, x, weight, grad_out) for fn in (fast, oracle)]
     for got, want in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
     if capacity == 3:
