@@ -184,11 +184,15 @@ def build_deepspeed(s: Shape, x_TD: torch.Tensor, grad_TD: torch.Tensor) -> Step
 
 def build_ours(s: Shape, x_TD: torch.Tensor, grad_TD: torch.Tensor, capacity_factor: float | None) -> Step:
     from moe import MoEConfig, MoELayer
+    from moe.expert_storage import pack_expert_weights
 
     cfg = MoEConfig(num_experts=s.experts, top_k=s.top_k, capacity_factor=capacity_factor, min_capacity=0)
     layer = MoELayer(s.dim, s.hidden, cfg)
     layer.set_deepspeed_parallelism()
     layer.to(x_TD.device, s.dtype).train()
+    # Lay the experts out as DeepSpeed's ZeRO flat buffer does in training, so the per-forward stack
+    # of expert weights is a view, as it is inside the engine (moe/expert_storage.py).
+    pack_expert_weights(layer.local_experts)
     x = _leaf(x_TD)
     seen: dict[str, int] = {}
 

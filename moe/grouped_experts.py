@@ -4,9 +4,10 @@ Legend: N rows (token-choice pairs, sorted by expert), D model dim, e local expe
 F expert hidden.
 
 The experts stay a ModuleList of `SwiGLUExpert` (DeepSpeed's per-expert checkpoint files are
-named after it), so the weights are stacked per forward: `torch.stack` of e matrices costs one
-copy of the expert weights, small next to the GEMMs, and its backward hands every expert its own
-gradient. Two layouts:
+named after it), so the weights are stacked per forward: a strided view of their storage where
+DeepSpeed's flat buffer (or `pack_expert_weights`) put them evenly apart, else `torch.stack`, one
+copy of the expert weights (moe/expert_storage.py). Either way the backward hands every expert its
+own gradient. Two layouts:
 
 - fixed capacity, [e, C, D]: `torch.bmm` (capacity mode, expert choice);
 - variable group sizes, rows sorted by expert, [N, D] with counts [e] (dropless):
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from moe.expert_storage import stacked_parameters
 from moe.experts import SwiGLUExpert
 
 # torch._grouped_mm wants every non-unit stride, and on CUDA every data pointer, to be a multiple
@@ -32,7 +34,8 @@ _ALIGN_BYTES = 16
 
 
 def stack_expert_weights(experts: Sequence[SwiGLUExpert]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(w1_eDF, w3_eDF, w2_eFD) stacked from e experts; differentiable back to each expert's weights.
+    """(w1_eDF, w3_eDF, w2_eFD) stacked from e experts; differentiable back to each expert's weights,
+    and a view (no copy) where their storage allows (moe/expert_storage.py).
 
     nn.Linear stores its weight as [out, in], so the stack is [e, out, in] and the result is its
     transposed view [e, in, out]: column-major per expert, which is the layout grouped GEMMs take
@@ -49,9 +52,9 @@ def stack_expert_weights(experts: Sequence[SwiGLUExpert]) -> tuple[torch.Tensor,
                     f"experts[{i}].{name}.weight is {tuple(got.shape)} {got.dtype} on {got.device}, "
                     f"experts[0].{name}.weight is {tuple(want.shape)} {want.dtype} on {want.device}"
                 )
-    w1_eFD = torch.stack([expert.w1.weight for expert in experts])
-    w3_eFD = torch.stack([expert.w3.weight for expert in experts])
-    w2_eDF = torch.stack([expert.w2.weight for expert in experts])
+    w1_eFD = stacked_parameters([expert.w1.weight for expert in experts])
+    w3_eFD = stacked_parameters([expert.w3.weight for expert in experts])
+    w2_eDF = stacked_parameters([expert.w2.weight for expert in experts])
     return w1_eFD.transpose(1, 2), w3_eFD.transpose(1, 2), w2_eDF.transpose(1, 2)
 
 

@@ -1,0 +1,91 @@
+"""moe/expert_storage.py: stacking the experts' weights as a view of their storage, not a copy,
+gives the same values and gradients as `torch.stack` and the per-expert module loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe import SwiGLUExpert
+from moe.expert_storage import evenly_spaced, pack_expert_weights, stacked_parameters
+from moe.experts import expert_generator
+from moe.grouped_experts import stack_expert_weights, swiglu_capacity, swiglu_grouped, swiglu_loop
+
+DIM, HIDDEN = 16, 24
+
+
+def _experts(count: int, dtype: torch.dtype) -> list[SwiGLUExpert]:
+    experts = []
+    for i in range(count):
+        expert = SwiGLUExpert(DIM, HIDDEN)
+        expert.init_weights(0.3, 0.3, expert_generator(0, 0, i))
+        experts.append(expert.to(dtype))
+    return experts
+
+
+def _grads(experts) -> list[torch.Tensor]:
+    return [p.grad.clone() for e in experts for p in e.parameters()]
+
+
+def test_packed_experts_stack_without_a_copy():
+    experts = _experts(4, torch.float32)
+    values = [p.detach().clone() for e in experts for p in e.parameters()]
+    params_before = [p for e in experts for p in e.parameters()]
+    pack_expert_weights(experts)
+    # Same parameter objects and values, now in one buffer.
+    assert [p for e in experts for p in e.parameters()] == params_before
+    assert all(torch.equal(p, v) for p, v in zip(params_before, values, strict=True))
+    w1 = [e.w1.weight for e in experts]
+    assert evenly_spaced(w1) == 3 * DIM * HIDDEN
+    w1_eDF, w3_eDF, w2_eFD = stack_expert_weights(experts)
+    for stacked, first in ((w1_eDF, experts[0].w1.weight), (w3_eDF, experts[0].w3.weight), (w2_eFD, experts[0].w2.weight)):
+        assert stacked.data_ptr() == first.data_ptr(), "a view of the experts' storage, not a copy"
+    # A change to an expert's weight shows in the stack: it is the same memory.
+    with torch.no_grad():
+        experts[2].w3.weight[1, 5] = 123.0
+    assert stack_expert_weights(experts)[1][2, 5, 1] == 123.0
+
+
+def test_separately_allocated_or_reordered_weights_fall_back_to_a_copy():
+    experts = _experts(3, torch.float32)
+    assert evenly_spaced([e.w1.weight for e in experts]) is None  # separate allocations
+    pack_expert_weights(experts)
+    assert evenly_spaced([e.w1.weight for e in reversed(experts)]) is None
+    assert evenly_spaced([experts[0].w1.weight, experts[0].w3.weight, experts[1].w1.weight]) is None  # uneven
+    assert evenly_spaced([experts[0].w1.weight]) is None
+    assert evenly_spaced([experts[0].w1.weight.t(), experts[1].w1.weight.t()]) is None  # not contiguous
+    reversed_stack = stacked_parameters([e.w1.weight for e in reversed(experts)])
+    assert torch.equal(reversed_stack, torch.stack([e.w1.weight for e in reversed(experts)]))
+
+
+@pytest.mark.parametrize("layout", ["grouped", "capacity"])
+def test_view_stack_matches_the_module_loop_forward_and_backward(layout):
+    """Packed (view) and separate (torch.stack) experts against the per-expert modules (the oracle)."""
+    dtype = torch.float64 if layout == "capacity" else torch.float32
+    counts = [5, 0, 7, 3]
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(sum(counts), DIM, generator=generator, dtype=dtype)
+    grad = torch.randn(sum(counts), DIM, generator=generator, dtype=dtype)
+    results = []
+    for packed in (True, False, None):  # None: the oracle loop over the modules
+        experts = _experts(4, dtype)
+        if packed:
+            pack_expert_weights(experts)
+        x_ = x.clone().requires_grad_()
+        if packed is None:
+            y = swiglu_loop(x_, counts, experts)
+        elif layout == "grouped":
+            y = swiglu_grouped(x_, counts, *stack_expert_weights(experts))
+        else:  # every expert gets C = 7 rows: the loop's rows padded with zeros
+            chunks = torch.split(x_, counts)
+            x_eCD = torch.stack([torch.cat([c, c.new_zeros(7 - c.shape[0], DIM)]) for c in chunks])
+            y_eCD = swiglu_capacity(x_eCD, *stack_expert_weights(experts))
+            y = torch.cat([y_eCD[i, :n] for i, n in enumerate(counts)])
+        y.backward(grad)
+        results.append((y.detach(), x_.grad, _grads(experts)))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    for got in results[:2]:
+        torch.testing.assert_close(got[0], results[2][0], **tol)
+        torch.testing.assert_close(got[1], results[2][1], **tol)
+        for g, want in zip(got[2], results[2][2], strict=True):
+            torch.testing.assert_close(g, want, **tol)
