@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.sharded_moe import _AllToAll
 
+from moe.counting import count_per_bin
+
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
     """C = ceil(K * T * cf / E), at least `min_capacity`, at most T (an expert can take a token once)."""
@@ -35,7 +37,7 @@ def slots_in_priority_order(expert_A: torch.Tensor, num_experts: int, capacity: 
     position inside its expert without any [A, E] one-hot tensor.
     """
     order = torch.argsort(expert_A, stable=True)
-    counts_E = torch.bincount(expert_A, minlength=num_experts)
+    counts_E = count_per_bin(expert_A, num_experts)
     first_in_expert_E = torch.cumsum(counts_E, dim=0) - counts_E
     position_sorted = torch.arange(expert_A.numel(), device=expert_A.device) - first_in_expert_E[expert_A[order]]
     position_A = torch.empty_like(position_sorted)

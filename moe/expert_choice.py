@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from moe.config import MoEConfig
+from moe.counting import count_per_bin
 from moe.losses import router_z_loss
 from moe.router import router_logits
 from moe.router_state import StepStatefulRouter
@@ -50,7 +51,7 @@ def cap_experts_per_token(token_A: torch.Tensor, weight_A: torch.Tensor, num_tok
     by_weight = torch.argsort(-weight_A.detach(), stable=True)
     order = by_weight[torch.argsort(token_A[by_weight], stable=True)]  # by token, then weight descending
     token_sorted = token_A[order]
-    counts_T = torch.bincount(token_sorted, minlength=num_tokens)
+    counts_T = count_per_bin(token_sorted, num_tokens)
     first_T = torch.cumsum(counts_T, dim=0) - counts_T
     rank_sorted = torch.arange(token_A.numel(), device=token_A.device) - first_T[token_sorted]
     keep = torch.empty_like(token_A, dtype=torch.bool)

@@ -20,6 +20,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 
 from moe.config import MoEConfig
+from moe.counting import count_per_bin
 from moe.dispatch import (
     VariableExchange,
     all_to_all_slots,
@@ -277,10 +278,15 @@ class MoELayer(MoE):
     def _sorted_by_expert(self, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept assignments ordered by global expert (stable: ties keep token order), and the
         number per expert: the layout of a grouped GEMM, no padding. ([N], [E])"""
+        num_experts = self.config.num_experts
+        if plan.capacity is None and plan.top_k is not None:
+            # Dropless token choice keeps every assignment: no mask to resolve, so no host sync.
+            order_N = torch.argsort(plan.expert_A, stable=True)
+            return order_N, count_per_bin(plan.expert_A, num_experts)
+        # Some assignments may be dropped: how many are kept is read to the host (nonzero).
         kept_N = torch.nonzero(plan.kept_A, as_tuple=True)[0]
         order_N = kept_N[torch.argsort(plan.expert_A[kept_N], stable=True)]
-        counts_E = torch.bincount(plan.expert_A[order_N], minlength=self.config.num_experts)
-        return order_N, counts_E
+        return order_N, count_per_bin(plan.expert_A, num_experts, where=plan.kept_A)
 
     def _combine_sorted(self, plan: _Plan, order_N: torch.Tensor, y_rows_ND: torch.Tensor, num_tokens: int) -> torch.Tensor:
         if plan.top_k is not None:
@@ -329,12 +335,12 @@ class MoELayer(MoE):
     def _aux(self, plan: _Plan, num_tokens: int) -> MoEAux:
         cfg = self.config
         with torch.no_grad():
-            routed_E = torch.bincount(plan.expert_A, minlength=cfg.num_experts)
+            routed_E = count_per_bin(plan.expert_A, cfg.num_experts)
             if self.training and isinstance(self.router, TokenChoiceRouter):
                 self.router.record_routed(routed_E)
-            kept_E = torch.bincount(plan.expert_A[plan.kept_A], minlength=cfg.num_experts)
-            per_token = torch.bincount(plan.token_A[plan.kept_A], minlength=num_tokens)
-            histogram = torch.bincount(per_token, minlength=cfg.num_experts + 1)
+            kept_E = count_per_bin(plan.expert_A, cfg.num_experts, where=plan.kept_A)
+            per_token = count_per_bin(plan.token_A, num_tokens, where=plan.kept_A)
+            histogram = count_per_bin(per_token, cfg.num_experts + 1)  # a token has at most E experts
             probs = plan.probs_TE.clamp_min(1e-20)
             entropy_sum = -(probs * probs.log()).sum()
         return MoEAux(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from moe.counting import count_per_bin
+
 
 def load_balancing_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> torch.Tensor:
     """Switch Transformer / GShard load-balancing loss.
@@ -21,7 +23,7 @@ def load_balancing_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> to
     pushes probability away from over-used experts.
     """
     num_tokens, num_experts = probs_TE.shape
-    counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=num_experts)
+    counts_E = count_per_bin(topk_idx_TK, num_experts)
     fraction_E = counts_E.to(probs_TE.dtype) / max(1, topk_idx_TK.numel())
     mean_prob_E = probs_TE.mean(dim=0)
     return num_experts * torch.sum(fraction_E * mean_prob_E)

@@ -35,3 +35,23 @@ def test_cuda_bf16_layer_runs_with_fp32_router():
     y, aux = layer(x)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
     assert aux.load_balancing_loss.dtype == torch.float32
+
+
+def test_cuda_dropless_token_choice_never_waits_for_the_gpu():
+    """Dropless token choice at ep=1: forward, statistics and backward without one device-to-host
+    sync (moe/counting.py replaces bincount, the sort needs no mask). The first call is outside the
+    check: it probes once whether torch._grouped_mm runs on this device."""
+    layer = MoELayer(64, 96, MoEConfig(num_experts=8, top_k=2, capacity_factor=None)).cuda().train()
+    x = torch.randn(4, 32, 64, device="cuda", requires_grad=True)
+    grad = torch.randn(4, 32, 64, device="cuda")
+    y, aux = layer(x)
+    y.backward(grad)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, aux = layer(x)
+        (y.float() * grad).sum().add(aux.loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert int(aux.kept_E.sum()) == 4 * 32 * 2
