@@ -46,15 +46,17 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], rank: int) -> None:
+def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], rank: int,
+         portable: bool = True) -> None:
     """Collective: every rank calls it. RNG states go in a per-rank file inside the tag,
-    written before DeepSpeed moves `latest`, so a tag that `latest` names is complete."""
+    written before DeepSpeed moves `latest`, so a tag that `latest` names is complete.
+    `portable=False` skips the layout-free optimizer copy (train/portable_state.py)."""
     tag = tag_for(step)
     tag_dir = checkpoint_dir / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
     torch.save(rng_states(), tag_dir / f"rng_rank{rank:05d}.pt")
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
-    portable_state.save(engine, tag_dir)
+    portable_state.save(engine, tag_dir, tensors=portable)
     # DeepSpeed's save and ours end with a barrier: every rank's files are closed here.
     if rank == 0:
         for path in sorted(tag_dir.rglob("*"), reverse=True):  # files before the folders holding them
@@ -107,6 +109,10 @@ def load(engine, checkpoint_dir: Path, rank: int) -> dict[str, Any]:
         if rng_file.exists():
             restore_rng_states(torch.load(rng_file, weights_only=False))
         return client_state
+    if not index.get("tensors", True):
+        raise ValueError(f"{tag_dir} was saved at {portable_state.describe(index['layout'])} with "
+                         f"trainer.portable_checkpoint=false, so it resumes only at that layout, not at "
+                         f"{portable_state.describe(here)}")
     if not portable_state.supported(engine):
         raise ValueError(f"{tag_dir} was saved at {portable_state.describe(index['layout'])}; resuming it at "
                          f"{portable_state.describe(here)} is not supported with tensor parallelism")

@@ -113,6 +113,11 @@ class TrainerConfig:
     max_nonfinite_steps: int = 5
     """A step with a NaN or Inf loss is skipped (no update); this many in a row stop the run
     (exit status 3), leaving the last good checkpoint as `latest`."""
+    portable_checkpoint: bool = True
+    """Every checkpoint also holds a layout-free copy of the fp32 master weights and AdamW moments
+    (about 12 bytes per parameter, train/portable_state.py), so it resumes at another expert- or
+    data-parallel size with its optimizer state. false: not written; the checkpoint then resumes
+    at its own layout only (another one is refused)."""
     compile: bool = False
     """torch.compile the dense parts of every block (attention, norms, dense FFNs; not the MoE
     layers), in place: train/compile.py. The first steps are slower while kernels are built."""
