@@ -56,7 +56,7 @@ def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], 
     tag_dir.mkdir(parents=True, exist_ok=True)
     torch.save(rng_states(), tag_dir / f"rng_rank{rank:05d}.pt")
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
-    portable_state.save(engine, tag_dir, tensors=portable)
+    portable_state.save(engine, tag_dir, with_tensors=portable)
     # DeepSpeed's save and ours end with a barrier: every rank's files are closed here.
     if rank == 0:
         for path in sorted(tag_dir.rglob("*"), reverse=True):  # files before the folders holding them

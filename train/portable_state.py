@@ -114,19 +114,19 @@ def _link_moments(zero) -> None:
     zero._lazy_init_hp_params_optimizer_state()
 
 
-def save(engine, tag_dir: Path, tensors: bool = True) -> None:
+def save(engine, tag_dir: Path, with_tensors: bool = True) -> None:
     """Collective: every rank calls it, before `latest` moves to this tag.
 
-    `tensors=False` (trainer.portable_checkpoint=false) writes only the index, with the layout and
+    `with_tensors=False` (trainer.portable_checkpoint=false) writes only the index, with the layout and
     no tensors: the checkpoint then resumes at its own layout only, and a resume elsewhere is
     refused with a message instead of silently losing the optimizer state."""
     if not supported(engine):
         return
     keys, step = _inner_state(engine)
-    if keys and tensors:
+    if keys and with_tensors:
         _link_moments(engine.optimizer)
     mine: dict[str, dict[str, torch.Tensor]] = {}
-    for name, param in _optimized(engine) if tensors else ():
+    for name, param in _optimized(engine) if with_tensors else ():
         tensors = {"fp32": safe_get_full_fp32_param(param)}
         for key in keys:
             tensors[key] = safe_get_full_optimizer_state(param, key)
@@ -143,7 +143,7 @@ def save(engine, tag_dir: Path, tensors: bool = True) -> None:
     if rank == 0:
         files = {name: file for file, names in written for name in names}
         index = {"format": FORMAT, "layout": current_layout(engine), "optimizer_step": step,
-                 "state_keys": keys, "files": files, "tensors": tensors}
+                 "state_keys": keys, "files": files, "tensors": with_tensors}
         with open(directory / INDEX, "w", encoding="utf-8") as handle:
             json.dump(index, handle, indent=1)
             handle.flush()
