@@ -223,7 +223,8 @@ class MoELayer(MoE):
         decision = self.router(x_TD)
         num_tokens = x_TD.shape[0]
         capacity_factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
-        token_A = torch.arange(num_tokens, device=x_TD.device).repeat_interleave(cfg.top_k)
+        # Token-major [T*K]: 0,0,1,1,... (an expand, not repeat_interleave, which may size its output on the host).
+        token_A = torch.arange(num_tokens, device=x_TD.device).unsqueeze(1).expand(num_tokens, cfg.top_k).reshape(-1)
         slot_A, capacity = None, None
         if capacity_factor is None:
             kept_A = torch.ones_like(token_A, dtype=torch.bool)
