@@ -17,6 +17,7 @@ register_schemas()
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_train(cfg: DictConfig) -> None:
+    from train.distributed import close_world
     from train.loop import train
 
     try:
@@ -24,6 +25,12 @@ def _hydra_train(cfg: DictConfig) -> None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except SystemExit:  # an agreed stop (preemption, non-finite losses): every rank is here
+        close_world()
+        raise
+    # Not after other exceptions: a rank that crashed mid-collective leaves the others waiting,
+    # and tearing NCCL down then could block its exit too.
+    close_world()
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from moe import MoEConfig, MoELayer
+from train.distributed import close_world
 
 HIDDEN, EXPERT_HIDDEN, EXPERTS = 16, 24, 4
 
@@ -68,6 +69,7 @@ def main(capacity_factor: float | None, top_k: int, router: str) -> None:
         assert torch.equal(aux.kept_E, aux.routed_E)
     dist.barrier()
     print(f"rank {rank}: ok", flush=True)
+    close_world()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 
 from train import checkpoint, portable_state
 from train.cli import CONF_DIR
+from train.distributed import close_world
 from train.loop import train
 
 
@@ -71,6 +72,7 @@ def main(overrides: list[str]) -> None:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, "trainer.resume=true"])
     train(cfg)
+    close_world()
 
 
 if __name__ == "__main__":
