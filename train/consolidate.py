@@ -13,7 +13,9 @@ see train/load.py for the file layout), and writes:
 - FILE.tokenizer.json: the run's tokenizer, when its prepared dataset is found.
 
 Optimizer state is not carried (this is for inference and export). In a bf16 run the weights
-are the module's bf16 weights cast to fp32, not ZeRO's fp32 master copy.
+are ZeRO's fp32 master copy, read from the checkpoint's layout-free optimizer state
+(train/portable_state.py); without it (trainer.portable_checkpoint=false, tensor parallelism) they
+are the module's bf16 weights cast to fp32, and the header says which (`weights`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def consolidate(source: str | Path | None, out: Path, with_tokenizer: bool = Tru
     if loaded.source.suffix == ".safetensors":
         raise ConfigError(f"{loaded.source}: already a consolidated file")
     state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
+    weights = _use_fp32_masters(state, loaded)
     if loaded.run.model.tie_embeddings:
         del state["lm_head.weight"]  # the same tensor as embed.weight; safetensors stores no aliases
     tokenizer = None
@@ -48,13 +51,32 @@ def consolidate(source: str | Path | None, out: Path, with_tokenizer: bool = Tru
         tokenizer = loaded.tokenizer_path() if with_tokenizer else None
     except ConfigError as error:
         print(f"note: tokenizer not copied ({error})", file=sys.stderr)
-    header = header_for(loaded)
+    header = {**header_for(loaded), "weights": weights}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out), metadata={"moe_gpt": json.dumps(header)})
     out.with_suffix(".json").write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None and tokenizer.is_file():
         shutil.copyfile(tokenizer, out.with_name(out.stem + ".tokenizer.json"))
     return header
+
+
+def _use_fp32_masters(state: dict, loaded) -> str:
+    """In a bf16 run, replace the module weights in `state` by ZeRO's fp32 masters where the checkpoint
+    holds them; returns what the weights are, for the header."""
+    from train import portable_state
+
+    index = portable_state.read_index(loaded.source) if loaded.source.is_dir() else None
+    if index is None:
+        return "module weights, cast to fp32 (the checkpoint has no layout-free state to say more)"
+    if not index["layout"]["bf16"]:
+        return "fp32 weights"
+    if not index.get("tensors", True):
+        return "module weights, bf16 cast to fp32 (the checkpoint has no fp32 masters)"
+    names = [name for name in state if name in index["files"]]
+    masters = portable_state.read_tensors(loaded.source, index, names)
+    for name in names:
+        state[name] = masters[name]["fp32"].float().contiguous()
+    return "fp32 master weights"
 
 
 def _main(argv: Sequence[str] | None) -> int:
