@@ -3,6 +3,10 @@
 # the end-to-end benchmark at both presets, and the smoke run in bf16. Results go to $OUT
 # (default bench/out): logs, markdown tables and JSON, to be copied into bench/RESULTS.md.
 #   bash bench/gpu_all.sh            # PYTHON=... to pick the interpreter
+#   ONLY="gpu_tests layer_gpu" bash bench/gpu_all.sh   # some steps only (where one command may run
+#                                    # 10 minutes at most, split the run: the steps are independent)
+# Steps: device gpu_tests layer_gpu e2e_gpt2_small e2e_350m smoke. A failing step does not stop the
+# others; the exit status is 1 when any failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -11,9 +15,26 @@ mkdir -p "$OUT"
 # DeepSpeed's op builder cannot parse "9.0a" (some images set it); its JIT builds need plain 9.0.
 if [[ "${TORCH_CUDA_ARCH_LIST:-}" == *a* ]]; then export TORCH_CUDA_ARCH_LIST="9.0"; fi
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-"$PY" -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
-"$PY" -m bench.moe_layer --device cuda --shapes gpu --json "$OUT/layer_gpu.json" 2>&1 | tee "$OUT/layer_gpu.md"
-"$PY" -m bench.end_to_end experiment=h100_gpt2_small --json "$OUT/e2e_gpt2_small.json" 2>&1 | tee "$OUT/e2e_gpt2_small.md"
-"$PY" -m bench.end_to_end --compile experiment=h100_350m --json "$OUT/e2e_350m.json" 2>&1 | tee "$OUT/e2e_350m.md"
-"$PY" -m train experiment=smoke logging.progress_bar=false "trainer.run_dir=$OUT/smoke" 2>&1 | tee "$OUT/smoke.log"
+failed=()
+# Each step runs whatever happened before it: a failing GPU test must not cost the benchmarks
+# (the device time is short). The exit status says whether every step passed.
+step() {
+  local name="$1"; shift
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+  echo "== $name: $*"
+  if ! "$@" 2>&1 | tee "$OUT/$name.log"; then
+    failed+=("$name")
+    echo "== $name FAILED (log: $OUT/$name.log)"
+  fi
+}
+step device nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+step gpu_tests "$PY" -m pytest -m gpu tests/gpu -q -p no:cacheprovider
+step layer_gpu "$PY" -m bench.moe_layer --device cuda --shapes gpu --json "$OUT/layer_gpu.json"
+step e2e_gpt2_small "$PY" -m bench.end_to_end experiment=h100_gpt2_small --json "$OUT/e2e_gpt2_small.json"
+step e2e_350m "$PY" -m bench.end_to_end --compile experiment=h100_350m --json "$OUT/e2e_350m.json"
+step smoke "$PY" -m train experiment=smoke logging.progress_bar=false "trainer.run_dir=$OUT/smoke"
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "failed steps: ${failed[*]}"
+  exit 1
+fi
+echo "every step passed; logs and JSON in $OUT"
