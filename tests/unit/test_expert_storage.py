@@ -5,22 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_grouped_experts import DIM, HIDDEN, _experts  # same experts as the grouped-GEMM oracle tests
 
-from moe import SwiGLUExpert
 from moe.expert_storage import evenly_spaced, pack_expert_weights, stacked_parameters
-from moe.experts import expert_generator
 from moe.grouped_experts import stack_expert_weights, swiglu_capacity, swiglu_grouped, swiglu_loop
-
-DIM, HIDDEN = 16, 24
-
-
-def _experts(count: int, dtype: torch.dtype) -> list[SwiGLUExpert]:
-    experts = []
-    for i in range(count):
-        expert = SwiGLUExpert(DIM, HIDDEN)
-        expert.init_weights(0.3, 0.3, expert_generator(0, 0, i))
-        experts.append(expert.to(dtype))
-    return experts
 
 
 def _grads(experts) -> list[torch.Tensor]:
