@@ -102,7 +102,8 @@ class MoELayer(MoE):
             min_capacity=config.min_capacity,
             # With a tensor-parallel unit (mpu), build expert-parallel groups among ranks of the same
             # tensor-parallel rank: those hold different tokens, so no token reaches an expert twice.
-            # Experts themselves stay whole (replicated over tensor-parallel ranks).
+            # Under tensor parallelism each expert's hidden units are then split too
+            # (`shard_experts_for_tensor_parallel`).
             enable_expert_tensor_parallelism=True,
         )
         self.config = config
@@ -110,10 +111,11 @@ class MoELayer(MoE):
         router_class = ExpertChoiceRouter if config.router == "expert_choice" else TokenChoiceRouter
         self.deepspeed_moe.gate = router_class(hidden_size, config)
         self.ec_eval_mode = config.ec_eval_mode
-        self.tensor_parallel_group = None
-        self._frozen_stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        """Set by `shard_experts_for_tensor_parallel`: the group over which experts' hidden units are split."""
         """Expert choice at eval: causal or batch; an attribute so an evaluation can measure both."""
+        self.tensor_parallel_group = None
+        """Set by `shard_experts_for_tensor_parallel`: the group over which experts' hidden units are split."""
+        self._frozen_stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        """Set by `freeze_expert_weights` (inference only)."""
         self.ep_rank = self._expected_ep_rank()
         self._init_experts()
         # Named without "expert": DeepSpeed's checkpointing treats such keys as routed experts.

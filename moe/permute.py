@@ -40,8 +40,7 @@ class _RowsInExpertOrder(torch.autograd.Function):
         (order_N,) = ctx.saved_tensors
         num_tokens, top_k = ctx.num_tokens, ctx.top_k
         grad_AD = grad_ND.new_zeros(num_tokens * top_k, grad_ND.shape[-1]).index_copy_(0, order_N, grad_ND)
-        grad_TD = grad_AD.view(num_tokens, top_k, -1).sum(dim=1) if top_k > 1 else grad_AD
-        return grad_TD, None, None
+        return _sum_over_choices(grad_AD, num_tokens, top_k), None, None
 
 
 def rows_in_expert_order(x_TD: torch.Tensor, order_N: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -60,11 +59,7 @@ def combine_in_token_order(y_ND: torch.Tensor, order_N: torch.Tensor, weight_TK:
     """
     num_tokens, top_k = weight_TK.shape
     y_AD = y_ND.new_zeros(num_tokens * top_k, y_ND.shape[-1]).index_copy(0, order_N, y_ND)
-    accumulate = torch.promote_types(y_ND.dtype, weight_TK.dtype)
-    y_TKD = y_AD.view(num_tokens, top_k, -1).to(accumulate)
-    weighted = y_TKD * weight_TK.to(accumulate).unsqueeze(-1)
-    combined = weighted.sum(dim=1) if top_k > 1 else weighted.squeeze(1)
-    return combined.to(y_ND.dtype)
+    return _weighted_sum_over_choices(y_AD, weight_TK)
 
 
 class _RowsToSlots(torch.autograd.Function):
@@ -83,8 +78,7 @@ class _RowsToSlots(torch.autograd.Function):
         (index_A,) = ctx.saved_tensors
         padded = torch.cat([grad_SD, grad_SD.new_zeros(1, grad_SD.shape[-1])])
         grad_AD = padded.index_select(0, index_A)
-        grad_TD = grad_AD.view(ctx.num_tokens, ctx.top_k, -1).sum(dim=1) if ctx.top_k > 1 else grad_AD
-        return grad_TD, None, None, None
+        return _sum_over_choices(grad_AD, ctx.num_tokens, ctx.top_k), None, None, None
 
 
 def rows_to_slots(x_TD: torch.Tensor, slot_A: torch.Tensor, top_k: int, num_slots: int) -> torch.Tensor:
@@ -116,9 +110,18 @@ class _PickSlots(torch.autograd.Function):
 
 def combine_from_slots(y_SD: torch.Tensor, slot_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
     """y_t = sum_k w_tk * y[slot_tk], a dropped choice (slot -1) contributing zero. [T, D] in y's dtype."""
-    num_tokens, top_k = slot_TK.shape
-    picked_AD = _PickSlots.apply(y_SD, slot_TK.reshape(-1))
-    accumulate = torch.promote_types(y_SD.dtype, weight_TK.dtype)
-    weighted = picked_AD.view(num_tokens, top_k, -1).to(accumulate) * weight_TK.to(accumulate).unsqueeze(-1)
-    combined = weighted.sum(dim=1) if top_k > 1 else weighted.squeeze(1)
-    return combined.to(y_SD.dtype)
+    return _weighted_sum_over_choices(_PickSlots.apply(y_SD, slot_TK.reshape(-1)), weight_TK)
+
+
+def _sum_over_choices(rows_AD: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """[T*K, D] token-major -> [T, D]: each token's K rows added in a fixed order."""
+    return rows_AD.view(num_tokens, top_k, -1).sum(dim=1) if top_k > 1 else rows_AD
+
+
+def _weighted_sum_over_choices(rows_AD: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
+    """y_t = sum_k w_tk * rows[t*K + k], weighted in at least fp32 (the router's precision); [T, D]
+    in the rows' dtype."""
+    num_tokens, top_k = weight_TK.shape
+    accumulate = torch.promote_types(rows_AD.dtype, weight_TK.dtype)
+    weighted = rows_AD.view(num_tokens, top_k, -1).to(accumulate) * weight_TK.to(accumulate).unsqueeze(-1)
+    return _sum_over_choices(weighted.view(num_tokens * top_k, -1), num_tokens, top_k).to(rows_AD.dtype)

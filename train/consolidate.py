@@ -35,13 +35,14 @@ def consolidate(source: str | Path | None, out: Path, with_tokenizer: bool = Tru
     from safetensors.torch import save_file
 
     from train.config import ConfigError
-    from train.load import header_for, load_model
+    from train.load import header_for, load_model, resolve_checkpoint
 
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out {out}: expected a file name ending in .safetensors")
-    loaded = load_model(source)
-    if loaded.source.suffix == ".safetensors":
-        raise ConfigError(f"{loaded.source}: already a consolidated file")
+    checkpoint = resolve_checkpoint(source)
+    if checkpoint.suffix == ".safetensors":  # refused before reading any weights
+        raise ConfigError(f"{checkpoint}: already a consolidated file")
+    loaded = load_model(checkpoint)
     state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
     weights = _use_fp32_masters(state, loaded)
     if loaded.run.model.tie_embeddings:

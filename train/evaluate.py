@@ -31,10 +31,12 @@ from train.commands import ArgumentParser, positive_float, positive_int, quiet_d
 
 
 @torch.no_grad()
-def mean_token_loss(model: torch.nn.Module, batches: Iterator[np.ndarray] | list[np.ndarray]) -> tuple[float, int]:
-    """(mean next-token cross-entropy in nats, predicted tokens) over batches of [B, S+1] windows,
-    computed as the training loop's validation computes it."""
-    device = model.embed.weight.device
+def mean_token_loss(model: torch.nn.Module, batches: Iterator[np.ndarray] | list[np.ndarray],
+                    device: torch.device | None = None) -> tuple[float, int]:
+    """(mean next-token cross-entropy in nats, predicted tokens) over batches of [B, S+1] windows:
+    the training loop's validation and `moe-eval` both call this. `device`: where the model runs
+    (default: its embedding's device; a DeepSpeed engine passes it)."""
+    device = model.embed.weight.device if device is None else device
     total, count = 0.0, 0
     for batch in batches:
         tokens = torch.from_numpy(batch).to(device)
@@ -59,13 +61,13 @@ def in_batches(windows: list[np.ndarray], batch_size: int) -> Iterator[np.ndarra
 def validation_windows(data_dir: Path, seq_len: int, count: int | None) -> list[np.ndarray]:
     """The first `count` (None: all) consecutive non-overlapping seq_len + 1 windows of the validation
     split: the windows TokenDataset.eval_batches gives the training loop, in the same order."""
+    from train.config import ConfigError
     from train.data import TokenDataset
 
-    data = TokenDataset(data_dir, "val")
-    window = seq_len + 1
-    available = data.num_tokens // window
-    count = available if count is None else min(count, available)
-    return [data.read(i * window, window) for i in range(count)]
+    try:
+        return [batch[0] for batch in TokenDataset(data_dir, "val").eval_batches(1, seq_len, count)]
+    except ValueError as error:  # too short for one window
+        raise ConfigError(str(error)) from None
 
 
 def text_windows(path: Path, tokenizer, eot: int, seq_len: int) -> list[np.ndarray]:
@@ -131,7 +133,6 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.error(f"--batch-sizes must be positive integers, got {args.batch_sizes}")
     quiet_deepspeed()
     from train.config import ConfigError
-    from train.data import EOT, load_tokenizer
     from train.load import load_model
     from train.routing_modes import available_modes, routing, trained_mode_name
 
@@ -141,11 +142,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.text is not None:
         if not args.text.is_file():
             raise ConfigError(f"--text {args.text}: no such file")
-        try:
-            tokenizer = load_tokenizer(loaded.tokenizer_path())
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        windows = text_windows(args.text, tokenizer, tokenizer.token_to_id(EOT), seq_len)
+        tokenizer, eot = loaded.tokenizer()
+        windows = text_windows(args.text, tokenizer, eot, seq_len)
         data_description = f"text file {args.text}"
     else:
         count = None if args.all_windows else (args.windows or run.trainer.eval_batches * run.trainer.micro_batch_size)

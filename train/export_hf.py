@@ -138,19 +138,21 @@ def export_mixtral(model: torch.nn.Module, out: Path, tokenizer_file: Path | Non
     problems = unsupported_features(model)
     if problems:
         raise ConfigError(f"cannot export to Mixtral: {'; '.join(problems)}")
+    from train.data import EOT, load_tokenizer
+    from train.data.tokenizer import eot_id as end_of_text_id
+
     eot_id = None
     tokenizer = None
     if tokenizer_file is not None:
-        from train.data import EOT, load_tokenizer
-
         tokenizer = load_tokenizer(tokenizer_file)
-        eot_id = tokenizer.token_to_id(EOT)
+        try:
+            eot_id = end_of_text_id(tokenizer)
+        except ValueError as error:
+            raise ConfigError(f"{tokenizer_file}: {error}") from None
     out.mkdir(parents=True, exist_ok=True)
     save_file(mixtral_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(mixtral_config(model, eot_id), indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None:
-        from train.data import EOT
-
         tokenizer.save(str(out / "tokenizer.json"))
         tokenizer_config = {
             "tokenizer_class": "PreTrainedTokenizerFast",

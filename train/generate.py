@@ -119,17 +119,11 @@ def _main(argv: Sequence[str] | None) -> int:
     except ValueError as error:
         parser.error(str(error))
     quiet_deepspeed()
-    from train.config import ConfigError
-    from train.data import EOT, load_tokenizer
     from train.load import load_model
     from train.routing_modes import generation_mode, routing
 
     loaded = load_model(args.checkpoint, args.device)
-    try:
-        tokenizer = load_tokenizer(loaded.tokenizer_path())
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    eot = tokenizer.token_to_id(EOT)
+    tokenizer, eot = loaded.tokenizer()
     mode = generation_mode(loaded.model)
     print(f"model       {loaded.source} (step {loaded.step}), routing: {mode.name}, "
           f"{'greedy' if sampling.greedy else f'temperature {sampling.temperature}'}"

@@ -58,6 +58,17 @@ class LoadedModel:
             return self.tokenizer_file
         return self.validation_data_dir() / "tokenizer.json"
 
+    def tokenizer(self):
+        """(the run's tokenizer, its end-of-text id); ConfigError when it cannot be found or has none."""
+        from train.data import load_tokenizer
+        from train.data.tokenizer import eot_id
+
+        try:
+            tokenizer = load_tokenizer(self.tokenizer_path())
+            return tokenizer, eot_id(tokenizer)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
 
 # ---------------------------------------------------------------------- finding checkpoints
 def newest_run(root: Path, pattern: str = "*/*/checkpoints/latest") -> Path | None:

@@ -25,6 +25,7 @@ from train.data import TokenDataset, prepare_dataset
 from train.distributed import World, init_world, launcher_world_size
 from train.dry_run import check_fits, parallel_plan, print_plan
 from train.engine import build_engine
+from train.evaluate import mean_token_loss
 from train.flops import flops_per_token, peak_tflops
 from train.metrics import ExpertCounts, MetricsFile, Progress, figures_per_layer, finite_or_none, mean_over_ranks
 from train.model import GPT, expert_choice_layers, padded_vocab_size
@@ -325,15 +326,11 @@ class Trainer:
         """Mean token loss over the same validation windows every time (identical on all ranks,
         so expert-parallel ranks stay in step through the all-to-all)."""
         self.engine.eval()
-        total, count = 0.0, 0
-        for batch in self.val_data.eval_batches(self.run.trainer.micro_batch_size, self.run.model.seq_len,
-                                                self.run.trainer.eval_batches):
-            tokens = torch.from_numpy(batch).to(self.world.device)
-            logits = self.engine(tokens[:, :-1]).logits.float()
-            total += float(F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"))
-            count += tokens[:, 1:].numel()
+        batches = self.val_data.eval_batches(self.run.trainer.micro_batch_size, self.run.model.seq_len,
+                                             self.run.trainer.eval_batches)
+        loss, _ = mean_token_loss(self.engine, batches, self.world.device)
         self.engine.train()
-        return total / count
+        return loss
 
     # ------------------------------------------------------------------ records
     def _train_record(self, step: int, loss: float, aux: float, tokens_per_s: float) -> dict[str, Any]:

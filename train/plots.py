@@ -137,8 +137,12 @@ class PlotSink:
         self.on_plots = on_plots
         self.last_step: int | None = None
         """The last train record's step, None once it has been drawn."""
+        self.latest_step = 0
+        """The step of the latest record of any kind: images go there, never behind what W&B has
+        already logged (a "preempted" or "stopped" record comes after the last train record)."""
 
     def write(self, record: dict[str, Any]) -> None:
+        self.latest_step = max(self.latest_step, int(record.get("step", 0)))
         if record.get("event") == "train":
             self.last_step = int(record["step"])
         elif self.every_eval and record.get("event") == "eval" and self.last_step is not None:
@@ -146,7 +150,7 @@ class PlotSink:
 
     def finish(self, summary: dict[str, Any]) -> None:
         if self.last_step is not None:
-            self._draw(self.last_step)
+            self._draw(self.latest_step)
 
     def _draw(self, step: int) -> None:
         paths = write_expert_plots(self.run_dir / "metrics.jsonl", self.run_dir / "plots", f" ({self.run_dir.name})")

@@ -55,16 +55,22 @@ def test_ep2_layer_equals_single_process_oracle(capacity_factor, top_k, router):
         assert f"rank {rank}: ok" in out
 
 
-def test_deepspeed_launcher_trains_with_ep2_zero2(tmp_path):
-    run_dir = tmp_path / "run"
+def _deepspeed_launch(cwd: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus 2 --no_local_rank --module train <overrides>` (gloo ranks on CPU)."""
     command = [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank",
-        "--master_port", str(_free_port()), "--module", "train",
+        "--master_port", str(_free_port()), "--module", "train", *overrides,
+    ]
+    return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def test_deepspeed_launcher_trains_with_ep2_zero2(tmp_path):
+    run_dir = tmp_path / "run"
+    result = _deepspeed_launch(tmp_path, [
         "model=gpt_tiny", "moe.ep_size=2", "deepspeed=zero2", "trainer.max_steps=4", "trainer.micro_batch_size=4",
         "trainer.checkpoint_every=2", "trainer.eval_every=2", "trainer.eval_batches=2", "logging.log_every=1",
         "logging.progress_bar=false", f"data.cache_dir={ROOT / '.cache' / 'data'}", f"trainer.run_dir={run_dir}",
-    ]
-    result = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    ])  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["tokens"] == 4 * 2 * 4 * 32
@@ -95,12 +101,8 @@ def test_ep2_checkpoint_loads_at_ep1_with_identical_weights(tmp_path, compose_ru
 
     run_dir = tmp_path / "run"
     common = ["model=gpt_tiny", "trainer.micro_batch_size=4", f"data.cache_dir={ROOT / '.cache' / 'data'}"]
-    command = [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank",
-        "--master_port", str(_free_port()), "--module", "train", *common, "moe.ep_size=2", "trainer.max_steps=2",
-        "trainer.eval_every=0", "logging.progress_bar=false", f"trainer.run_dir={run_dir}",
-    ]
-    result = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    result = _deepspeed_launch(tmp_path, [*common, "moe.ep_size=2", "trainer.max_steps=2", "trainer.eval_every=0",
+                                          "logging.progress_bar=false", f"trainer.run_dir={run_dir}"])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
     run = to_run_config(compose_run([*common, "moe.ep_size=1"]))
@@ -138,12 +140,8 @@ def test_consolidate_ep2_checkpoint_equals_the_model_loaded_at_ep1(tmp_path, com
     run_dir = tmp_path / "run"
     common = ["model=gpt_tiny", "moe=top2_shared", "trainer.micro_batch_size=4", "trainer.eval_batches=2",
               f"data.cache_dir={ROOT / '.cache' / 'data'}"]
-    command = [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank",
-        "--master_port", str(_free_port()), "--module", "train", *common, "moe.ep_size=2", "trainer.max_steps=2",
-        "trainer.eval_every=0", "logging.progress_bar=false", f"trainer.run_dir={run_dir}",
-    ]
-    result = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    result = _deepspeed_launch(tmp_path, [*common, "moe.ep_size=2", "trainer.max_steps=2", "trainer.eval_every=0",
+                                          "logging.progress_bar=false", f"trainer.run_dir={run_dir}"])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     out = tmp_path / "whole.safetensors"
     header = consolidate(run_dir, out)
