@@ -21,6 +21,7 @@ are the module's bf16 weights cast to fp32, and the header says which (`weights`
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -54,7 +55,11 @@ def consolidate(source: str | Path | None, out: Path, with_tokenizer: bool = Tru
         print(f"note: tokenizer not copied ({error})", file=sys.stderr)
     header = {**header_for(loaded), "weights": weights}
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out), metadata={"moe_gpt": json.dumps(header)})
+    # Written beside and renamed into place: an interrupted run never leaves a truncated file under
+    # the name eval and generate would load.
+    partial = out.with_name(out.name + ".partial")
+    save_file(state, str(partial), metadata={"moe_gpt": json.dumps(header)})
+    os.replace(partial, out)
     out.with_suffix(".json").write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None and tokenizer.is_file():
         shutil.copyfile(tokenizer, out.with_name(out.stem + ".tokenizer.json"))
