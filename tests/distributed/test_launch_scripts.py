@@ -109,7 +109,9 @@ def test_two_nodes_through_pdsh_train_with_per_rank_logs_and_forwarded_environme
     assert {"--node_rank=%n", "--master_addr=127.0.0.1", "--no_local_rank", f"--enable_each_rank_log={logs}",
             "train", "model=gpt_tiny"} <= set(pdsh_args)
 
-    rank_logs = sorted(logs.glob("*_rank*.log"))
+    # DeepSpeed prefixes each rank's log with the time its process started, which may differ
+    # by a second between the nodes: order by the rank suffix, not by the whole name.
+    rank_logs = sorted(logs.glob("*_rank*.log"), key=lambda p: p.name.rsplit("_", 1)[1])
     assert [p.name.rsplit("_", 1)[1] for p in rank_logs] == ["rank0.log", "rank1.log"]
     assert "summary" in rank_logs[0].read_text() and "device      cpu x 2" in rank_logs[0].read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
