@@ -50,7 +50,8 @@ import torch
 
 CAPACITY_FACTOR = 1.25
 VARIANTS = (
-    "dense", "deepspeed", "ours-capacity", "ours-dropless", "grouped-floor", "grouped-floor+stack", "bmm-floor", "loop-floor",
+    "dense", "deepspeed", "ours-capacity", "ours-dropless", "ours-expert-choice", "grouped-floor", "grouped-floor+stack",
+    "bmm-floor", "loop-floor",
 )  # fmt: skip
 
 
@@ -182,11 +183,19 @@ def build_deepspeed(s: Shape, x_TD: torch.Tensor, grad_TD: torch.Tensor) -> Step
     return Step(run, [*layer.parameters(), x], lambda: f"{gate}, cf {CAPACITY_FACTOR}")
 
 
-def build_ours(s: Shape, x_TD: torch.Tensor, grad_TD: torch.Tensor, capacity_factor: float | None) -> Step:
+def build_ours(
+    s: Shape, x_TD: torch.Tensor, grad_TD: torch.Tensor, capacity_factor: float | None, router: str = "token_choice"
+) -> Step:
+    """Our layer. Expert choice runs with c = K (every expert takes T*K/E tokens of the batch), which
+    has exactly the active FLOPs of top-K token choice, so the same dense FFN is its baseline."""
     from moe import MoEConfig, MoELayer
     from moe.expert_storage import pack_expert_weights
 
-    cfg = MoEConfig(num_experts=s.experts, top_k=s.top_k, capacity_factor=capacity_factor, min_capacity=0)
+    if router == "expert_choice":
+        cfg = MoEConfig(num_experts=s.experts, router=router, capacity_factor=float(s.top_k), ec_group="batch",
+                        min_capacity=0)
+    else:
+        cfg = MoEConfig(num_experts=s.experts, top_k=s.top_k, capacity_factor=capacity_factor, min_capacity=0)
     layer = MoELayer(s.dim, s.hidden, cfg)
     layer.set_deepspeed_parallelism()
     layer.to(x_TD.device, s.dtype).train()
@@ -202,6 +211,8 @@ def build_ours(s: Shape, x_TD: torch.Tensor, grad_TD: torch.Tensor, capacity_fac
         seen["capacity"] = aux.capacity
 
     def note() -> str:
+        if router == "expert_choice":
+            return f"expert choice c={s.top_k}, C={seen.get('capacity')}"
         mode = "dropless" if capacity_factor is None else f"cf {capacity_factor}"
         capacity = seen.get("capacity")
         return mode if capacity is None else f"{mode}, C={capacity}"
@@ -257,6 +268,7 @@ BUILDERS: dict[str, Callable[[Shape, torch.Tensor, torch.Tensor], Step]] = {
     "deepspeed": build_deepspeed,
     "ours-capacity": lambda s, x, g: build_ours(s, x, g, CAPACITY_FACTOR),
     "ours-dropless": lambda s, x, g: build_ours(s, x, g, None),
+    "ours-expert-choice": lambda s, x, g: build_ours(s, x, g, None, router="expert_choice"),
     "grouped-floor": lambda s, x, g: build_floor(s, x, g, "grouped"),
     "grouped-floor+stack": lambda s, x, g: build_floor(s, x, g, "grouped+stack"),
     "bmm-floor": lambda s, x, g: build_floor(s, x, g, "bmm"),

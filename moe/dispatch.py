@@ -81,12 +81,16 @@ def combine_assignments(
 ) -> torch.Tensor:
     """y_t = sum over t's kept assignments of w * y[slot], for a variable number of experts per
     token (expert choice). index_add: deterministic on CPU; on GPU the order of three or more
-    additions into one token may vary between runs."""
-    kept = slot_A >= 0
+    additions into one token may vary between runs.
+
+    Dropped assignments add an exact zero rather than being filtered out: a boolean-mask index
+    would wait for the device to say how many were kept."""
+    kept_A1 = (slot_A >= 0).unsqueeze(-1)
     accumulate = torch.promote_types(y_SD.dtype, weight_A.dtype)
-    contributions = y_SD[slot_A[kept]].to(accumulate) * weight_A[kept].to(accumulate).unsqueeze(-1)
+    rows_AD = y_SD.index_select(0, slot_A.clamp_min(0)).to(accumulate)
+    contributions = torch.where(kept_A1, rows_AD * weight_A.to(accumulate).unsqueeze(-1), 0)
     out = torch.zeros(num_tokens, y_SD.shape[-1], dtype=accumulate, device=y_SD.device)
-    return out.index_add(0, token_A[kept], contributions).to(y_SD.dtype)
+    return out.index_add(0, token_A, contributions).to(y_SD.dtype)
 
 
 def all_to_all_slots(buffer_SD: torch.Tensor, ep_group, ep_size: int) -> torch.Tensor:

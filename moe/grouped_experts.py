@@ -79,6 +79,7 @@ def swiglu_grouped(
     w2_eFD: torch.Tensor,
     *,
     use_grouped_mm: bool | None = None,
+    padded: bool = False,
 ) -> torch.Tensor:
     """y_ND for rows sorted by expert: rows counts[0] .. belong to expert 0, the next counts[1] to expert 1, ...
 
@@ -87,6 +88,11 @@ def swiglu_grouped(
     Zero-row experts are fine. `counts_e` must sum to N; that is checked when the counts are on
     the CPU, but not for CUDA counts on the grouped-GEMM path, where checking would cost a
     device-to-host sync (rows past the last offset would come back uninitialised).
+
+    `padded=True`: the counts may sum to fewer than N; the rows past their total are padding
+    (token choice's dropped assignments, sorted after the kept ones). Their outputs are zero and
+    they receive zero gradient. On the grouped-GEMM path the total stays on the device, so a
+    capacity layer needs no host sync to learn how many assignments it kept.
     """
     if x_ND.dim() != 2:
         raise ValueError(f"x_ND must be 2-D [N, D], got shape {tuple(x_ND.shape)}")
@@ -99,7 +105,7 @@ def swiglu_grouped(
     if counts_e.dtype.is_floating_point or counts_e.dtype == torch.bool:
         raise ValueError(f"counts_e must hold integers, got {counts_e.dtype}")
     if counts_e.device.type == "cpu":
-        _check_counts(counts_e.tolist(), x_ND.shape[0])
+        _check_counts(counts_e.tolist(), x_ND.shape[0], padded)
 
     x_ND, w1_eDF, w3_eDF, w2_eFD = _autocast_operands(x_ND, w1_eDF, w3_eDF, w2_eFD)
     grouped = uses_grouped_mm(x_ND, w1_eDF, w2_eFD)
@@ -109,16 +115,30 @@ def swiglu_grouped(
             f"with D={x_ND.shape[-1]}, F={w1_eDF.shape[-1]} (needs fp32/bf16/fp16 and 16-byte rows)"
         )
     if not grouped or use_grouped_mm is False:
-        return _swiglu_split_loop(x_ND, counts_e, w1_eDF, w3_eDF, w2_eFD)
+        if not padded:
+            return _swiglu_split_loop(x_ND, counts_e, w1_eDF, w3_eDF, w2_eFD)
+        # The loop sizes its chunks on the host anyway: compute the real rows, append zero padding.
+        total = int(counts_e.sum())
+        y_ND = _swiglu_split_loop(x_ND[:total], counts_e, w1_eDF, w3_eDF, w2_eFD)
+        return torch.cat([y_ND, y_ND.new_zeros(x_ND.shape[0] - total, y_ND.shape[-1])])
 
     offs_e = torch.cumsum(counts_e.to(x_ND.device), dim=0, dtype=torch.int32)
+    padding_N1 = None
+    if padded:
+        # torch._grouped_mm leaves the rows past the last offset uninitialised, in its output and in
+        # its input gradient. Zeroing the input here gives those rows a zero gradient whatever the
+        # backward leaves there; zeroing the output below makes them contribute nothing. The weight
+        # gradients only ever read rows inside the groups.
+        padding_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) >= offs_e[-1]).unsqueeze(-1)
+        x_ND = x_ND.masked_fill(padding_N1, 0)
     x_ND = _aligned(x_ND)
     w1_eDF, w3_eDF, w2_eFD = (_gemm_layout(w) for w in (w1_eDF, w3_eDF, w2_eFD))
     h_NF = F.silu(torch._grouped_mm(x_ND, w1_eDF, offs=offs_e)) * torch._grouped_mm(x_ND, w3_eDF, offs=offs_e)
     y_ND = torch._grouped_mm(h_NF, w2_eFD, offs=offs_e)
     # The caller's gradient may be stride-0 (`y.sum().backward()`) or transposed, which the
     # grouped GEMM's backward rejects; this identity hands it a dense, aligned copy instead.
-    return _DenseGrad.apply(y_ND)
+    y_ND = _DenseGrad.apply(y_ND)
+    return y_ND if padding_N1 is None else y_ND.masked_fill(padding_N1, 0)
 
 
 def swiglu_loop(x_ND: torch.Tensor, counts_e: torch.Tensor | Sequence[int], experts: Sequence[SwiGLUExpert]) -> torch.Tensor:
@@ -244,10 +264,12 @@ def _counts_tensor(counts_e: torch.Tensor | Sequence[int], device: torch.device)
     return torch.tensor(list(counts_e), dtype=torch.int64, device=device)
 
 
-def _check_counts(sizes: list[int], num_rows: int) -> None:
+def _check_counts(sizes: list[int], num_rows: int, padded: bool = False) -> None:
     if any(size < 0 for size in sizes):
         raise ValueError(f"counts_e must be non-negative, got {sizes}")
-    if sum(sizes) != num_rows:
+    if padded and sum(sizes) > num_rows:
+        raise ValueError(f"counts_e must sum to at most the number of rows of x_ND ({num_rows}), got {sum(sizes)}")
+    if not padded and sum(sizes) != num_rows:
         raise ValueError(f"counts_e must sum to the number of rows of x_ND ({num_rows}), got {sum(sizes)}")
 
 

@@ -90,7 +90,10 @@ class MoELayer(MoE):
         seed: int = 0,
         init_std: float = 0.02,
         out_std: float = 0.02,
+        tensor_parallel_size: int = 1,
     ) -> None:
+        """`tensor_parallel_size`: ranks that will split every expert's hidden units
+        (`shard_experts_for_tensor_parallel`); it decides which experts this rank holds."""
         super().__init__(
             hidden_size,
             expert=SwiGLUExpert(hidden_size, expert_hidden),
@@ -116,6 +119,7 @@ class MoELayer(MoE):
         """Set by `shard_experts_for_tensor_parallel`: the group over which experts' hidden units are split."""
         self._frozen_stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         """Set by `freeze_expert_weights` (inference only)."""
+        self.tensor_parallel_size = tensor_parallel_size
         self.ep_rank = self._expected_ep_rank()
         self._init_experts()
         # Named without "expert": DeepSpeed's checkpointing treats such keys as routed experts.
@@ -162,24 +166,25 @@ class MoELayer(MoE):
         construction, before the engine is built."""
         if self.config.implementation != "ours":
             raise ValueError("expert tensor parallelism needs moe.implementation=ours")
+        if size != self.tensor_parallel_size:
+            raise ValueError(f"the layer was built for tensor_parallel_size={self.tensor_parallel_size}, "
+                             f"sharding asks for {size}: the experts drawn at construction would be the wrong ones")
         if (self.local_experts[0].w1.out_features) % size:
             raise ValueError(f"the expert hidden size {self.local_experts[0].w1.out_features} must be divisible by {size}")
-        # With an mpu, DeepSpeed forms expert-parallel groups among the ranks of one tensor-parallel
-        # rank ([0, tp, 2tp, ...] for ep ranks 0, 1, 2, ...): draw the whole experts of that rank's
-        # global ids, then keep the shard.
-        self.ep_rank = (dist.get_rank() // size) % self.ep_size if dist.is_initialized() else 0
-        self._init_experts()
+        # The whole experts of this rank's global ids were drawn at construction; keep the shard.
         shard_swiglu_experts(self.local_experts, rank, size)
         self.tensor_parallel_group = group
 
     def _expected_ep_rank(self) -> int:
         # DeepSpeed groups consecutive ranks into expert-parallel groups ([0..ep-1], [ep..2ep-1], ...),
         # so the expert-parallel rank is known before the engine creates the groups; the weights
-        # of global expert j are then drawn the same way at every expert-parallel size.
-        # (Tensor parallelism changes the layout: see shard_experts_for_tensor_parallel.)
+        # of global expert j are then drawn the same way at every expert-parallel size. With a
+        # tensor-parallel unit (mpu) the groups are formed among ranks of one tensor-parallel rank
+        # ([0, tp, 2tp, ...] for ep ranks 0, 1, 2, ...), hence the division by tp.
+        # `_create_process_groups` checks the assumption against the groups DeepSpeed made.
         if self.ep_size == 1 or not dist.is_initialized():
             return 0
-        return dist.get_rank() % self.ep_size
+        return (dist.get_rank() // self.tensor_parallel_size) % self.ep_size
 
     def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
         super()._create_process_groups(use_data_before_expert_parallel_=use_data_before_expert_parallel_)
@@ -200,8 +205,10 @@ class MoELayer(MoE):
         else:
             plan = self._plan_expert_choice(x_TD, sequence_length=shape[-2] if len(shape) > 2 else num_tokens)
 
-        if self.ep_size > 1 and plan.capacity is not None:
-            y_TD = self._experts_fixed_all_to_all(x_TD, plan)
+        if plan.capacity is not None and (self.ep_size > 1 or plan.top_k is None):
+            # Expert choice already comes in the fixed layout (C per expert), and capacity mode
+            # across ranks exchanges fixed-size slot buffers.
+            y_TD = self._experts_fixed_layout(x_TD, plan)
         else:
             order_N, counts_E = self._sorted_by_expert(plan)
             if plan.top_k is not None:
@@ -209,8 +216,10 @@ class MoELayer(MoE):
             else:
                 rows_ND = x_TD[plan.token_A[order_N]]
             if self.ep_size == 1:
+                # With a capacity, order_N also lists the dropped assignments, after the kept ones.
+                padded = plan.capacity is not None
                 y_rows_ND = run_sharded(
-                    lambda rows: swiglu_grouped(rows, counts_E, *self._expert_weights()),
+                    lambda rows: swiglu_grouped(rows, counts_E, *self._expert_weights(), padded=padded),
                     rows_ND, self.tensor_parallel_group,
                 )
             else:
@@ -280,13 +289,19 @@ class MoELayer(MoE):
     # ------------------------------------------------------------------ expert compute
     def _sorted_by_expert(self, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept assignments ordered by global expert (stable: ties keep token order), and the
-        number per expert: the layout of a grouped GEMM, no padding. ([N], [E])"""
+        number kept per expert: the layout of a grouped GEMM. ([N], [E])
+
+        Token choice with a capacity at one rank lists its dropped assignments too, after every
+        kept one (padding rows for `swiglu_grouped(..., padded=True)`): the number kept then never
+        has to reach the host. Nothing here waits for the device, except expert choice's causal
+        mode (a variable number of assignments)."""
         num_experts = self.config.num_experts
-        if plan.capacity is None and plan.top_k is not None:
-            # Dropless token choice keeps every assignment: no mask to resolve, so no host sync.
-            order_N = torch.argsort(plan.expert_A, stable=True)
-            return order_N, count_per_bin(plan.expert_A, num_experts)
-        # Some assignments may be dropped: how many are kept is read to the host (nonzero).
+        if plan.top_k is not None:
+            # Dropped assignments get the key E, one past the last expert, so they sort last.
+            key_A = plan.expert_A if plan.capacity is None else torch.where(plan.kept_A, plan.expert_A, num_experts)
+            order_N = torch.argsort(key_A, stable=True)
+            return order_N, count_per_bin(plan.expert_A, num_experts, where=None if plan.capacity is None else plan.kept_A)
+        # A variable number of assignments: how many there are is read to the host (nonzero).
         kept_N = torch.nonzero(plan.kept_A, as_tuple=True)[0]
         order_N = kept_N[torch.argsort(plan.expert_A[kept_N], stable=True)]
         return order_N, count_per_bin(plan.expert_A, num_experts, where=plan.kept_A)
@@ -299,9 +314,9 @@ class MoELayer(MoE):
         all_rows = torch.arange(order_N.numel(), device=order_N.device)
         return combine_assignments(y_rows_ND, plan.token_A[order_N], all_rows, plan.weight_A[order_N], num_tokens)
 
-    def _experts_fixed_all_to_all(self, x_TD: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        """Capacity mode across ranks: equal-sized [E*C] slot buffers, one fixed-shape all-to-all
-        each way (no count exchange, no host sync), batched GEMMs on [e, ep*C, D]."""
+    def _experts_fixed_layout(self, x_TD: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """Equal-sized [E*C] slot buffers, one fixed-shape all-to-all each way across ranks (none at
+        one rank), batched GEMMs on [e, ep*C, D]: no count exchange, no host sync."""
         num_experts, capacity = self.config.num_experts, plan.capacity
         assert plan.slot_A is not None and capacity is not None
         if plan.top_k is not None:

@@ -168,10 +168,11 @@ class GPT(nn.Module):
         blocks = []
         for i in range(cfg.num_layers):
             if is_moe_block(i, moe):
-                layer_class = StockDeepSpeedMoE if moe.implementation == "deepspeed" else MoELayer
-                ffn: nn.Module = layer_class(
-                    cfg.hidden_size, expert_hidden, moe, layer_index=i, seed=seed, init_std=cfg.init_std, out_std=out_std
-                )
+                common = dict(layer_index=i, seed=seed, init_std=cfg.init_std, out_std=out_std)
+                if moe.implementation == "deepspeed":
+                    ffn: nn.Module = StockDeepSpeedMoE(cfg.hidden_size, expert_hidden, moe, **common)
+                else:
+                    ffn = MoELayer(cfg.hidden_size, expert_hidden, moe, tensor_parallel_size=cfg.tensor_parallel, **common)
             else:
                 ffn = SwiGLUExpert(cfg.hidden_size, cfg.ffn_hidden)
                 ffn.init_weights(cfg.init_std, out_std)

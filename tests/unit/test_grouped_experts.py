@@ -262,6 +262,65 @@ def test_misuse_raises_value_error_naming_the_argument():
         swiglu_loop(x, [6], experts)
 
 
+def _padded_reference(counts: list[int], padding: int, experts: list[SwiGLUExpert]):
+    """The module loop on the real rows, zeros for the padding rows (which get no gradient)."""
+    def fn(x):
+        y = swiglu_loop(x[: sum(counts)], counts, experts)
+        return torch.cat([y, y.new_zeros(padding, y.shape[-1])])
+
+    return fn
+
+
+@pytest.mark.parametrize("path", ["grouped", "loop"])
+@pytest.mark.parametrize("counts", COUNTS.values(), ids=COUNTS.keys())
+def test_padded_rows_give_zero_output_and_no_gradient(path, counts):
+    """Capacity mode's layout: kept rows sorted by expert, then dropped rows the counts do not cover.
+    The grouped GEMM leaves such rows uninitialised (garbage, often huge) forward and backward, so
+    this is checked with a non-zero incoming gradient on the padding rows too."""
+    if path == "grouped" and not grouped_mm_available("cpu", torch.float32):
+        pytest.skip("this torch has no CPU torch._grouped_mm")
+    torch.manual_seed(2)
+    padding = 5
+    experts = _experts(len(counts), torch.float32)
+    x = torch.randn(sum(counts) + padding, DIM, requires_grad=True)
+    grad = torch.randn(sum(counts) + padding, DIM)
+    use = path == "grouped"
+
+    fast = _run(lambda x: swiglu_grouped(x, torch.tensor(counts), *stack_expert_weights(experts), padded=True,
+                                         use_grouped_mm=use), x, experts, grad)
+    ref = _run(_padded_reference(counts, padding, experts), x, experts, grad)
+    assert torch.equal(fast[0][sum(counts):], torch.zeros(padding, DIM))
+    assert torch.equal(fast[1][sum(counts):], torch.zeros(padding, DIM))
+    _assert_same(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_padded_counts_may_not_exceed_the_rows():
+    w1, w3, w2 = stack_expert_weights(_experts(3, torch.float32))
+    with pytest.raises(ValueError, match="at most the number of rows"):
+        swiglu_grouped(torch.randn(6, DIM), [2, 4, 1], w1, w3, w2, padded=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_padded_grouped_equals_loop(dtype):
+    """The padded layout on a GPU with device-side counts (no host sync), against the module loop."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    counts, padding = [64, 0, 200, 8], 40
+    device = torch.device("cuda")
+    experts = [e.to(device) for e in _experts(4, dtype, dim=64, hidden=128)]
+    x = torch.randn(sum(counts) + padding, 64, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(sum(counts) + padding, 64, device=device, dtype=dtype)
+    counts_e = torch.tensor(counts, device=device)
+    fast = _run(lambda x: swiglu_grouped(x, counts_e, *stack_expert_weights(experts), padded=True), x, experts, grad)
+    ref = _run(_padded_reference(counts, padding, experts), x, experts, grad)
+    assert not fast[0][sum(counts):].any() and not fast[1][sum(counts):].any()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    pairs = [(fast[0], ref[0]), (fast[1], ref[1])] + [(fast[2][k], ref[2][k]) for k in ref[2]]
+    for a, b in pairs:
+        assert (a.float() - b.float()).norm() <= tol * b.float().norm() + 1e-3
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_grouped_equals_loop(dtype):
