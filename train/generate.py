@@ -82,23 +82,35 @@ def generate_tokens(
 
 class TextStream:
     """Prints decoded text as tokens arrive. A byte-level BPE token can end inside a multi-byte
-    character, so text is printed only up to the last complete character."""
+    character, so text is printed only up to the last complete character; `finish` prints the rest."""
 
     def __init__(self, tokenizer, out=None) -> None:
         self.tokenizer = tokenizer
         # Looked up now, not at import: a redirected or captured stdout must receive the text.
         self.out = out if out is not None else sys.stdout
-        self.ids: list[int] = []
-        self.printed = ""
+        # The ids since the last complete character. Only these are decoded, so a token costs a
+        # decode of a few ids rather than of everything so far (quadratic in the length). Decoding
+        # them apart gives the same text as decoding all ids: the byte-level decoder maps each token
+        # to its bytes and decodes their concatenation as UTF-8 (no prefix-space rule), and UTF-8
+        # decoding does not look back across a complete character.
+        self.pending: list[int] = []
 
     def __call__(self, token: int) -> None:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd"):  # a character still incomplete: wait for its next bytes
             return
-        self.out.write(text[len(self.printed):])
+        self._write(text)
+
+    def finish(self) -> None:
+        """Print what is still pending: generation may stop inside a character, whose bytes then
+        print as the replacement character rather than not at all."""
+        self._write(self.tokenizer.decode(self.pending) if self.pending else "")
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
         self.out.flush()
-        self.printed = text
+        self.pending.clear()
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -138,6 +150,7 @@ def _main(argv: Sequence[str] | None) -> int:
         with routing(loaded.model, mode):
             new = generate_tokens(loaded.model, [eot, *tokenizer.encode(prompt).ids], args.max_new_tokens, sampling,
                                   generator, use_cache=not args.no_cache, stop_tokens=(eot,), on_token=stream)
+        stream.finish()
         elapsed = time.perf_counter() - started
         sys.stdout.write("\n")
         print(f"[{len(new)} tokens, {len(new) / elapsed:.1f} tokens/s]", file=sys.stderr, flush=True)

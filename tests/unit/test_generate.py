@@ -1,4 +1,4 @@
-"""KV-cache generation against recomputing the whole context, causal routing at generation, CLI errors."""
+"""KV-cache generation against recomputing the whole context, causal routing at generation, streamed text, CLI errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import torch
 
 from moe import MoEConfig
 from train.config import ConfigError
-from train.generate import generate_tokens
+from train.data import train_bpe_tokenizer
+from train.data.tokenizer import eot_id
+from train.generate import TextStream, generate_tokens
 from train.kv_cache import KVCache
 from train.model import GPT, ModelConfig
 from train.routing_modes import generation_mode, moe_layers, routing
@@ -103,6 +105,87 @@ def test_cache_respects_the_context_length():
         model(torch.zeros(1, SEQ - 1, dtype=torch.long), cache=cache)
         with pytest.raises(ValueError, match="seq_len"):
             model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+
+
+# Accents, CJK and emoji: 2-, 3- and 4-byte characters, which a small byte-level vocabulary splits
+# across tokens, with leading and repeated spaces (where a prefix-space rule would show).
+MULTILINGUAL = [
+    "Café crème brûlée à Zürich, naïve façade. 🦦 the otter swims 🦦🦦 near the river.",
+    "日本語のテキスト and 😀 emoji 🎉🎉 with  double  spaces\n and a new line.",
+    " Ünïcödé everywhere: ñ, ø, ß, 東京, 🐍 python 🐍.",
+]
+
+
+class _Out:
+    """A stream that records each write."""
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.pieces.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe_tokenizer(MULTILINGUAL * 4, 300)
+
+
+def _stream_ids(tokenizer) -> list[int]:
+    eot = eot_id(tokenizer)
+    ids = [eot, *tokenizer.encode(" Dès 🦦 here: 日本 😀🎉 ñø").ids, eot, *tokenizer.encode("🐍 façade  🦦").ids]
+    # The test is only worth its name if characters really are split across tokens.
+    assert any(tokenizer.decode([i]).endswith("\ufffd") for i in ids)
+    return ids
+
+
+def test_text_stream_prints_exactly_the_decoded_text_at_every_stopping_point(tokenizer):
+    ids = _stream_ids(tokenizer)
+    for stop in range(len(ids) + 1):  # generation may end after any token, inside a character too
+        out = _Out()
+        stream = TextStream(tokenizer, out)
+        for token in ids[:stop]:
+            stream(token)
+        # Before finish only complete characters are printed; after it, everything.
+        assert "\ufffd" not in "".join(out.pieces)
+        stream.finish()
+        assert "".join(out.pieces) == tokenizer.decode(ids[:stop])
+
+
+def test_text_stream_on_arbitrary_tokens_equals_decoding_them_all(tokenizer):
+    """Any token sequence, invalid UTF-8 included (lone continuation bytes, truncated characters):
+    printing the pending ids apart concatenates to the decode of the whole."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        ids = torch.randint(0, tokenizer.get_vocab_size(), (40,), generator=generator).tolist()
+        out = _Out()
+        stream = TextStream(tokenizer, out)
+        for token in ids:
+            stream(token)
+        stream.finish()
+        assert "".join(out.pieces) == tokenizer.decode(ids)
+
+
+def test_text_stream_decodes_only_the_pending_ids(tokenizer):
+    """Each token decodes the ids since the last complete character, not the whole text (quadratic)."""
+    decoded: list[int] = []
+
+    class Counting:
+        def decode(self, ids):
+            decoded.append(len(ids))
+            return tokenizer.decode(ids)
+
+    ids = _stream_ids(tokenizer) * 20
+    stream = TextStream(Counting(), _Out())
+    for token in ids:
+        stream(token)
+    stream.finish()
+    # A 4-byte character spans at most 4 tokens.
+    assert max(decoded) <= 4
+    assert sum(decoded) <= 4 * len(ids)
 
 
 @pytest.mark.parametrize(
