@@ -24,11 +24,19 @@ What Mixtral cannot express is refused with one line naming it: expert choice, a
 expert, sigmoid scores, unnormalised top-k weights, top-1 (our weight is the router
 probability; Mixtral's renormalised weight is 1), a selection bias (aux-loss-free balancing),
 dense FFN blocks between MoE blocks (moe.every > 1), a dense model, stock DeepSpeed layers.
+
+The checkpoint is written into a sibling `DIR.partial` and renamed into place once complete, so a
+crash or kill never leaves a half-written DIR that looks loadable (a later export removes the
+leftover). An existing DIR is replaced as a whole, as the export's own files always were: it is
+renamed away, the new one renamed in, and only then is the old one removed. A DIR holding files
+the export does not write is refused with one line naming them, rather than deleted.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +45,9 @@ import torch
 
 from train.commands import ArgumentParser, quiet_deepspeed, run_command
 from train.config import ConfigError
+
+# Every file an export may write: an existing --out holding only these is a previous export.
+EXPORT_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"})
 
 
 def unsupported_features(model: torch.nn.Module) -> list[str]:
@@ -131,16 +142,20 @@ def mixtral_config(model: torch.nn.Module, eot_id: int | None) -> dict:
 
 
 def export_mixtral(model: torch.nn.Module, out: Path, tokenizer_file: Path | None = None) -> None:
-    """Write a Mixtral checkpoint of `model` (a train.model.GPT) to directory `out`; ConfigError when
-    the model has something Mixtral cannot represent."""
-    from safetensors.torch import save_file
-
+    """Write a Mixtral checkpoint of `model` (a train.model.GPT) to directory `out`, replacing a
+    previous export there; ConfigError when the model has something Mixtral cannot represent or
+    `out` holds something else."""
+    # Checked here rather than in the command, so API callers are refused too, before any file is written.
     problems = unsupported_features(model)
     if problems:
         raise ConfigError(f"cannot export to Mixtral: {'; '.join(problems)}")
-    from train.data import EOT, load_tokenizer
+    from train.data import load_tokenizer
     from train.data.tokenizer import eot_id as end_of_text_id
 
+    out = Path(os.path.abspath(out))  # a name to put siblings beside, even for "."
+    if out.is_symlink():
+        out = out.resolve()  # replace what the link names, as writing through it did
+    _check_replaceable(out)
     eot_id = None
     tokenizer = None
     if tokenizer_file is not None:
@@ -149,7 +164,39 @@ def export_mixtral(model: torch.nn.Module, out: Path, tokenizer_file: Path | Non
             eot_id = end_of_text_id(tokenizer)
         except ValueError as error:
             raise ConfigError(f"{tokenizer_file}: {error}") from None
-    out.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # left by an export that was killed
+    partial.mkdir(parents=True)
+    try:
+        _write_checkpoint(model, partial, eot_id, tokenizer)
+        for path in partial.iterdir():
+            _fsync(path)
+        _fsync(partial)
+        _move_into_place(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _check_replaceable(out: Path) -> None:
+    """ConfigError unless `out` is absent or a directory holding only a previous export's files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a directory")
+    foreign = sorted(path.name for path in out.iterdir() if path.name not in EXPORT_FILES or not path.is_file())
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ConfigError(f"{out}: holds files moe-export does not write ({shown}); "
+                          "remove them or choose another directory")
+
+
+def _write_checkpoint(model: torch.nn.Module, out: Path, eot_id: int | None, tokenizer) -> None:
+    """The checkpoint's files, in the (empty) directory `out`."""
+    from safetensors.torch import save_file
+
+    from train.data import EOT
+
     save_file(mixtral_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(mixtral_config(model, eot_id), indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None:
@@ -164,6 +211,37 @@ def export_mixtral(model: torch.nn.Module, out: Path, tokenizer_file: Path | Non
         (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
 
 
+def _move_into_place(partial: Path, out: Path) -> None:
+    """Rename the complete `partial` to `out`; a previous `out` is renamed away first and removed
+    only once the new one is in place, so `out` is always either the old export or the new one."""
+    old = out.with_name(out.name + ".replaced")
+    shutil.rmtree(old, ignore_errors=True)  # left by an export killed between the two renames
+    if out.exists():
+        os.replace(out, old)
+    try:
+        os.replace(partial, out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            os.replace(old, out)  # the previous export back under its name
+        raise
+    _fsync(out.parent)  # the renames are durable before the old copy goes
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or directory to disk; best effort for directories, which some systems refuse to open."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     parser = ArgumentParser(prog="moe-export", description="Export a token-choice model as a Hugging Face Mixtral checkpoint.")
     parser.add_argument("checkpoint", nargs="?", help="run directory, checkpoint directory or consolidated .safetensors "
@@ -174,15 +252,14 @@ def _main(argv: Sequence[str] | None) -> int:
     from train.load import load_model
 
     loaded = load_model(args.checkpoint)
-    problems = unsupported_features(loaded.model)
-    if problems:
-        raise ConfigError(f"cannot export to Mixtral: {'; '.join(problems)}")
+    note = None
     try:
         tokenizer_file = loaded.tokenizer_path()
     except ConfigError as error:
-        print(f"note: no tokenizer exported ({error})", file=sys.stderr)
-        tokenizer_file = None
+        note, tokenizer_file = f"note: no tokenizer exported ({error})", None
     export_mixtral(loaded.model, args.out, tokenizer_file)
+    if note is not None:  # after the export, so a refused model's error stays the only line
+        print(note, file=sys.stderr)
     print(f"exported {loaded.source} (step {loaded.step}) as Mixtral -> {args.out} "
           f"(equals our model with dropless routing; load with transformers' AutoModelForCausalLM.from_pretrained)")
     return 0

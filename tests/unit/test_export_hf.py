@@ -100,3 +100,72 @@ def test_cli_refuses_a_missing_checkpoint(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such checkpoint" in err[0]
+
+
+def _boom(*args, **kwargs):
+    raise OSError("disk full (injected)")
+
+
+@pytest.mark.parametrize("writer", ["safetensors.torch.save_file", "train.export_hf.mixtral_config"])
+def test_a_failure_while_writing_leaves_nothing_under_the_name(tmp_path, monkeypatch, writer):
+    # mixtral_config fails after the weights are on disk: the middle of writing, not the start.
+    model = _model()
+    with monkeypatch.context() as patch:
+        patch.setattr(writer, _boom)
+        with pytest.raises(OSError, match="injected"):
+            export_mixtral(model, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    export_mixtral(model, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_killed_exports_leftovers_do_not_stop_the_next(tmp_path):
+    # A kill skips every clean-up: a half-written .partial, and an old export renamed away.
+    for leftover in ("hf.partial", "hf.replaced"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "model.safetensors").write_bytes(b"truncated")
+    export_mixtral(_model(), tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert (tmp_path / "hf" / "model.safetensors").stat().st_size > len(b"truncated")
+
+
+def test_an_existing_export_is_replaced_as_a_whole(tmp_path):
+    out = tmp_path / "hf"
+    out.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_text("old")
+    export_mixtral(_model(), out)
+    # The old tokenizer went with the rest: this export has none, and a stale one would be loaded.
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert '"model_type": "mixtral"' in (out / "config.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_an_existing_export_survives_a_failed_replacement(tmp_path, monkeypatch):
+    out = tmp_path / "hf"
+    export_mixtral(_model(), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr("train.export_hf.mixtral_config", _boom)
+    with pytest.raises(OSError, match="injected"):
+        export_mixtral(_model(tie=False), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_an_output_holding_other_files_is_refused_not_deleted(tmp_path):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(ConfigError, match="notes.md") as error:
+        export_mixtral(_model(), out)
+    assert str(out) in str(error.value) and "\n" not in str(error.value)
+    assert (out / "notes.md").read_text() == "mine" and (out / "config.json").read_text() == "old"
+
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ConfigError, match="not a directory"):
+        export_mixtral(_model(), tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "hf"]
