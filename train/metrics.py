@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,17 +94,25 @@ class MetricsFile:
         """On resume, drop lines logged after the checkpoint we resume from: they will be redone."""
         if not self.enabled or not self.path.exists():
             return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line torn by the kill that we are resuming from
-                continue
-            if record.get("step", step + 1) <= step:
-                kept.append(line)
+        kept = [line for line, record in metrics_lines(self.path) if record.get("step", step + 1) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.path)
+
+
+def metrics_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(line, record) for each line of a metrics.jsonl; a line torn by a kill does not parse and is skipped."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        yield line, record
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl; a torn last line (a killed run) is skipped."""
+    return [record for _, record in metrics_lines(path)]
 
 
 def _finite(value: Any) -> Any:

@@ -4,21 +4,23 @@ One figure per MoE layer, `<run_dir>/plots/expert_load_<layer>.png`: a heatmap o
 share of the kept tokens over training (x = step, y = expert, colour = share relative to an
 even split), and below it the drop % and the coefficient of variation over the same steps.
 
-The figures are drawn from metrics.jsonl, not from memory, so a resumed run's plots cover the
-whole run. `python -m train.plots RUN_DIR` draws them for any run directory, finished or not.
+During training the sink reads metrics.jsonl once, at its first record, and then adds the
+records it is given, so a resumed run's plots cover the whole run without re-reading the file at
+every evaluation. `python -m train.plots RUN_DIR` draws them for any run directory, finished or not.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from train.metrics import read_metrics
 
 
 @dataclass
@@ -33,31 +35,35 @@ class LayerSeries:
     dead_experts: list[float] = field(default_factory=list)
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl; a torn last line (a killed run) is skipped."""
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
 def expert_series(records: list[dict[str, Any]]) -> dict[str, LayerSeries]:
     """Per-layer series from the train records that carry expert figures."""
     series: dict[str, LayerSeries] = {}
     for record in records:
-        if record.get("event") != "train":
-            continue
-        for layer, figures in (record.get("experts") or {}).items():
-            s = series.setdefault(layer, LayerSeries())
-            s.steps.append(int(record["step"]))
-            s.load.append(list(figures["load"]))
-            s.drop_fraction.append(float(figures["drop_fraction"]))
-            s.cv.append(float(figures["cv"]))
-            s.dead_experts.append(float(figures["dead_experts"]))
+        add_expert_figures(series, record)
     return series
+
+
+def add_expert_figures(series: dict[str, LayerSeries], record: dict[str, Any]) -> None:
+    """Append a train record's expert figures to `series`; other records add nothing."""
+    if record.get("event") != "train":
+        return
+    for layer, figures in (record.get("experts") or {}).items():
+        s = series.setdefault(layer, LayerSeries())
+        s.steps.append(int(record["step"]))
+        s.load.append(list(figures["load"]))
+        s.drop_fraction.append(float(figures["drop_fraction"]))
+        s.cv.append(float(figures["cv"]))
+        s.dead_experts.append(float(figures["dead_experts"]))
+
+
+def layer_order(layers: Iterable[str]) -> list[str]:
+    """MoE layer names in model order (moe_layer_2 before moe_layer_10)."""
+    return sorted(layers, key=_layer_index)
+
+
+def _layer_index(name: str) -> int:
+    digits = name.rsplit("_", 1)[-1]
+    return int(digits) if digits.isdigit() else 0
 
 
 def plot_layer(layer: str, series: LayerSeries, path: Path, title_suffix: str = "") -> Path:
@@ -112,16 +118,15 @@ def write_expert_plots(metrics_path: Path, out_dir: Path, title_suffix: str = ""
     """One PNG per MoE layer in `out_dir`; none for a dense model or before the first train record."""
     if not metrics_path.exists():
         return []
-    series = expert_series(read_metrics(metrics_path))
+    return plot_expert_series(expert_series(read_metrics(metrics_path)), out_dir, title_suffix)
+
+
+def plot_expert_series(series: dict[str, LayerSeries], out_dir: Path, title_suffix: str = "") -> list[Path]:
+    """One PNG per layer of `series` in `out_dir`, in layer order."""
     return [
-        plot_layer(layer, s, out_dir / f"expert_load_{layer}.png", title_suffix)
-        for layer, s in sorted(series.items(), key=lambda item: _layer_index(item[0]))
+        plot_layer(layer, series[layer], out_dir / f"expert_load_{layer}.png", title_suffix)
+        for layer in layer_order(series)
     ]
-
-
-def _layer_index(name: str) -> int:
-    digits = name.rsplit("_", 1)[-1]
-    return int(digits) if digits.isdigit() else 0
 
 
 class PlotSink:
@@ -140,8 +145,13 @@ class PlotSink:
         self.latest_step = 0
         """The step of the latest record of any kind: images go there, never behind what W&B has
         already logged (a "preempted" or "stopped" record comes after the last train record)."""
+        self.series: dict[str, LayerSeries] | None = None
+        """The figures to draw, None until the first record (see `_add`)."""
+        self.added_step = -1
+        """The step of the last train record in `series`."""
 
     def write(self, record: dict[str, Any]) -> None:
+        self._add(record)
         self.latest_step = max(self.latest_step, int(record.get("step", 0)))
         if record.get("event") == "train":
             self.last_step = int(record["step"])
@@ -152,8 +162,26 @@ class PlotSink:
         if self.last_step is not None:
             self._draw(self.latest_step)
 
+    def _add(self, record: dict[str, Any]) -> None:
+        if self.series is None:
+            # Read once, at the first record rather than when opened: the loop opens the sinks before
+            # it truncates metrics.jsonl to the checkpoint it resumes from. What is left is the run
+            # so far, which the plots cover too.
+            self.series = {}
+            metrics = self.run_dir / "metrics.jsonl"
+            for earlier in read_metrics(metrics) if metrics.exists() else []:
+                self._add_train(earlier)
+        self._add_train(record)
+
+    def _add_train(self, record: dict[str, Any]) -> None:
+        # The file holds each record before the sink is given it, so the first one arrives twice:
+        # train steps only go up after the truncation, and one not past the last added is a repeat.
+        if record.get("event") == "train" and int(record["step"]) > self.added_step:
+            add_expert_figures(self.series, record)
+            self.added_step = int(record["step"])
+
     def _draw(self, step: int) -> None:
-        paths = write_expert_plots(self.run_dir / "metrics.jsonl", self.run_dir / "plots", f" ({self.run_dir.name})")
+        paths = plot_expert_series(self.series or {}, self.run_dir / "plots", f" ({self.run_dir.name})")
         self.last_step = None  # drawn: finish() need not draw the same figures again
         if paths and self.on_plots is not None:
             self.on_plots(step, paths)

@@ -59,7 +59,8 @@ def dashboard_spec(layers: list[str], num_experts: int) -> dict[str, Any]:
 
 def layers_of_run(run_dir: Path) -> tuple[list[str], int]:
     """MoE layer names and expert count from a run's first train record with expert figures."""
-    from train.plots import read_metrics
+    from train.metrics import read_metrics
+    from train.plots import layer_order
 
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
@@ -67,7 +68,7 @@ def layers_of_run(run_dir: Path) -> tuple[list[str], int]:
     for record in read_metrics(metrics):
         experts = record.get("experts") or {}
         if record.get("event") == "train" and experts:
-            layers = sorted(experts, key=lambda name: int(name.rsplit("_", 1)[-1]))
+            layers = layer_order(experts)
             return layers, len(experts[layers[0]]["load"])
     raise ValueError(f"--from-run: {metrics} has no train record with expert figures (a dense model?)")
 

@@ -11,6 +11,7 @@ import pytest
 from matplotlib import colormaps
 from matplotlib.image import imread
 
+from train.metrics import MetricsFile, read_metrics
 from train.plots import PlotSink, expert_series, main, write_expert_plots
 
 NUM_EXPERTS = 8
@@ -58,8 +59,6 @@ def test_writes_one_valid_png_per_layer_from_metrics(tmp_path):
 def test_series_follow_the_records_in_step_order(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     _write_metrics(metrics, [5, 10, 12])
-    from train.plots import read_metrics
-
     series = expert_series(read_metrics(metrics))
     assert sorted(series) == ["moe_layer_0", "moe_layer_1"]
     layer = series["moe_layer_1"]
@@ -89,6 +88,51 @@ def test_sink_draws_at_the_end_or_after_every_evaluation(tmp_path):
     every_eval.write(eval_record)
     every_eval.finish({})  # already drawn at the final evaluation
     assert drawn == [(10, 2)]
+
+
+def _train_record(step: int, cv: float) -> dict:
+    figures = {**_layer_figures(step), "cv": cv}
+    return {"event": "train", "step": step, "loss": 7.0, "experts": {"moe_layer_0": figures, "moe_layer_1": figures}}
+
+
+def test_sink_after_a_resume_covers_the_whole_run_once(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    _write_metrics(metrics, [10, 20, 30, 40], torn_tail=True)  # killed after step 40; checkpoint at 20
+    drawn: list[int] = []
+    # The loop's order: the sink is opened, metrics.jsonl cut back to the checkpoint, then each
+    # record goes to the file and after it to the sink.
+    sink = PlotSink(tmp_path, every_eval=True, on_plots=lambda step, paths: drawn.append(step))
+    log = MetricsFile(metrics, enabled=True)
+    log.truncate_after(20)
+    for record in (_train_record(30, cv=9.0), {"event": "eval", "step": 30}, _train_record(40, cv=9.0)):
+        log.write(record)
+        sink.write(record)
+    sink.finish({})
+    assert drawn == [30, 40]
+    for layer in ("moe_layer_0", "moe_layer_1"):
+        series = sink.series[layer]
+        assert series.steps == [10, 20, 30, 40]
+        assert series.cv == pytest.approx([1.0, 2.0, 9.0, 9.0])  # the redone steps, not the cut ones
+    assert len(list((tmp_path / "plots").glob("expert_load_*.png"))) == 2
+
+
+def test_sink_reads_metrics_once_not_at_every_draw(tmp_path, monkeypatch):
+    import train.plots
+
+    reads: list[Path] = []
+    monkeypatch.setattr(train.plots, "read_metrics", lambda path: reads.append(path) or read_metrics(path))
+    metrics = tmp_path / "metrics.jsonl"
+    _write_metrics(metrics, [10])
+    drawn: list[int] = []
+    sink = PlotSink(tmp_path, every_eval=True, on_plots=lambda step, paths: drawn.append(step))
+    sink.write({"event": "eval", "step": 10})
+    metrics.unlink()  # what is drawn from now on comes from the records the sink was given
+    for step in (20, 30):
+        sink.write(_train_record(step, cv=5.0))
+        sink.write({"event": "eval", "step": step})
+    assert drawn == [20, 30] and reads == [metrics]
+    assert sink.series["moe_layer_0"].steps == [10, 20, 30]
+    assert sink.series["moe_layer_1"].cv == pytest.approx([1.0, 5.0, 5.0])
 
 
 def test_command_line(tmp_path, capsys):
