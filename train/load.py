@@ -173,17 +173,19 @@ def moe_layer_prefixes(model: torch.nn.Module) -> list[str]:
 
 
 def read_deepspeed_weights(
-    tag_dir: Path, model: torch.nn.Module, tensor_parallel: int = 1
+    tag_dir: Path, model: torch.nn.Module, tensor_parallel: int = 1, rank0: dict | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Whole-model state dict (global expert ids, fp32) from one DeepSpeed checkpoint tag, and the
     client state saved with it (step, tokens, ...). A tensor-parallel run wrote one set of files per
     tensor-parallel rank (`mp_rank_{r}`), each holding its shard of the split weights; they are
-    joined by train/tp_layout.py's rules."""
+    joined by train/tp_layout.py's rules. `rank0`: the contents of mp_rank_00_model_states.pt when
+    the caller has read it already (`read_non_expert_file`), so that it is not read twice."""
     found = len(list(tag_dir.glob("mp_rank_*_model_states.pt")))
     if found != tensor_parallel:
         raise ConfigError(f"{tag_dir}: {found} mp_rank_*_model_states.pt files, but the run's "
                           f"model.tensor_parallel={tensor_parallel}")
-    shards = [_read_tensor_parallel_rank(tag_dir, model, rank) for rank in range(tensor_parallel)]
+    shards = [_read_tensor_parallel_rank(tag_dir, model, rank, rank0 if rank == 0 else None)
+              for rank in range(tensor_parallel)]
     if tensor_parallel == 1:
         state = shards[0][0]
     else:
@@ -194,12 +196,21 @@ def read_deepspeed_weights(
     return to_fp32(state), shards[0][1]
 
 
-def _read_tensor_parallel_rank(tag_dir: Path, model: torch.nn.Module, rank: int) -> tuple[dict, dict]:
-    non_expert_file = tag_dir / f"mp_rank_{rank:02d}_model_states.pt"
-    non_expert = torch.load(non_expert_file, map_location="cpu", weights_only=False)
+def read_non_expert_file(path: Path) -> dict:
+    """The contents of one `mp_rank_{r}_model_states.pt`, checked to be DeepSpeed's model states."""
+    non_expert = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(non_expert, dict) or "module" not in non_expert:
-        raise ConfigError(f"{non_expert_file}: not a DeepSpeed model-states file (no 'module')")
-    state = dict(non_expert["module"])
+        raise ConfigError(f"{path}: not a DeepSpeed model-states file (no 'module')")
+    return non_expert
+
+
+def _read_tensor_parallel_rank(
+    tag_dir: Path, model: torch.nn.Module, rank: int, non_expert: dict | None = None
+) -> tuple[dict, dict]:
+    non_expert_file = tag_dir / f"mp_rank_{rank:02d}_model_states.pt"
+    if non_expert is None:
+        non_expert = read_non_expert_file(non_expert_file)
+    state = dict(non_expert["module"])  # a copy: the caller's `non_expert` keeps its keys
     for key in [k for k in state if k.endswith("._extra_state")]:
         # megatron-core's tensor-parallel layers carry an empty slot for Transformer Engine's fp8 metadata.
         if state[key] is not None:
@@ -249,12 +260,12 @@ def load_state_strictly(model: torch.nn.Module, state: dict[str, torch.Tensor], 
 def read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, header) of a consolidated file; the header is the JSON train/consolidate.py wrote."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     try:
+        # One open for header and tensors (what safetensors' load_file does inside): the file can be GBs.
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        state = load_file(str(path))
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise ConfigError(f"{path}: not a readable safetensors file ({str(error).splitlines()[0]})") from None
     header_text = metadata.get("moe_gpt")
@@ -281,11 +292,12 @@ def load_model(path: str | Path | None, device: str | torch.device = "cpu") -> L
         run = read_run_config(source.parent.parent)
         tensor_parallel = run.model.tensor_parallel
         run = single_process_layout(run)
-        non_expert = torch.load(source / NON_EXPERT_FILE, map_location="cpu", weights_only=False)
+        # Read once, for the vocabulary size and then the weights: the file can be GBs.
+        non_expert = read_non_expert_file(source / NON_EXPERT_FILE)
         vocab_rows = int(non_expert["module"]["embed.weight"].shape[0])
-        del non_expert
         model = build_model(run, vocab_rows)
-        state, client = read_deepspeed_weights(source, model, tensor_parallel)
+        state, client = read_deepspeed_weights(source, model, tensor_parallel, rank0=non_expert)
+        del non_expert  # bf16 weights: their fp32 copies are in `state`, these need not stay alive
         load_state_strictly(model, state, str(source))
         loaded = LoadedModel(model, run, source, client.get("step"))
     if loaded.run.moe.implementation == "deepspeed" and loaded.run.moe.capacity_factor is None:

@@ -99,3 +99,36 @@ def test_paths_that_are_not_checkpoints(tmp_path, name, message):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ConfigError, match=message):
         load_model(tmp_path / name)
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_each_file_is_read_once(tmp_path, monkeypatch, tensor_parallel):
+    """Checkpoint files can be GBs: loading reads each one once (mp_rank_00 serves both the vocabulary
+    size and the weights; a consolidated file's header and tensors come from one open)."""
+    import safetensors
+    import safetensors.torch
+
+    run, whole = _whole_model(tensor_parallel)
+    _write_checkpoint(tmp_path / "run", run, whole, tensor_parallel)
+    consolidate(tmp_path / "run", tmp_path / "whole.safetensors", with_tokenizer=False)
+
+    reads: dict[str, int] = {}
+
+    def counted(real):
+        def read(path, *args, **kwargs):
+            reads[Path(path).name] = reads.get(Path(path).name, 0) + 1
+            return real(path, *args, **kwargs)
+        return read
+
+    monkeypatch.setattr(torch, "load", counted(torch.load))
+    # Both names: train/load.py imports safe_open from safetensors, load_file uses safetensors.torch's.
+    monkeypatch.setattr(safetensors, "safe_open", counted(safetensors.safe_open))
+    monkeypatch.setattr(safetensors.torch, "safe_open", counted(safetensors.torch.safe_open))
+
+    load_model(tmp_path / "run")
+    files = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step_00000007").glob("*.pt"))
+    assert reads == dict.fromkeys(files, 1)
+
+    reads.clear()
+    load_model(tmp_path / "whole.safetensors")
+    assert reads == {"whole.safetensors": 1}
