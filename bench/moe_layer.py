@@ -189,7 +189,6 @@ def build_ours(
     """Our layer. Expert choice runs with c = K (every expert takes T*K/E tokens of the batch), which
     has exactly the active FLOPs of top-K token choice, so the same dense FFN is its baseline."""
     from moe import MoEConfig, MoELayer
-    from moe.expert_storage import pack_expert_weights
 
     if router == "expert_choice":
         cfg = MoEConfig(num_experts=s.experts, router=router, capacity_factor=float(s.top_k), ec_group="batch",
@@ -201,7 +200,7 @@ def build_ours(
     layer.to(x_TD.device, s.dtype).train()
     # Lay the experts out as DeepSpeed's ZeRO flat buffer does in training, so the per-forward stack
     # of expert weights is a view, as it is inside the engine (moe/expert_storage.py).
-    pack_expert_weights(layer.local_experts)
+    layer.pack_expert_weights()
     x = _leaf(x_TD)
     seen: dict[str, int] = {}
 

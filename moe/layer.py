@@ -31,6 +31,7 @@ from moe.dispatch import (
 )
 from moe.expert_choice import ExpertChoiceRouter
 from moe.expert_sharding import run_sharded, shard_swiglu_experts
+from moe.expert_storage import pack_expert_weights
 from moe.experts import SwiGLUExpert, expert_generator
 from moe.grouped_experts import stack_expert_weights, swiglu_capacity, swiglu_grouped
 from moe.permute import combine_from_slots, combine_in_token_order, rows_in_expert_order, rows_to_slots
@@ -117,8 +118,6 @@ class MoELayer(MoE):
         """Expert choice at eval: causal or batch; an attribute so an evaluation can measure both."""
         self.tensor_parallel_group = None
         """Set by `shard_experts_for_tensor_parallel`: the group over which experts' hidden units are split."""
-        self._frozen_stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        """Set by `freeze_expert_weights` (inference only)."""
         self.tensor_parallel_size = tensor_parallel_size
         self.ep_rank = self._expected_ep_rank()
         self._init_experts()
@@ -147,17 +146,15 @@ class MoELayer(MoE):
             global_expert = self.ep_rank * self.num_local_experts + local_index
             expert.init_weights(init_std, out_std, expert_generator(seed, layer_index, global_expert))
 
-    def freeze_expert_weights(self) -> None:
-        """For inference only: stack the experts' weights once and reuse the stack in every forward
-        without gradients (stacking copies every expert each forward, which dominates the cost of
-        generating one token). Any later change to the weights must call this again; training
-        never uses the frozen stack (it needs the gradient path to each expert)."""
-        with torch.no_grad():
-            self._frozen_stack = stack_expert_weights(self.local_experts)
+    def pack_expert_weights(self) -> None:
+        """Lay this layer's experts out in one buffer, as DeepSpeed's ZeRO flat buffer does, so that
+        every forward stacks them as a view instead of copying them (moe/expert_storage.py). For use
+        outside the engine (inference, benchmarks); the parameters stay the same objects, trainable,
+        and any later in-place change to them is seen by the next forward. Call after moving the
+        layer to its device: `.to()` gives every parameter its own storage again."""
+        pack_expert_weights(self.local_experts)
 
     def _expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self._frozen_stack is not None and not torch.is_grad_enabled():
-            return self._frozen_stack
         return stack_expert_weights(self.local_experts)
 
     def shard_experts_for_tensor_parallel(self, group, rank: int, size: int) -> None:

@@ -307,7 +307,7 @@ def load_model(path: str | Path | None, device: str | torch.device = "cpu") -> L
 
     for layer in loaded.model.modules():
         if isinstance(layer, MoELayer):
-            layer.freeze_expert_weights()  # the weights of a loaded model do not change: stack them once
+            layer.pack_expert_weights()  # stacking the experts per token generated is then a view, not a copy
     return loaded
 
 

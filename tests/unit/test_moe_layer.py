@@ -166,21 +166,26 @@ def test_capacity_formula():
     assert expert_capacity(3, 2, 2, 4.0, 0) == 3  # never more than T
 
 
-def test_frozen_expert_stack_serves_inference_only():
-    """freeze_expert_weights: the same outputs without gradients; with gradients the layer still
-    stacks (and differentiates through) the live weights, so training never sees the frozen copy."""
+def test_packed_experts_stack_as_a_view_and_stay_live():
+    """pack_expert_weights (inference): the same outputs; the per-forward stack shares the experts'
+    storage (no copy of every expert per generated token, and no second copy kept either); a later
+    in-place change is seen, and gradients still reach each expert."""
+    from moe.expert_storage import evenly_spaced
+
     torch.manual_seed(0)
     layer = _layer(capacity_factor=None).eval()
     x = torch.randn(2, 7, HIDDEN, dtype=torch.float64)
     with torch.no_grad():
-        live = layer(x)[0]
-    layer.freeze_expert_weights()
+        before = layer(x)[0]
+    w2_object = layer.local_experts[0].w2.weight
+    layer.pack_expert_weights()
+    assert layer.local_experts[0].w2.weight is w2_object
+    assert evenly_spaced([e.w1.weight for e in layer.local_experts]) is not None
+    w1_eDF, _, _ = layer._expert_weights()
+    assert w1_eDF.untyped_storage().data_ptr() == layer.local_experts[0].w1.weight.untyped_storage().data_ptr()
     with torch.no_grad():
-        assert torch.equal(layer(x)[0], live)
-    with torch.no_grad():
-        layer.local_experts[0].w2.weight.mul_(2.0)  # a change after freezing: inference keeps the frozen stack...
-        assert torch.equal(layer(x)[0], live)
-    y = layer(x)[0]  # ...while a forward with gradients uses the live weights
-    assert not torch.equal(y.detach(), live)
-    y.sum().backward()
-    assert layer.local_experts[0].w2.weight.grad is not None
+        assert torch.equal(layer(x)[0], before)
+        layer.local_experts[0].w2.weight.mul_(2.0)
+        assert not torch.equal(layer(x)[0], before)
+    layer(x)[0].sum().backward()
+    assert all(e.w2.weight.grad is not None for e in layer.local_experts)
