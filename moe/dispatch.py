@@ -65,32 +65,16 @@ def assign_slots(
     return slot_KT.view(top_k, num_tokens).t()
 
 
-def scatter_to_slots(x_TD: torch.Tensor, token_A: torch.Tensor, slot_A: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """Copy each kept assignment's token into its slot; empty slots stay zero. [E*C, D].
-
-    Dropped assignments go to one extra row that is cut off afterwards: no boolean-mask indexing,
-    which would wait for the device to say how many were kept.
-    """
-    index_A = torch.where(slot_A >= 0, slot_A, num_slots)
-    buffer = x_TD.new_zeros(num_slots + 1, x_TD.shape[-1])
-    return buffer.index_copy(0, index_A, x_TD[token_A])[:num_slots]
-
-
-def combine_assignments(
-    y_SD: torch.Tensor, token_A: torch.Tensor, slot_A: torch.Tensor, weight_A: torch.Tensor, num_tokens: int
-) -> torch.Tensor:
-    """y_t = sum over t's kept assignments of w * y[slot], for a variable number of experts per
-    token (expert choice). index_add: deterministic on CPU; on GPU the order of three or more
-    additions into one token may vary between runs.
-
-    Dropped assignments add an exact zero rather than being filtered out: a boolean-mask index
-    would wait for the device to say how many were kept."""
-    kept_A1 = (slot_A >= 0).unsqueeze(-1)
-    accumulate = torch.promote_types(y_SD.dtype, weight_A.dtype)
-    rows_AD = y_SD.index_select(0, slot_A.clamp_min(0)).to(accumulate)
-    contributions = torch.where(kept_A1, rows_AD * weight_A.to(accumulate).unsqueeze(-1), 0)
-    out = torch.zeros(num_tokens, y_SD.shape[-1], dtype=accumulate, device=y_SD.device)
-    return out.index_add(0, token_A, contributions).to(y_SD.dtype)
+def combine_rows(y_AD: torch.Tensor, token_A: torch.Tensor, weight_A: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """y_t = sum over the rows a of token t of w_a * y_a, for a variable number of experts per token
+    (expert choice). Rows that must not count carry weight 0 (the per-token cap), which adds an exact
+    zero: filtering them out by a boolean mask would wait for the device to say how many there are.
+    index_add: deterministic on CPU; on GPU the order of three or more additions into one token may
+    vary between runs. [T, D] in y's dtype, weighted in at least fp32 (the router's precision)."""
+    accumulate = torch.promote_types(y_AD.dtype, weight_A.dtype)
+    contributions = y_AD.to(accumulate) * weight_A.to(accumulate).unsqueeze(-1)
+    out = torch.zeros(num_tokens, y_AD.shape[-1], dtype=accumulate, device=y_AD.device)
+    return out.index_add(0, token_A, contributions).to(y_AD.dtype)
 
 
 def all_to_all_slots(buffer_SD: torch.Tensor, ep_group, ep_size: int) -> torch.Tensor:

@@ -25,9 +25,8 @@ from moe.dispatch import (
     VariableExchange,
     all_to_all_slots,
     assign_slots,
-    combine_assignments,
+    combine_rows,
     expert_capacity,
-    scatter_to_slots,
 )
 from moe.expert_choice import ExpertChoiceRouter
 from moe.expert_sharding import run_sharded, shard_swiglu_experts
@@ -308,8 +307,7 @@ class MoELayer(MoE):
             # Back into [T, K] (dropped choices stay zero), then a fixed-order weighted sum over K:
             # bitwise deterministic on any device (moe/permute.py).
             return combine_in_token_order(y_rows_ND, order_N, plan.weight_A.view(num_tokens, plan.top_k))
-        all_rows = torch.arange(order_N.numel(), device=order_N.device)
-        return combine_assignments(y_rows_ND, plan.token_A[order_N], all_rows, plan.weight_A[order_N], num_tokens)
+        return combine_rows(y_rows_ND, plan.token_A[order_N], plan.weight_A[order_N], num_tokens)
 
     def _experts_fixed_layout(self, x_TD: torch.Tensor, plan: _Plan) -> torch.Tensor:
         """Equal-sized [E*C] slot buffers, one fixed-shape all-to-all each way across ranks (none at
@@ -319,7 +317,9 @@ class MoELayer(MoE):
         if plan.top_k is not None:
             buffer_SD = rows_to_slots(x_TD, plan.slot_A, plan.top_k, num_experts * capacity)
         else:
-            buffer_SD = scatter_to_slots(x_TD, plan.token_A, plan.slot_A, num_experts * capacity)
+            # Expert choice: assignment a is slot a (expert-major, C per expert). A row removed by
+            # the per-token cap still runs, with weight 0: no mask, so no sync and one copy.
+            buffer_SD = x_TD.index_select(0, plan.token_A)
         received_SD = all_to_all_slots(buffer_SD, self.ep_group, self.ep_size)
         ep, e, dim = self.ep_size, self.num_local_experts, x_TD.shape[-1]
         per_expert_eND = received_SD.view(ep, e, capacity, dim).transpose(0, 1).reshape(e, ep * capacity, dim)
@@ -333,7 +333,7 @@ class MoELayer(MoE):
         if plan.top_k is not None:
             slot_TK = plan.slot_A.view(num_tokens, plan.top_k)
             return combine_from_slots(y_SD, slot_TK, plan.weight_A.view(num_tokens, plan.top_k))
-        return combine_assignments(y_SD, plan.token_A, plan.slot_A, plan.weight_A, num_tokens)
+        return combine_rows(y_SD, plan.token_A, plan.weight_A, num_tokens)
 
     def _experts_variable_all_to_all(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Dropless across ranks: all-to-all-v sends each rank exactly its experts' rows."""
