@@ -31,6 +31,7 @@ from train.metrics import ExpertCounts, MetricsFile, Progress, figures_per_layer
 from train.model import GPT, expert_choice_layers, padded_vocab_size
 from train.nonfinite import NonFiniteLossStop, NonFiniteStreak, discard_routing_statistics, poison_if_nonfinite
 from train.preemption import PREEMPTED_EXIT_STATUS, Preempted, PreemptionWatch
+from train.routing_modes import RoutingMode, routing, thresholds_ready
 
 
 def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
@@ -306,19 +307,15 @@ class Trainer:
         """Validation loss and perplexity. For expert choice, in both routing modes: `val_loss`
         is the configured eval mode (moe.ec_eval_mode), plus `val_loss_causal` and
         `val_loss_batch` (before thresholds exist, at step 0, only batch)."""
-        layers = expert_choice_layers(self.model)
-        if not layers:
+        if not expert_choice_layers(self.model):
             loss = self._validation_loss()
             return {"val_loss": loss, "val_ppl": math.exp(loss)}
         results = {}
         for mode in ("batch", "causal"):
-            if mode == "causal" and not all(float(layer.router.threshold_ready) for layer in layers):
+            if mode == "causal" and not thresholds_ready(self.model):
                 continue
-            for layer in layers:
-                layer.ec_eval_mode = mode
-            results[f"val_loss_{mode}"] = self._validation_loss()
-        for layer in layers:
-            layer.ec_eval_mode = self.run.moe.ec_eval_mode
+            with routing(self.model, RoutingMode(mode, ec_eval_mode=mode)):
+                results[f"val_loss_{mode}"] = self._validation_loss()
         loss = results.get(f"val_loss_{self.run.moe.ec_eval_mode}", results["val_loss_batch"])
         return {"val_loss": loss, "val_ppl": math.exp(loss), **results}
 

@@ -7,9 +7,9 @@ and `causal` (per-expert thresholds learned in training: a token's experts depen
 alone). Capacity modes and expert choice's batch mode depend on the batch (later tokens and other
 sequences compete for slots); dropless token choice and causal expert choice do not.
 
-The modes act through the same switches the training loop's evaluation uses: the layers' shared
-MoEConfig (`eval_capacity_factor`, read by every layer in eval mode) and each expert-choice
-layer's `ec_eval_mode` attribute.
+The modes act through two switches: the layers' shared MoEConfig (`eval_capacity_factor`, read by
+every layer in eval mode) and each expert-choice layer's `ec_eval_mode` attribute. The training loop's
+evaluation switches expert choice between its batch and causal modes through `routing` as well.
 """
 
 from __future__ import annotations
