@@ -96,7 +96,7 @@ class ExpertChoiceRouter(StepStatefulRouter):
         if cfg.ec_max_experts_per_token is not None:
             kept_A = cap_experts_per_token(token_A, weight_A, num_tokens, cfg.ec_max_experts_per_token)
             weight_A = weight_A * kept_A
-        if self.training:
+        if self.gathers_statistics:
             with torch.no_grad():
                 cth_largest_E = weight_GEC[..., -1].sum(dim=0)
                 self.pending_threshold[:num_experts] += cth_largest_E

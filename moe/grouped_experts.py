@@ -179,8 +179,11 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     # The first caller may be inside torch.no_grad() (an eval step): the probe's backward must
-    # still run, or the answer "no" would be cached for the whole process.
-    with torch.enable_grad():
+    # still run, or the answer "no" would be cached for the whole process. It may also be inside
+    # activation checkpointing, whose hooks count the tensors a forward saves and require its
+    # recomputation (where the answer is cached and no probe runs) to save as many: identity hooks
+    # keep the probe's own tensors out of that count.
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         return _grouped_mm_runs(device, dtype)
 
 

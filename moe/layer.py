@@ -351,7 +351,7 @@ class MoELayer(MoE):
         cfg = self.config
         with torch.no_grad():
             routed_E = count_per_bin(plan.expert_A, cfg.num_experts)
-            if self.training and isinstance(self.router, TokenChoiceRouter):
+            if isinstance(self.router, TokenChoiceRouter) and self.router.gathers_statistics:
                 self.router.record_routed(routed_E)
             kept_E = count_per_bin(plan.expert_A, cfg.num_experts, where=plan.kept_A)
             per_token = count_per_bin(plan.token_A, num_tokens, where=plan.kept_A)

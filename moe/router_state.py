@@ -9,11 +9,33 @@ right, and summing over ranks keeps every replica of the router identical.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from moe.config import MoEConfig
+
+# Per thread: autograd may run a checkpointed block's recomputation on its own device thread.
+_recompute_state = threading.local()
+
+
+class recomputing:  # noqa: N801 - used like a function: `with recomputing():`
+    """Mark the forward passes inside as recomputations (activation checkpointing runs a block's
+    forward a second time during backward): routers then leave their step statistics alone, which
+    the first pass already counted. One object may be entered again after it exits (torch's
+    checkpoint re-enters its recomputation context when a graph is backwarded more than once)."""
+
+    def __enter__(self) -> None:
+        _recompute_state.depth = getattr(_recompute_state, "depth", 0) + 1
+
+    def __exit__(self, *exc_info) -> None:
+        _recompute_state.depth -= 1
+
+
+def is_recomputing() -> bool:
+    return getattr(_recompute_state, "depth", 0) > 0
 
 
 class StepStatefulRouter(nn.Module):
@@ -47,6 +69,12 @@ class StepStatefulRouter(nn.Module):
         for name, value in saved.items():
             setattr(self, name, value.to(device=getattr(self, name).device, dtype=torch.float32))
         return self
+
+    @property
+    def gathers_statistics(self) -> bool:
+        """Whether this forward pass counts towards the step's statistics: training, and not a
+        recomputation of a pass that was already counted (`recomputing`)."""
+        return self.training and not is_recomputing()
 
     def pending_statistics(self) -> torch.Tensor:
         """This rank's statistics since the last step, flat fp64 (summed over ranks by the caller)."""

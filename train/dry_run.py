@@ -61,11 +61,15 @@ def parallel_plan(run: RunConfig, world_size: int, vocab_size: int) -> dict:
     expert_hidden = moe.expert_hidden or model_cfg.ffn_hidden
     per_token = experts_per_token(moe)
     act_elem = 2 if bf16 else 4
-    activations = (
-        model_cfg.num_layers * 34 * b * s * d * act_elem / 2
-        + counts["moe_layers"] * b * s * per_token * (2 * d + 3 * expert_hidden) * act_elem
-        + b * s * vocab_size * (act_elem + 4)
-    )
+    block_dense = 34 * b * s * d * act_elem / 2
+    block_moe = b * s * per_token * (2 * d + 3 * expert_hidden) * act_elem
+    logits = b * s * vocab_size * (act_elem + 4)
+    if trainer.activation_checkpointing:
+        # Every block's input, plus one block's activations at a time while it is recomputed.
+        one_block = block_dense + (block_moe if counts["moe_layers"] else 0)
+        activations = model_cfg.num_layers * b * s * d * act_elem + one_block + logits
+    else:
+        activations = model_cfg.num_layers * block_dense + counts["moe_layers"] * block_moe + logits
     padding = moe.capacity_factor if (moe.capacity_factor and moe.router == "token_choice") else 1.0
     rows = b * s * per_token * padding
     all_to_all = 4 * rows * d * act_elem * (ep - 1) / ep * counts["moe_layers"] * trainer.grad_accum

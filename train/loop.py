@@ -89,6 +89,7 @@ def build_trainer(run: RunConfig, world: World, run_dir: Callable[[], Path]) -> 
         mpu = tensor_parallel.MegatronMPU()
     else:
         mpu = None
+    model.checkpoint_blocks = run.trainer.activation_checkpointing
     if run.trainer.compile:
         from train.compile import compile_dense_parts
 

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from moe import MoEAux, MoEConfig, MoELayer, SwiGLUExpert
 from moe.experts import default_out_std
 from moe.stock import StockDeepSpeedMoE
+from train.activation_checkpointing import checkpointed_block
 
 if TYPE_CHECKING:
     from train.kv_cache import KVCache, LayerKVCache
@@ -192,6 +193,8 @@ class GPT(nn.Module):
         # Rotary tables stay fp32 in a plain attribute, not a buffer: DeepSpeed casts buffers to
         # bf16 along with the weights, which would round the angles of late positions.
         self._rotary_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.checkpoint_blocks = False
+        """Recompute every block's activations in the backward pass (train/activation_checkpointing.py)."""
 
     def rotary(self, seq: int, device: torch.device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Angles of positions start .. start + seq - 1."""
@@ -211,8 +214,12 @@ class GPT(nn.Module):
         cos, sin = self.rotary(seq, tokens_BS.device, start)
         x = self.embed(tokens_BS)
         moe_aux: list[MoEAux] = []
+        recompute = self.checkpoint_blocks and cache is None and torch.is_grad_enabled()
         for index, block in enumerate(self.blocks):
-            x, aux = block(x, cos, sin) if cache is None else block(x, cos, sin, cache.layer(index))
+            if recompute:
+                x, aux = checkpointed_block(block, x, cos, sin)
+            else:
+                x, aux = block(x, cos, sin) if cache is None else block(x, cos, sin, cache.layer(index))
             if aux is not None:
                 moe_aux.append(aux)
         if cache is not None:

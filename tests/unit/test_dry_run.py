@@ -32,6 +32,14 @@ def test_more_expert_parallelism_means_less_memory_and_no_all_to_all_at_ep1(comp
     assert none["all_to_all_gib_per_step"] == 0
 
 
+def test_activation_checkpointing_keeps_one_input_per_block_plus_one_block(compose_run):
+    plain = train(compose_run([*BIG, "world_size=8", "moe.ep_size=8"]))
+    checkpointed = train(compose_run([*BIG, "world_size=8", "moe.ep_size=8", "trainer.activation_checkpointing=true"]))
+    # 24 layers: all their activations against their inputs and one recomputed block (same logits).
+    assert checkpointed["memory_activations_gib"] < plain["memory_activations_gib"] / 5
+    assert checkpointed["memory_weights_optimizer_gib"] == plain["memory_weights_optimizer_gib"]
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
