@@ -76,19 +76,20 @@ class MegatronMPU:
         return self._state.get_data_parallel_group()
 
 
-class ColumnParallel(ColumnParallelLinear):
-    """Output features split over the tensor-parallel ranks; returns the output alone
-    (megatron's layers return (output, bias))."""
+class _OutputAlone:
+    """Returns the output alone, as the nn.Linear it replaces does (megatron's layers return
+    (output, bias))."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)[0]
 
 
-class RowParallel(RowParallelLinear):
+class ColumnParallel(_OutputAlone, ColumnParallelLinear):
+    """Output features split over the tensor-parallel ranks."""
+
+
+class RowParallel(_OutputAlone, RowParallelLinear):
     """Input features split; the partial outputs are all-reduced over the tensor-parallel group."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x)[0]
 
 
 def _megatron_config() -> ModelParallelConfig:
@@ -102,25 +103,24 @@ def _megatron_config() -> ModelParallelConfig:
     )
 
 
-def _column_parallel(shard: torch.Tensor, whole_out_features: int) -> ColumnParallel:
-    """A ColumnParallelLinear holding `shard`, this rank's rows of an [out, in] weight."""
-    layer = ColumnParallel(shard.shape[1], whole_out_features, config=_megatron_config(), init_method=nn.init.zeros_,
-                           bias=False, gather_output=False, skip_bias_add=False)
+def _parallel_linear(linear: nn.Linear, shard: torch.Tensor, kind: str) -> ColumnParallel | RowParallel:
+    """The megatron-core layer that replaces the whole `linear`, holding `shard`, this rank's part
+    of its [out, in] weight, cut as train/tp_layout.py's split kind `kind` says."""
+    if kind == "columns":
+        # Input columns split: RowParallelLinear, fed the split output of the layer before it.
+        layer_class, split_dim, own_args = RowParallel, 1, {"input_is_parallel": True}
+    else:
+        # Output rows split ('rows', and 'qkv' whose heads are groups of rows): ColumnParallelLinear,
+        # its output left split for the row-parallel layer after it.
+        layer_class, split_dim, own_args = ColumnParallel, 0, {"gather_output": False}
+    # Both take the whole layer's sizes (input_size, output_size); each rank allocates its part.
+    layer = layer_class(linear.in_features, linear.out_features, config=_megatron_config(),
+                        init_method=nn.init.zeros_, bias=False, skip_bias_add=False, **own_args)
     with torch.no_grad():
         layer.weight.copy_(shard)
     # megatron marks split weights only inside its own initialisation, which is skipped here;
     # DeepSpeed's gradient norm needs the mark to count each shard (and replicated weights once).
-    set_tensor_model_parallel_attributes(layer.weight, is_parallel=True, dim=0, stride=1)
-    return layer
-
-
-def _row_parallel(shard: torch.Tensor, whole_in_features: int) -> RowParallel:
-    """A RowParallelLinear holding `shard`, this rank's columns of an [out, in] weight."""
-    layer = RowParallel(whole_in_features, shard.shape[0], config=_megatron_config(), init_method=nn.init.zeros_,
-                        bias=False, input_is_parallel=True, skip_bias_add=False)
-    with torch.no_grad():
-        layer.weight.copy_(shard)
-    set_tensor_model_parallel_attributes(layer.weight, is_parallel=True, dim=1, stride=1)
+    set_tensor_model_parallel_attributes(layer.weight, is_parallel=True, dim=split_dim, stride=1)
     return layer
 
 
@@ -140,8 +140,6 @@ def shard_model(model: nn.Module, tp_rank: int, tp_size: int) -> None:
             if kind is None or not isinstance(child, nn.Linear):
                 continue
             piece = tp_layout.shard(weight_name, child.weight.detach(), tp_rank, tp_size, num_heads)
-            parallel = (_row_parallel(piece, child.in_features) if kind == "columns"
-                        else _column_parallel(piece, child.out_features))
-            setattr(module, child_name, parallel)
+            setattr(module, child_name, _parallel_linear(child, piece, kind))
         if isinstance(module, CausalSelfAttention):
             module.num_heads = num_heads // tp_size
