@@ -12,17 +12,14 @@ from __future__ import annotations
 import atexit
 import json
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from conftest import subprocess_env
 
-ROOT = Path(__file__).resolve().parents[2]
+from distributed.processes import ROOT, launch_ranks
+
 STEPS, CHECKPOINT_EVERY, GLOBAL_BATCH = 6, 3, 8
 GRAD_CLIP = 0.9
 """Between the gradient norms of these runs' steps (0.86 to 1.38): some steps are clipped, others
@@ -42,50 +39,12 @@ EXPERT_CHOICE = ["moe=expert_choice", "moe.ec_group=sequence"]
 micro-batch, which depends on the split by definition."""
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(ranks: int, run_dir: Path, overrides: list[str], script: Path | None = None, timeout: float = 600) -> str:
-    """`ranks` gloo processes of `python -m train <overrides>` (or of `script`), with the variables a
-    launcher sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): what
-    `deepspeed --num_gpus <ranks> --no_local_rank` runs, without its two extra Python start-ups per
-    run (test_expert_parallel.py covers the launcher itself). Returns every rank's output; fails
-    the test, after stopping the other ranks, as soon as one exits with an error."""
+    """`ranks` gloo processes of `python -m train <overrides>` (or of `script`) training into
+    `run_dir` (see processes.launch_ranks). Returns every rank's output."""
     target = [str(script)] if script else ["-m", "train"]
     command = [sys.executable, *target, *COMMON, *overrides, f"trainer.run_dir={run_dir}"]
-    port = str(_free_port())
-    logs = [tempfile.TemporaryFile(mode="w+") for _ in range(ranks)]
-    processes = [
-        subprocess.Popen(
-            command, cwd=run_dir.parent, stdout=logs[rank], stderr=subprocess.STDOUT,
-            env=subprocess_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", RANK=str(rank),
-                               WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-        )
-        for rank in range(ranks)
-    ]
-    deadline = time.monotonic() + timeout
-    try:
-        while any(p.poll() is None for p in processes):
-            failed = any(p.returncode not in (None, 0) for p in processes)
-            if failed or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-    finally:
-        for process in processes:  # a rank left waiting for a failed peer would wait for gloo's timeout
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    outputs = []
-    for rank, log in enumerate(logs):
-        log.seek(0)
-        outputs.append(f"--- rank {rank} (exit status {processes[rank].returncode})\n{log.read()}")
-        log.close()
-    output = "\n".join(outputs)
-    assert all(p.returncode == 0 for p in processes), output[-6000:]
-    return output
+    return "\n".join(launch_ranks(ranks, command, cwd=run_dir.parent, timeout=timeout))
 
 
 class _Runs:

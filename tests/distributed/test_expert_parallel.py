@@ -4,28 +4,15 @@ DeepSpeed launcher + engine (ZeRO-2) training with ep_size=2."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import subprocess_env
 
-ROOT = Path(__file__).resolve().parents[2]
+from distributed.processes import ROOT, deepspeed_launch, launch_ranks
+
 pytestmark = pytest.mark.distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    return subprocess_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **extra)
 
 
 @pytest.mark.parametrize(
@@ -39,39 +26,19 @@ def _env(**extra: str) -> dict[str, str]:
     ],
 )
 def test_ep2_layer_equals_single_process_oracle(capacity_factor, top_k, router):
-    port = str(_free_port())
     worker = ROOT / "tests" / "distributed" / "expert_parallel_worker.py"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), capacity_factor, str(top_k), router],
-            env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for r in (0, 1)
-    ]
-    outputs = [p.communicate(timeout=180)[0] for p in procs]
-    for rank, (proc, out) in enumerate(zip(procs, outputs, strict=False)):
-        assert proc.returncode == 0, out
-        assert f"rank {rank}: ok" in out
-
-
-def _deepspeed_launch(cwd: Path, overrides: list[str]) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus 2 --no_local_rank --module train <overrides>` (gloo ranks on CPU)."""
-    command = [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank",
-        "--master_port", str(_free_port()), "--module", "train", *overrides,
-    ]
-    return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    outputs = launch_ranks(2, [sys.executable, str(worker), capacity_factor, str(top_k), router], timeout=180)
+    for rank, out in enumerate(outputs):
+        assert f"rank {rank}: ok" in out, out
 
 
 def test_deepspeed_launcher_trains_with_ep2_zero2(tmp_path):
     run_dir = tmp_path / "run"
-    result = _deepspeed_launch(tmp_path, [
+    deepspeed_launch(2, tmp_path, [
         "model=gpt_tiny", "moe.ep_size=2", "deepspeed=zero2", "trainer.max_steps=4", "trainer.micro_batch_size=4",
         "trainer.checkpoint_every=2", "trainer.eval_every=2", "trainer.eval_batches=2", "logging.log_every=1",
         "logging.progress_bar=false", f"data.cache_dir={ROOT / '.cache' / 'data'}", f"trainer.run_dir={run_dir}",
     ])  # fmt: skip
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["tokens"] == 4 * 2 * 4 * 32
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -101,9 +68,8 @@ def test_ep2_checkpoint_loads_at_ep1_with_identical_weights(tmp_path, compose_ru
 
     run_dir = tmp_path / "run"
     common = ["model=gpt_tiny", "trainer.micro_batch_size=4", f"data.cache_dir={ROOT / '.cache' / 'data'}"]
-    result = _deepspeed_launch(tmp_path, [*common, "moe.ep_size=2", "trainer.max_steps=2", "trainer.eval_every=0",
-                                          "logging.progress_bar=false", f"trainer.run_dir={run_dir}"])
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    deepspeed_launch(2, tmp_path, [*common, "moe.ep_size=2", "trainer.max_steps=2", "trainer.eval_every=0",
+                                   "logging.progress_bar=false", f"trainer.run_dir={run_dir}"])
 
     run = to_run_config(compose_run([*common, "moe.ep_size=1"]))
     world = init_world("cpu")
@@ -140,9 +106,8 @@ def test_consolidate_ep2_checkpoint_equals_the_model_loaded_at_ep1(tmp_path, com
     run_dir = tmp_path / "run"
     common = ["model=gpt_tiny", "moe=top2_shared", "trainer.micro_batch_size=4", "trainer.eval_batches=2",
               f"data.cache_dir={ROOT / '.cache' / 'data'}"]
-    result = _deepspeed_launch(tmp_path, [*common, "moe.ep_size=2", "trainer.max_steps=2", "trainer.eval_every=0",
-                                          "logging.progress_bar=false", f"trainer.run_dir={run_dir}"])
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    deepspeed_launch(2, tmp_path, [*common, "moe.ep_size=2", "trainer.max_steps=2", "trainer.eval_every=0",
+                                   "logging.progress_bar=false", f"trainer.run_dir={run_dir}"])
     out = tmp_path / "whole.safetensors"
     header = consolidate(run_dir, out)
     assert header["moe"]["ep_size"] == 1 and header["step"] == 2

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import subprocess_env
 
-ROOT = Path(__file__).resolve().parents[2]
+from distributed.processes import ROOT, free_port, run, tail
+
 LOCAL = ROOT / "launch" / "deepspeed_local.sh"
 MULTINODE = ROOT / "launch" / "deepspeed_multinode.sh"
 
@@ -38,15 +38,9 @@ exit $status
 FAKE_SSH = "#!/bin/sh\n# the launcher's reachability check (ssh HOST hostname)\nexit 0\n"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(script: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(script), *args], env=subprocess_env(**env), capture_output=True, text=True,
-                          timeout=600)
+    """`script` with this process's environment plus `env`, not rank_env(): the scripts must set up their ranks."""
+    return run(["bash", str(script), *args], env=subprocess_env(**env), check=False)
 
 
 def test_local_dry_run_prints_the_launcher_command(tmp_path):
@@ -97,10 +91,10 @@ def test_two_nodes_through_pdsh_train_with_per_rank_logs_and_forwarded_environme
         "trainer.eval_every=0", "trainer.eval_batches=2", "logging.log_every=1", "logging.progress_bar=false",
         "trainer.peak_tflops=1", f"data.cache_dir={ROOT / '.cache' / 'data'}", f"trainer.run_dir={run_dir}",
         PATH=f"{bin_dir}:{os.environ['PATH']}", PDSH_RECORD=str(record), PYTHON=sys.executable,
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), LOG_DIR=str(logs),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), LOG_DIR=str(logs),
         OMP_NUM_THREADS="1", NCCL_DEBUG="WARN",
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, tail(result)
 
     pdsh_args = record.read_text().splitlines()
     assert pdsh_args[:5] == ["-S", "-f", "1024", "-w", "node-a,node-b"]

@@ -4,18 +4,15 @@ EP=2 on 4 ranks) gives the same loss and gradient norm at every step, with clipp
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import subprocess_env
 
+from distributed.processes import ROOT, deepspeed_launch, run
 from train import tp_layout
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.distributed
 
 # moe.every=2: block 0 has a dense FFN (split by TP), block 1 an MoE layer (experts whole).
@@ -28,22 +25,12 @@ COMMON = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(ranks: int, run_dir: Path, *overrides: str) -> list[dict]:
+    args = [*COMMON, *overrides, f"trainer.run_dir={run_dir}"]
     if ranks == 1:
-        command = [sys.executable, "-m", "train"]
+        run([sys.executable, "-m", "train", *args], ROOT)
     else:
-        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--no_local_rank",
-                   "--master_port", str(_free_port()), "--module", "train"]
-    command += [*COMMON, *overrides, f"trainer.run_dir={run_dir}"]
-    env = subprocess_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        deepspeed_launch(ranks, ROOT, args)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
