@@ -98,6 +98,16 @@ def test_grad_accum_1x8_equals_8x1():
              RUNS.get("token_choice_ep1", 1, [*TOKEN_CHOICE, *layout(1, 1)]), one_by_eight)
 
 
+def test_activation_checkpointing_under_expert_parallelism_changes_nothing():
+    """Recomputing each block in the backward pass repeats its all-to-all exchanges there, on every
+    rank in the same order: the run is the same, to the bit, as without checkpointing."""
+    checkpointed = RUNS.get("token_choice_ep2_checkpointed", 2,
+                            [*TOKEN_CHOICE, *layout(2, 2), "trainer.activation_checkpointing=true"])
+    _compare("activation checkpointing vs none (ep2, 2 ranks)", token_choice_ep2(), checkpointed)
+    plain = [(r["loss"], r["grad_norm"]) for r in train_records(token_choice_ep2())]
+    assert [(r["loss"], r["grad_norm"]) for r in train_records(checkpointed)] == plain
+
+
 def test_layouts_really_differ():
     """The comparisons above are not vacuous: the runs did use different expert-parallel sizes
     (one checkpoint file per expert either way, but each rank wrote only its own experts' AdamW
