@@ -226,7 +226,13 @@ def build_floor(s: Shape, x_TD: torch.Tensor, grad_TD: torch.Tensor, kind: str) 
     modules inside the step), "loop" (swiglu_grouped's per-expert fallback, forced), "bmm"
     (swiglu_capacity on an [E, T*K/E, D] block).
     """
-    from moe.grouped_experts import stack_expert_weights, swiglu_capacity, swiglu_grouped, uses_grouped_mm
+    from moe.grouped_experts import (
+        CPU_LOOP_ROWS_PER_EXPERT,
+        stack_expert_weights,
+        swiglu_capacity,
+        swiglu_grouped,
+        uses_grouped_mm,
+    )
 
     device = x_TD.device
     experts = [_expert(s.dim, s.hidden, i, device, s.dtype) for i in range(s.experts)]
@@ -238,6 +244,8 @@ def build_floor(s: Shape, x_TD: torch.Tensor, grad_TD: torch.Tensor, kind: str) 
     # Pre-stacked leaves in the layout stack_expert_weights produces (column-major per expert).
     stacked = [w.detach().requires_grad_(True) for w in stack_expert_weights(experts)]
     path = "torch._grouped_mm" if uses_grouped_mm(x_ND, stacked[0], stacked[2]) else "loop over experts"
+    cpu_loop = device.type == "cpu" and counts[0] >= CPU_LOOP_ROWS_PER_EXPERT
+    bmm_path = "loop over experts (swiglu_capacity on a CPU)" if cpu_loop else "torch.bmm"
 
     if kind == "bmm":
         if len(set(counts)) != 1:
@@ -245,7 +253,7 @@ def build_floor(s: Shape, x_TD: torch.Tensor, grad_TD: torch.Tensor, kind: str) 
         x_eCD = _leaf(x_ND.detach().view(s.experts, counts[0], s.dim))
         grad_eCD = grad_ND.view(s.experts, counts[0], s.dim)
         return Step(
-            lambda: swiglu_capacity(x_eCD, *stacked).backward(grad_eCD), [*stacked, x_eCD], lambda: f"torch.bmm, C={counts[0]}"
+            lambda: swiglu_capacity(x_eCD, *stacked).backward(grad_eCD), [*stacked, x_eCD], lambda: f"{bmm_path}, C={counts[0]}"
         )
     if kind == "grouped+stack":
         return Step(

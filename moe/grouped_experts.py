@@ -9,10 +9,12 @@ DeepSpeed's flat buffer (or `pack_expert_weights`) put them evenly apart, else `
 copy of the expert weights (moe/expert_storage.py). Either way the backward hands every expert its
 own gradient. Two layouts:
 
-- fixed capacity, [e, C, D]: `torch.bmm` (capacity mode, expert choice);
+- fixed capacity, [e, C, D]: `torch.bmm` (capacity mode, expert choice; the loop below on a CPU
+  from `CPU_LOOP_ROWS_PER_EXPERT` rows per expert);
 - variable group sizes, rows sorted by expert, [N, D] with counts [e] (dropless):
   `torch._grouped_mm` with cumulative int32 offsets where this torch, device and dtype run it,
-  otherwise a loop over `torch.split` chunks with the same math.
+  otherwise (and on a CPU from `CPU_LOOP_ROWS_PER_EXPERT` rows per expert, where it is faster) a
+  loop over `torch.split` chunks with the same math.
 
 `swiglu_loop` calls the expert modules themselves and is the oracle for both.
 """
@@ -31,6 +33,13 @@ from moe.experts import SwiGLUExpert
 # torch._grouped_mm wants every non-unit stride, and on CUDA every data pointer, to be a multiple
 # of 16 bytes ("strides should be multiple of 16 bytes").
 _ALIGN_BYTES = 16
+
+CPU_LOOP_ROWS_PER_EXPERT = 1024
+"""From this many rows per expert on average, a CPU runs the loop of plain matmuls rather than
+`torch._grouped_mm`: there the grouped kernel's time grows faster than the rows (forward+backward
+at D 256, F 1024: equal at about 768 rows per expert, the loop 20% faster at 1024 and 2048; the
+same crossover at D 192 / F 512 and D 512 / F 2048; bench/RESULTS.md). GPUs always take the
+grouped GEMM where it runs."""
 
 
 def stack_expert_weights(experts: Sequence[SwiGLUExpert]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,6 +76,12 @@ def swiglu_capacity(
     _check_weights(x_eCD.shape[-1], w1_eDF, w3_eDF, w2_eFD)
     if x_eCD.shape[0] != w1_eDF.shape[0]:
         raise ValueError(f"x_eCD has {x_eCD.shape[0]} experts, the weights have {w1_eDF.shape[0]}")
+    num_experts, capacity, dim = x_eCD.shape
+    if x_eCD.device.type == "cpu" and capacity >= CPU_LOOP_ROWS_PER_EXPERT:
+        # Large groups on a CPU: the loop of plain matmuls beats the batched one too (see the constant).
+        x_ND = x_eCD.reshape(num_experts * capacity, dim)
+        counts_e = torch.full((num_experts,), capacity, dtype=torch.int64)
+        return _swiglu_split_loop(x_ND, counts_e, w1_eDF, w3_eDF, w2_eFD).view(num_experts, capacity, dim)
     h_eCF = F.silu(torch.bmm(x_eCD, w1_eDF)) * torch.bmm(x_eCD, w3_eDF)
     return torch.bmm(h_eCF, w2_eFD)
 
@@ -83,8 +98,9 @@ def swiglu_grouped(
 ) -> torch.Tensor:
     """y_ND for rows sorted by expert: rows counts[0] .. belong to expert 0, the next counts[1] to expert 1, ...
 
-    `use_grouped_mm`: None picks `torch._grouped_mm` wherever it runs (see `uses_grouped_mm`),
-    False forces the loop over experts (to compare the two), True insists on the grouped GEMM.
+    `use_grouped_mm`: None picks `torch._grouped_mm` wherever it runs, except on a CPU with many rows
+    per expert (see `uses_grouped_mm`); False forces the loop over experts, True insists on the
+    grouped GEMM.
     Zero-row experts are fine. `counts_e` must sum to N; that is checked when the counts are on
     the CPU, but not for CUDA counts on the grouped-GEMM path, where checking would cost a
     device-to-host sync (rows past the last offset would come back uninitialised).
@@ -108,13 +124,13 @@ def swiglu_grouped(
         _check_counts(counts_e.tolist(), x_ND.shape[0], padded)
 
     x_ND, w1_eDF, w3_eDF, w2_eFD = _autocast_operands(x_ND, w1_eDF, w3_eDF, w2_eFD)
-    grouped = uses_grouped_mm(x_ND, w1_eDF, w2_eFD)
-    if use_grouped_mm and not grouped:
+    if use_grouped_mm and not grouped_mm_runs(x_ND, w1_eDF, w2_eFD):
         raise ValueError(
             f"use_grouped_mm=True but torch._grouped_mm cannot run {x_ND.dtype} on {x_ND.device} "
             f"with D={x_ND.shape[-1]}, F={w1_eDF.shape[-1]} (needs fp32/bf16/fp16 and 16-byte rows)"
         )
-    if not grouped or use_grouped_mm is False:
+    grouped = use_grouped_mm if use_grouped_mm is not None else uses_grouped_mm(x_ND, w1_eDF, w2_eFD)
+    if not grouped:
         if not padded:
             return _swiglu_split_loop(x_ND, counts_e, w1_eDF, w3_eDF, w2_eFD)
         # The loop sizes its chunks on the host anyway: compute the real rows, append zero padding.
@@ -154,7 +170,14 @@ def swiglu_loop(x_ND: torch.Tensor, counts_e: torch.Tensor | Sequence[int], expe
 
 
 def uses_grouped_mm(x_ND: torch.Tensor, w1_eDF: torch.Tensor, w2_eFD: torch.Tensor) -> bool:
-    """Whether `swiglu_grouped` takes the `torch._grouped_mm` path for operands like these."""
+    """Whether `swiglu_grouped` takes the `torch._grouped_mm` path for operands like these (by default)."""
+    if not grouped_mm_runs(x_ND, w1_eDF, w2_eFD):
+        return False
+    return x_ND.device.type != "cpu" or x_ND.shape[0] < CPU_LOOP_ROWS_PER_EXPERT * w1_eDF.shape[0]
+
+
+def grouped_mm_runs(x_ND: torch.Tensor, w1_eDF: torch.Tensor, w2_eFD: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` can run operands like these at all (dtype, device, 16-byte rows)."""
     dtype = x_ND.dtype
     if w1_eDF.dtype != dtype or w2_eFD.dtype != dtype or not grouped_mm_available(x_ND.device, dtype):
         return False
@@ -255,9 +278,12 @@ def _swiglu_split_loop(
     sizes = counts_e.tolist()
     _check_counts(sizes, x_ND.shape[0])
     outputs = []
-    for i, x_nD in enumerate(torch.split(x_ND, sizes)):
-        h_nF = F.silu(x_nD @ w1_eDF[i]) * (x_nD @ w3_eDF[i])
-        outputs.append(h_nF @ w2_eFD[i])
+    # unbind, not w[i]: indexing differentiates into a zero-filled [e, ...] gradient per expert (e^2
+    # weight-sized writes per projection), unbind into one stack of the e expert gradients.
+    experts = zip(torch.split(x_ND, sizes), w1_eDF.unbind(0), w3_eDF.unbind(0), w2_eFD.unbind(0), strict=True)
+    for x_nD, w1_DF, w3_DF, w2_FD in experts:
+        h_nF = F.silu(x_nD @ w1_DF) * (x_nD @ w3_DF)
+        outputs.append(h_nF @ w2_FD)
     return torch.cat(outputs)
 
 

@@ -175,11 +175,11 @@ def test_counts_as_tensor_int32_and_list_agree():
     assert torch.equal(from_list, from_tensor)
 
 
+@pytest.mark.parametrize("capacity", [5, 1024], ids=["bmm", "cpu-loop"])  # 1024 = CPU_LOOP_ROWS_PER_EXPERT
 @pytest.mark.parametrize("num_experts", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_capacity_bmm_equals_module_loop(num_experts, dtype):
+def test_capacity_bmm_equals_module_loop(num_experts, dtype, capacity):
     torch.manual_seed(2)
-    capacity = 5
     experts = _experts(num_experts, dtype)
     x = torch.randn(num_experts, capacity, DIM, dtype=dtype, requires_grad=True)
     grad = torch.randn(num_experts, capacity, DIM, dtype=dtype)
@@ -292,6 +292,26 @@ def test_padded_rows_give_zero_output_and_no_gradient(path, counts):
     assert torch.equal(fast[0][sum(counts):], torch.zeros(padding, DIM))
     assert torch.equal(fast[1][sum(counts):], torch.zeros(padding, DIM))
     _assert_same(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_takes_the_loop_from_many_rows_per_expert():
+    """The default path on a CPU: the grouped GEMM for small groups, the loop of matmuls for groups
+    of CPU_LOOP_ROWS_PER_EXPERT rows and more (faster there); both give the same result."""
+    from moe.grouped_experts import CPU_LOOP_ROWS_PER_EXPERT, grouped_mm_runs
+
+    if not grouped_mm_available("cpu", torch.float32):
+        pytest.skip("this torch has no CPU torch._grouped_mm")
+    experts = _experts(2, torch.float32)
+    weights = stack_expert_weights(experts)
+    small, large = torch.randn(2 * CPU_LOOP_ROWS_PER_EXPERT - 1, DIM), torch.randn(2 * CPU_LOOP_ROWS_PER_EXPERT, DIM)
+    assert uses_grouped_mm(small, weights[0], weights[2])
+    assert grouped_mm_runs(large, weights[0], weights[2]) and not uses_grouped_mm(large, weights[0], weights[2])
+    counts = [CPU_LOOP_ROWS_PER_EXPERT + 5, CPU_LOOP_ROWS_PER_EXPERT - 5]
+    with torch.no_grad():
+        default = swiglu_grouped(large, counts, *weights)
+        assert torch.equal(default, swiglu_grouped(large, counts, *weights, use_grouped_mm=False))
+        torch.testing.assert_close(default, swiglu_grouped(large, counts, *weights, use_grouped_mm=True),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_padded_counts_may_not_exceed_the_rows():
