@@ -5,7 +5,7 @@
 #   bash bench/gpu_all.sh            # PYTHON=... to pick the interpreter
 #   ONLY="gpu_tests layer_gpu" bash bench/gpu_all.sh   # some steps only (where one command may run
 #                                    # 10 minutes at most, split the run: the steps are independent)
-# Steps: device gpu_tests layer_gpu e2e_gpt2_small e2e_350m smoke. A failing step does not stop the
+# Steps: device gpu_tests layer_gpu e2e_gpt2_small e2e_350m smoke e2e_350m_ckpt. A failing step does not stop the
 # others; the exit status is 1 when any failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,11 +28,13 @@ step() {
   fi
 }
 step device nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-step gpu_tests "$PY" -m pytest -m gpu tests/gpu -q -p no:cacheprovider
+step gpu_tests "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
 step layer_gpu "$PY" -m bench.moe_layer --device cuda --shapes gpu --json "$OUT/layer_gpu.json"
 step e2e_gpt2_small "$PY" -m bench.end_to_end experiment=h100_gpt2_small --json "$OUT/e2e_gpt2_small.json"
 step e2e_350m "$PY" -m bench.end_to_end --compile experiment=h100_350m --json "$OUT/e2e_350m.json"
 step smoke "$PY" -m train experiment=smoke logging.progress_bar=false "trainer.run_dir=$OUT/smoke"
+# Last, as the least needed: what activation checkpointing costs in tokens/s (and saves in memory).
+step e2e_350m_ckpt "$PY" -m bench.end_to_end experiment=h100_350m trainer.activation_checkpointing=true --json "$OUT/e2e_350m_ckpt.json"
 if [ "${#failed[@]}" -gt 0 ]; then
   echo "failed steps: ${failed[*]}"
   exit 1
