@@ -72,7 +72,9 @@ def combine_rows(y_AD: torch.Tensor, token_A: torch.Tensor, weight_A: torch.Tens
     index_add: deterministic on CPU; on GPU the order of three or more additions into one token may
     vary between runs. [T, D] in y's dtype, weighted in at least fp32 (the router's precision)."""
     accumulate = torch.promote_types(y_AD.dtype, weight_A.dtype)
-    contributions = y_AD.to(accumulate) * weight_A.to(accumulate).unsqueeze(-1)
+    weight_A1 = weight_A.to(accumulate).unsqueeze(-1)
+    # where, not just the product: a capped row that overflowed (Inf in bf16) must add 0, not 0 * Inf.
+    contributions = torch.where(weight_A1 != 0, y_AD.to(accumulate) * weight_A1, 0)
     out = torch.zeros(num_tokens, y_AD.shape[-1], dtype=accumulate, device=y_AD.device)
     return out.index_add(0, token_A, contributions).to(y_AD.dtype)
 

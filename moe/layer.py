@@ -66,7 +66,8 @@ class _Plan:
     weight_A: torch.Tensor
     kept_A: torch.Tensor
     slot_A: torch.Tensor | None
-    """Slot in the fixed [E*C] layout (-1 = dropped) when there is a capacity, else None."""
+    """Token choice with a capacity: slot in the fixed [E*C] layout (-1 = dropped); else None
+    (expert choice's assignments are their own slots: assignment a is slot a)."""
     capacity: int | None
     """Slots per expert; None = dropless (no fixed layout)."""
     probs_TE: torch.Tensor
@@ -260,22 +261,20 @@ class MoELayer(MoE):
         if not self.training and self.ec_eval_mode == "causal":
             # Causal mode: a variable number of tokens per expert, routed dropless.
             assignments = router.causal(x_TD)
-            slot_A, capacity = None, None
+            capacity = None
         else:
             group_size = x_TD.shape[0] if cfg.ec_group == "batch" else sequence_length
             capacity_factor = cfg.capacity_factor if self.training else (cfg.eval_capacity_factor or cfg.capacity_factor)
             assignments = router(x_TD, group_size, capacity_factor)
+            # Expert-major, exactly `capacity` per expert: the fixed layout already (no slots to assign).
             capacity = assignments.capacity
-            # Assignments come expert-major, exactly `capacity` per expert: slot a is assignment a.
-            all_slots = torch.arange(assignments.token_A.numel(), device=x_TD.device)
-            slot_A = torch.where(assignments.kept_A, all_slots, -1)
         balance_loss, z_loss = router.losses(assignments)
         return _Plan(
             token_A=assignments.token_A,
             expert_A=assignments.expert_A,
             weight_A=assignments.weight_A,
             kept_A=assignments.kept_A,
-            slot_A=slot_A,
+            slot_A=None,
             capacity=capacity,
             probs_TE=assignments.probs_TE,
             balance_loss=balance_loss,
@@ -313,8 +312,9 @@ class MoELayer(MoE):
         """Equal-sized [E*C] slot buffers, one fixed-shape all-to-all each way across ranks (none at
         one rank), batched GEMMs on [e, ep*C, D]: no count exchange, no host sync."""
         num_experts, capacity = self.config.num_experts, plan.capacity
-        assert plan.slot_A is not None and capacity is not None
+        assert capacity is not None
         if plan.top_k is not None:
+            assert plan.slot_A is not None
             buffer_SD = rows_to_slots(x_TD, plan.slot_A, plan.top_k, num_experts * capacity)
         else:
             # Expert choice: assignment a is slot a (expert-major, C per expert). A row removed by

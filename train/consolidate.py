@@ -43,7 +43,7 @@ def consolidate(source: str | Path | None, out: Path, with_tokenizer: bool = Tru
     checkpoint = resolve_checkpoint(source)
     if checkpoint.suffix == ".safetensors":  # refused before reading any weights
         raise ConfigError(f"{checkpoint}: already a consolidated file")
-    loaded = load_model(checkpoint)
+    loaded = load_model(checkpoint, pack_experts=False)  # saved below: no tensors sharing one storage
     state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
     weights = _use_fp32_masters(state, loaded)
     if loaded.run.model.tie_embeddings:

@@ -28,8 +28,10 @@ dense FFN blocks between MoE blocks (moe.every > 1), a dense model, stock DeepSp
 The checkpoint is written into a sibling `DIR.partial` and renamed into place once complete, so a
 crash or kill never leaves a half-written DIR that looks loadable (a later export removes the
 leftover). An existing DIR is replaced as a whole, as the export's own files always were: it is
-renamed away, the new one renamed in, and only then is the old one removed. A DIR holding files
-the export does not write is refused with one line naming them, rather than deleted.
+renamed away, the new one renamed in, and only then is the old one removed. A DIR that cannot be
+renamed (a mount point, or a parent this user may not write) keeps its place: the files are written
+into DIR/.moe-export.partial and renamed one by one, config.json last. A DIR holding files the export
+does not write is refused with one line naming them, rather than deleted.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from train.config import ConfigError
 
 # Every file an export may write: an existing --out holding only these is a previous export.
 EXPORT_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"})
+STAGING_DIR = ".moe-export.partial"
+"""Inside an output directory that must stay in place (see `_must_stay_in_place`): where files are written first."""
 
 
 def unsupported_features(model: torch.nn.Module) -> list[str]:
@@ -164,7 +168,8 @@ def export_mixtral(model: torch.nn.Module, out: Path, tokenizer_file: Path | Non
             eot_id = end_of_text_id(tokenizer)
         except ValueError as error:
             raise ConfigError(f"{tokenizer_file}: {error}") from None
-    partial = out.with_name(out.name + ".partial")
+    whole_directory = not _must_stay_in_place(out)
+    partial = out.with_name(out.name + ".partial") if whole_directory else out / STAGING_DIR
     shutil.rmtree(partial, ignore_errors=True)  # left by an export that was killed
     partial.mkdir(parents=True)
     try:
@@ -172,10 +177,32 @@ def export_mixtral(model: torch.nn.Module, out: Path, tokenizer_file: Path | Non
         for path in partial.iterdir():
             _fsync(path)
         _fsync(partial)
-        _move_into_place(partial, out)
+        if whole_directory:
+            _move_into_place(partial, out)
+        else:
+            _replace_files_in_place(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+def _must_stay_in_place(out: Path) -> bool:
+    """An existing `out` that cannot be renamed away: a mount point (a container's volume, `--out /out`),
+    or a directory whose parent this user may not write."""
+    return out.is_dir() and (os.path.ismount(out) or not os.access(out.parent, os.W_OK))
+
+
+def _replace_files_in_place(partial: Path, out: Path) -> None:
+    """The fallback when `out` itself must stay: each file renamed into it on its own (atomic per
+    file), config.json last, since transformers takes a directory with a config for a model; then
+    files of an earlier export that this one did not write (a tokenizer) are removed."""
+    written = sorted(path.name for path in partial.iterdir())
+    for name in sorted(written, key=lambda name: name == "config.json"):
+        os.replace(partial / name, out / name)
+    for name in EXPORT_FILES - set(written):
+        (out / name).unlink(missing_ok=True)
+    partial.rmdir()
+    _fsync(out)
 
 
 def _check_replaceable(out: Path) -> None:
@@ -184,7 +211,8 @@ def _check_replaceable(out: Path) -> None:
         return
     if not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a directory")
-    foreign = sorted(path.name for path in out.iterdir() if path.name not in EXPORT_FILES or not path.is_file())
+    foreign = sorted(path.name for path in out.iterdir()
+                     if path.name != STAGING_DIR and (path.name not in EXPORT_FILES or not path.is_file()))
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise ConfigError(f"{out}: holds files moe-export does not write ({shown}); "
@@ -229,15 +257,20 @@ def _move_into_place(partial: Path, out: Path) -> None:
 
 
 def _fsync(path: Path) -> None:
-    """Flush a file or directory to disk; best effort for directories, which some systems refuse to open."""
+    """Flush a file or directory to disk; best effort for directories, which some file systems
+    refuse to open or to fsync (network and FUSE mounts)."""
+    is_dir = path.is_dir()
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
-        if path.is_dir():
+        if is_dir:
             return
         raise
     try:
         os.fsync(fd)
+    except OSError:
+        if not is_dir:
+            raise
     finally:
         os.close(fd)
 

@@ -277,8 +277,10 @@ def read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     return state, header
 
 
-def load_model(path: str | Path | None, device: str | torch.device = "cpu") -> LoadedModel:
-    """The model of a run directory, checkpoint directory or consolidated file, ready for inference."""
+def load_model(path: str | Path | None, device: str | torch.device = "cpu", pack_experts: bool = True) -> LoadedModel:
+    """The model of a run directory, checkpoint directory or consolidated file, ready for inference.
+    `pack_experts`: lay each MoE layer's experts out in one buffer (a view per forward instead of a
+    copy); False for callers that save the weights, whose tensors must then not share storage."""
     source = resolve_checkpoint(path)
     if source.suffix == ".safetensors":
         state, header = read_consolidated(source)
@@ -306,7 +308,7 @@ def load_model(path: str | Path | None, device: str | torch.device = "cpu") -> L
     from moe import MoELayer
 
     for layer in loaded.model.modules():
-        if isinstance(layer, MoELayer):
+        if pack_experts and isinstance(layer, MoELayer):
             layer.pack_expert_weights()  # stacking the experts per token generated is then a view, not a copy
     return loaded
 

@@ -58,7 +58,10 @@ def test_checkpointed_blocks_give_the_same_outputs_gradients_and_statistics(moe)
         assert torch.equal(ckpt, plain)
 
 
-def _saved_bytes(model: GPT, tokens: torch.Tensor) -> int:
+def _bytes_saved_by_autograd(model: GPT, tokens: torch.Tensor) -> int:
+    """What autograd keeps for the backward pass of one forward, through the saved-tensor hooks. Inside
+    a checkpointed block the checkpoint's own hooks take precedence (the innermost pair wins) and
+    keep placeholders only; what it keeps of the block is its inputs."""
     total = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -72,12 +75,24 @@ def _saved_bytes(model: GPT, tokens: torch.Tensor) -> int:
     return total
 
 
-def test_checkpointing_saves_far_less_for_the_backward_pass():
-    tokens = torch.randint(0, VOCAB, (8, 24), generator=torch.Generator().manual_seed(3))
-    plain = _saved_bytes(_model(False, top_k=2), tokens)
-    checkpointed = _saved_bytes(_model(True, top_k=2), tokens)
-    # Left: each block's input, the final norm and the output projection.
-    assert checkpointed < plain / 4, (checkpointed, plain)
+def _deep_model(checkpoint_blocks: bool, num_layers: int) -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(seq_len=24, num_layers=num_layers, hidden_size=32, num_heads=4, ffn_hidden=48)
+    model = GPT(cfg, MoEConfig(num_experts=4, top_k=2, every=1), vocab_size=VOCAB, seed=0).train()
+    model.checkpoint_blocks = checkpoint_blocks
+    return model
+
+
+def test_a_checkpointed_block_keeps_only_its_inputs():
+    """Each further layer adds all of its activations to what the backward pass keeps without
+    checkpointing, and exactly its inputs with it: x [B, S, D] and the rotary tables [S, head_dim / 2]."""
+    batch, seq, dim, head_dim = 8, 24, 32, 32 // 4
+    tokens = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(3))
+    plain = [_bytes_saved_by_autograd(_deep_model(False, n), tokens) for n in (2, 6)]
+    checkpointed = [_bytes_saved_by_autograd(_deep_model(True, n), tokens) for n in (2, 6)]
+    inputs_per_block = 4 * (batch * seq * dim + 2 * seq * head_dim // 2)  # fp32
+    assert checkpointed[1] - checkpointed[0] == 4 * inputs_per_block
+    assert plain[1] - plain[0] > 10 * (checkpointed[1] - checkpointed[0])
 
 
 def test_no_checkpointing_without_gradients():

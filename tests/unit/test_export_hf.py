@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -169,3 +174,34 @@ def test_an_output_holding_other_files_is_refused_not_deleted(tmp_path):
         export_mixtral(_model(), tmp_path / "file")
     assert (tmp_path / "file").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "hf"]
+
+
+def test_an_output_that_must_stay_in_place_gets_its_files_replaced_one_by_one(tmp_path, monkeypatch):
+    """A mount point (a container volume) cannot be renamed away: the files are staged inside it and
+    renamed into it, a stale file of the earlier export goes, and a failure leaves the earlier export."""
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("stale")
+    (out / "config.json").write_text("old")
+    monkeypatch.setattr("train.export_hf._must_stay_in_place", lambda path: path == out)
+    monkeypatch.setattr("train.export_hf.os.replace", _refusing_to_move(out, os.replace))
+
+    export_mixtral(_model(), out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((out / "config.json").read_text())["model_type"] == "mixtral"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr("train.export_hf.mixtral_config", _boom)
+    with pytest.raises(OSError, match="injected"):
+        export_mixtral(_model(tie=False), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def _refusing_to_move(mount: Path, replace):
+    """os.replace as on a mount point: the directory itself cannot be renamed."""
+    def guarded(src, dst):
+        if Path(src) == mount or Path(dst) == mount:
+            raise OSError(errno.EBUSY, "Device or resource busy", str(mount))
+        return replace(src, dst)
+
+    return guarded

@@ -61,13 +61,15 @@ def test_fp32_capacity_layer_on_the_grouped_gemm_equals_reference(capacity_facto
     """fp32 takes torch._grouped_mm where this torch has it (fp64 above takes the loop): dropped
     assignments then ride along as padding rows past the last offset, which the GEMM leaves
     uninitialised, so their zero output and zero gradient are checked through the whole layer."""
-    from moe.grouped_experts import grouped_mm_available
+    from moe.grouped_experts import grouped_mm_available, stack_expert_weights, uses_grouped_mm
 
     if not grouped_mm_available("cpu", torch.float32):
         pytest.skip("this torch has no CPU torch._grouped_mm")
     torch.manual_seed(3)
     layer = _layer(top_k=2, capacity_factor=capacity_factor).float()
     x = torch.randn(3, 11, HIDDEN, requires_grad=True)
+    w1, _, w2 = stack_expert_weights(layer.local_experts)
+    assert uses_grouped_mm(torch.empty(33 * 2, HIDDEN), w1, w2), "this test is about the grouped-GEMM path"
     grad_out = torch.randn(3, 11, HIDDEN)
     y, aux = layer(x)
     (y * grad_out).sum().backward()
