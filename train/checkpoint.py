@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,11 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 
 def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], rank: int,
-         portable: bool = True) -> None:
+         portable: bool = True, keep: int = 0) -> None:
     """Collective: every rank calls it. RNG states go in a per-rank file inside the tag,
     written before DeepSpeed moves `latest`, so a tag that `latest` names is complete.
-    `portable=False` skips the layout-free optimizer copy (train/portable_state.py)."""
+    `portable=False` skips the layout-free optimizer copy (train/portable_state.py). `keep` >= 1:
+    afterwards, only the newest `keep` checkpoints stay (`prune`); 0 keeps them all."""
     tag = tag_for(step)
     tag_dir = checkpoint_dir / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +65,31 @@ def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], 
             _fsync(path)
         _fsync(tag_dir)
         _atomic_write(checkpoint_dir / "latest", tag)
+        prune(checkpoint_dir, keep)
     dist.barrier()
+
+
+def prune(checkpoint_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints up to the one `latest` names; returns what went.
+
+    Called only after `latest` has moved to a complete checkpoint, which is always kept, so a kill
+    in the middle leaves at worst part of an older tag, removed by the next prune. Tags newer than
+    `latest` (a save that was killed) are left alone: a resumed run writes them again."""
+    latest = latest_tag(checkpoint_dir)
+    if keep < 1 or latest is None:
+        return []
+    newest = _step_of(latest)
+    tags = sorted((step, path) for path in checkpoint_dir.glob("step_*")
+                  if (step := _step_of(path.name)) is not None and step <= newest and path.is_dir())
+    doomed = [path for _, path in tags[:-keep]]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def _step_of(tag: str) -> int | None:
+    digits = tag.removeprefix("step_")
+    return int(digits) if tag.startswith("step_") and digits.isdigit() else None
 
 
 def _fsync(path: Path) -> None:

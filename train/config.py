@@ -98,6 +98,9 @@ class TrainerConfig:
     """Validation micro-batches per evaluation (the same windows every time)."""
     checkpoint_every: int = 100
     """Save every N steps (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 0
+    """Keep only the newest N checkpoints (older ones are deleted after each save, once `latest`
+    names the new one); 0 keeps every checkpoint."""
     resume: bool = False
     """Continue from the latest checkpoint in run_dir."""
     auto_resume: bool = False
@@ -130,7 +133,7 @@ class TrainerConfig:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_batches", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every"):
+        for name in ("eval_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
         if self.device not in ("auto", "cuda", "cpu"):

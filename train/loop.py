@@ -237,7 +237,8 @@ class Trainer:
             if due and not self.last_step_skipped:  # only after an applied update: `latest` is always a good state
                 checkpoint.save(self.engine, self.checkpoint_dir, done,
                                 {"step": done, "tokens": done * self.tokens_per_step,
-                                 "initial_val_loss": initial_val_loss}, world.rank, run.trainer.portable_checkpoint)
+                                 "initial_val_loss": initial_val_loss}, world.rank, run.trainer.portable_checkpoint,
+                                run.trainer.keep_checkpoints)
             if preemption is not None and done < run.trainer.max_steps and (received := preemption.agreed()):
                 self._stop_for_preemption(received, done, bool(due), initial_val_loss, progress)
             if figures:
@@ -255,7 +256,7 @@ class Trainer:
         if not saved and not self.last_step_skipped:
             checkpoint.save(self.engine, self.checkpoint_dir, done,
                             {"step": done, "tokens": done * self.tokens_per_step, "initial_val_loss": initial_val_loss},
-                            self.world.rank, self.run.trainer.portable_checkpoint)
+                            self.world.rank, self.run.trainer.portable_checkpoint, self.run.trainer.keep_checkpoints)
         self._log({"event": "preempted", "step": done, "tokens": done * self.tokens_per_step, "signal": received,
                    "checkpoint": checkpoint.latest_tag(self.checkpoint_dir)})
         self._finish_sinks_early(f"preempted by {received}", done)

@@ -103,3 +103,24 @@ def test_routing_variants_train_end_to_end(compose_run, tmp_path, overrides, exp
         state = torch.load(run_dir / "checkpoints" / "step_00000006" / "mp_rank_00_model_states.pt", weights_only=False)
         biases = [v for k, v in state["module"].items() if k.endswith("selection_bias")]
         assert biases and all(b.dtype == torch.float32 for b in biases) and any(b.abs().sum() > 0 for b in biases)
+
+
+@pytest.mark.slow
+def test_keep_checkpoints_leaves_the_newest_and_a_resume_continues(compose_run, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [
+        "model=gpt_tiny", "trainer.micro_batch_size=4", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=2",
+        "trainer.eval_every=0", "trainer.eval_batches=1", "logging.progress_bar=false", "logging.plots=off",
+        f"data.cache_dir={ROOT / '.cache' / 'data'}", f"trainer.run_dir={run_dir}",
+    ]  # fmt: skip
+    train(compose_run([*overrides, "trainer.max_steps=5"]))
+    checkpoints = run_dir / "checkpoints"
+
+    def tags() -> list[str]:  # DeepSpeed also drops its zero_to_fp32.py script there
+        return sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step_"))
+
+    assert tags() == ["step_00000004", "step_00000005"]
+    resumed = train(compose_run([*overrides, "trainer.max_steps=7", "trainer.resume=true"]))
+    assert resumed["steps"] == 7 and resumed["steps_this_session"] == 2
+    assert tags() == ["step_00000006", "step_00000007"]
+    assert (checkpoints / "latest").read_text() == "step_00000007"
