@@ -73,6 +73,12 @@ def parallel_plan(run: RunConfig, world_size: int, vocab_size: int) -> dict:
     padding = moe.capacity_factor if (moe.capacity_factor and moe.router == "token_choice") else 1.0
     rows = b * s * per_token * padding
     all_to_all = 4 * rows * d * act_elem * (ep - 1) / ep * counts["moe_layers"] * trainer.grad_accum
+    # Every parameter once across the ranks' files: module weights, fp32 master + AdamW moments in
+    # ZeRO's partitions (12 B), and the layout-free copy of those (12 B) unless turned off. DeepSpeed
+    # clones each tensor before saving the module, so a tied embedding is written twice.
+    checkpoint_bytes = counts["total"] * (weight_bytes + 12 + (12 if trainer.portable_checkpoint else 0))
+    if model_cfg.tie_embeddings:
+        checkpoint_bytes += weight_bytes * vocab_size * d
     return {
         "world_size": world_size,
         "ep_size": ep,
@@ -88,6 +94,7 @@ def parallel_plan(run: RunConfig, world_size: int, vocab_size: int) -> dict:
         "memory_weights_optimizer_gib": (state_bytes(dense, data_parallel) + state_bytes(local_expert, expert_dp)) / GIB,
         "memory_activations_gib": activations / GIB,
         "all_to_all_gib_per_step": all_to_all / GIB,
+        "checkpoint_gib_per_save": checkpoint_bytes / GIB,
         "precision": "bf16" if bf16 else "fp32",
         "zero_stage": zero,
     }
@@ -119,6 +126,8 @@ def print_plan(plan: dict) -> None:
     print(f"  memory       {plan['memory_weights_optimizer_gib']:.2f} GiB weights+grads+optimizer, "
           f"{plan['memory_activations_gib']:.2f} GiB activations (estimate), {memory:.2f} GiB in all")
     print(f"  all-to-all   {plan['all_to_all_gib_per_step']:.3f} GiB sent per optimizer step")
+    print(f"checkpoint: {plan['checkpoint_gib_per_save']:.1f} GiB per save, all ranks together "
+          "(trainer.keep_checkpoints bounds how many stay)")
 
 
 def check_fits(plan: dict, device_gib: float | None) -> None:

@@ -109,7 +109,9 @@ def test_routing_variants_train_end_to_end(compose_run, tmp_path, overrides, exp
 def test_keep_checkpoints_leaves_the_newest_and_a_resume_continues(compose_run, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [
-        "model=gpt_tiny", "trainer.micro_batch_size=4", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=2",
+        # fp32 spelled out: the dry run plans `auto` as bf16 (for GPUs), the CPU trains it in fp32.
+        "model=gpt_tiny", "deepspeed.precision=fp32", "trainer.micro_batch_size=4", "trainer.checkpoint_every=1",
+        "trainer.keep_checkpoints=2",
         "trainer.eval_every=0", "trainer.eval_batches=1", "logging.progress_bar=false", "logging.plots=off",
         f"data.cache_dir={ROOT / '.cache' / 'data'}", f"trainer.run_dir={run_dir}",
     ]  # fmt: skip
@@ -120,6 +122,10 @@ def test_keep_checkpoints_leaves_the_newest_and_a_resume_continues(compose_run, 
         return sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step_"))
 
     assert tags() == ["step_00000004", "step_00000005"]
+    # The dry run's estimate of a checkpoint's size is what a save really writes (within 10%).
+    plan = train(compose_run([*overrides, "trainer.max_steps=5", "dry_run=true", "world_size=1"]))
+    written = sum(p.stat().st_size for p in (checkpoints / "step_00000005").rglob("*") if p.is_file())
+    assert written == pytest.approx(plan["checkpoint_gib_per_save"] * 2**30, rel=0.1)
     resumed = train(compose_run([*overrides, "trainer.max_steps=7", "trainer.resume=true"]))
     assert resumed["steps"] == 7 and resumed["steps_this_session"] == 2
     assert tags() == ["step_00000006", "step_00000007"]
