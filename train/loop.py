@@ -27,6 +27,7 @@ from train.dry_run import check_fits, parallel_plan, print_plan
 from train.engine import build_engine
 from train.evaluate import mean_token_loss
 from train.flops import flops_per_token, peak_tflops
+from train.host_memory import keep_freed_memory
 from train.metrics import ExpertCounts, MetricsFile, Progress, figures_per_layer, finite_or_none, mean_over_ranks
 from train.model import GPT, expert_choice_layers, padded_vocab_size
 from train.nonfinite import NonFiniteLossStop, NonFiniteStreak, discard_routing_statistics, poison_if_nonfinite
@@ -72,6 +73,8 @@ def build_trainer(run: RunConfig, world: World, run_dir: Callable[[], Path]) -> 
     """Data, model and DeepSpeed engine for `run` (also what the end-to-end benchmark times).
     `run_dir` is asked for once the data has been checked, so bad data fails before a run
     directory is chosen."""
+    if world.device.type == "cpu":
+        keep_freed_memory()  # each step's activations reuse freed memory instead of page-faulting anew
     data_dir = _prepared_data(run, world)
     train_data, val_data = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
     for split in (train_data, val_data):
