@@ -65,13 +65,18 @@ def combine_in_token_order(y_ND: torch.Tensor, order_N: torch.Tensor, weight_TK:
 class _RowsToSlots(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: torch.Tensor, slot_A: torch.Tensor, top_k: int, num_slots: int) -> torch.Tensor:
-        # Dropped assignments (slot -1) write one spare row past the end, cut off below.
+        num_tokens = x_TD.shape[0]
+        # Dropped assignments (slot -1) go to one spare slot past the end, cut off below.
         index_A = torch.where(slot_A >= 0, slot_A, num_slots)
         ctx.save_for_backward(index_A)
-        ctx.top_k, ctx.num_tokens = top_k, x_TD.shape[0]
-        rows_AD = x_TD.index_select(0, torch.div(torch.arange(slot_A.numel(), device=slot_A.device), top_k,
-                                                 rounding_mode="floor"))
-        return x_TD.new_zeros(num_slots + 1, x_TD.shape[-1]).index_copy_(0, index_A, rows_AD)[:num_slots]
+        ctx.top_k, ctx.num_tokens = top_k, num_tokens
+        # Which token fills each slot (an empty slot names a zero row appended to x), then one
+        # gather: the [S, D] rows are written once, not copied per assignment first and zero-filled.
+        token_A = torch.div(torch.arange(slot_A.numel(), device=slot_A.device), top_k, rounding_mode="floor")
+        token_S = torch.full((num_slots + 1,), num_tokens, dtype=torch.long, device=slot_A.device)
+        token_S.index_copy_(0, index_A, token_A)
+        x_padded = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[-1])])
+        return x_padded.index_select(0, token_S[:num_slots])
 
     @staticmethod
     def backward(ctx, grad_SD: torch.Tensor):

@@ -105,3 +105,15 @@ def test_slot_layout_matches_plain_indexing(top_k, capacity):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
     if capacity == 3:
         assert bool((slot_TK < 0).any()), "the small capacity should drop some assignments"
+    # The buffer itself: each kept assignment's token in its slot, every other slot exactly zero
+    # (the experts run on empty slots too).
+    buffer = rows_to_slots(x, slot_TK.reshape(-1), top_k, num_slots)
+    expected = torch.zeros(num_slots, dim, dtype=x.dtype)
+    for token in range(num_tokens):
+        for choice in range(top_k):
+            slot = int(slot_TK[token, choice])
+            if slot >= 0:
+                expected[slot] = x[token]
+    assert torch.equal(buffer, expected)
+    if capacity == 40:
+        assert bool((expected == 0).all(dim=1).any()), "some slots should stay empty"
