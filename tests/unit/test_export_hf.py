@@ -148,15 +148,20 @@ def test_an_existing_export_is_replaced_as_a_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
-def test_an_existing_export_survives_a_failed_replacement(tmp_path, monkeypatch):
-    out = tmp_path / "hf"
-    export_mixtral(_model(), out)
+def _assert_a_failed_export_changes_nothing(out: Path, monkeypatch) -> None:
+    """An export that fails midway leaves `out` byte for byte as it was, and nothing beside it."""
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     monkeypatch.setattr("train.export_hf.mixtral_config", _boom)
     with pytest.raises(OSError, match="injected"):
         export_mixtral(_model(tie=False), out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+
+
+def test_an_existing_export_survives_a_failed_replacement(tmp_path, monkeypatch):
+    out = tmp_path / "hf"
+    export_mixtral(_model(), out)
+    _assert_a_failed_export_changes_nothing(out, monkeypatch)
 
 
 def test_an_output_holding_other_files_is_refused_not_deleted(tmp_path):
@@ -189,12 +194,7 @@ def test_an_output_that_must_stay_in_place_gets_its_files_replaced_one_by_one(tm
     export_mixtral(_model(), out)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert json.loads((out / "config.json").read_text())["model_type"] == "mixtral"
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr("train.export_hf.mixtral_config", _boom)
-    with pytest.raises(OSError, match="injected"):
-        export_mixtral(_model(tie=False), out)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    _assert_a_failed_export_changes_nothing(out, monkeypatch)
 
 
 def _refusing_to_move(mount: Path, replace):

@@ -84,14 +84,17 @@ def test_slot_layout_matches_plain_indexing(top_k, capacity):
         buffer = rows_to_slots(x_, slot_TK.reshape(-1), top_k, num_slots)
         return combine_from_slots(buffer * expert_scale, slot_TK, w_)
 
-    def oracle(x_, w_):
+    def slot_buffer(x_):
         buffer = torch.zeros(num_slots, dim, dtype=x_.dtype)
         for token in range(num_tokens):
             for choice in range(top_k):
                 slot = int(slot_TK[token, choice])
                 if slot >= 0:
                     buffer[slot] = x_[token]
-        y = buffer * expert_scale
+        return buffer
+
+    def oracle(x_, w_):
+        y = slot_buffer(x_) * expert_scale
         out = torch.zeros(num_tokens, dim, dtype=x_.dtype)
         for token in range(num_tokens):
             for choice in range(top_k):
@@ -107,13 +110,7 @@ def test_slot_layout_matches_plain_indexing(top_k, capacity):
         assert bool((slot_TK < 0).any()), "the small capacity should drop some assignments"
     # The buffer itself: each kept assignment's token in its slot, every other slot exactly zero
     # (the experts run on empty slots too).
-    buffer = rows_to_slots(x, slot_TK.reshape(-1), top_k, num_slots)
-    expected = torch.zeros(num_slots, dim, dtype=x.dtype)
-    for token in range(num_tokens):
-        for choice in range(top_k):
-            slot = int(slot_TK[token, choice])
-            if slot >= 0:
-                expected[slot] = x[token]
-    assert torch.equal(buffer, expected)
+    expected = slot_buffer(x)
+    assert torch.equal(rows_to_slots(x, slot_TK.reshape(-1), top_k, num_slots), expected)
     if capacity == 40:
         assert bool((expected == 0).all(dim=1).any()), "some slots should stay empty"
