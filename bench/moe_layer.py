@@ -227,7 +227,7 @@ def build_floor(s: Shape, x_TD: torch.Tensor, grad_TD: torch.Tensor, kind: str) 
     (swiglu_capacity on an [E, T*K/E, D] block).
     """
     from moe.grouped_experts import (
-        CPU_LOOP_ROWS_PER_EXPERT,
+        capacity_uses_loop,
         stack_expert_weights,
         swiglu_capacity,
         swiglu_grouped,
@@ -244,7 +244,7 @@ def build_floor(s: Shape, x_TD: torch.Tensor, grad_TD: torch.Tensor, kind: str) 
     # Pre-stacked leaves in the layout stack_expert_weights produces (column-major per expert).
     stacked = [w.detach().requires_grad_(True) for w in stack_expert_weights(experts)]
     path = "torch._grouped_mm" if uses_grouped_mm(x_ND, stacked[0], stacked[2]) else "loop over experts"
-    cpu_loop = device.type == "cpu" and counts[0] >= CPU_LOOP_ROWS_PER_EXPERT
+    cpu_loop = capacity_uses_loop(x_ND.detach().view(s.experts, -1, s.dim)) if len(set(counts)) == 1 else False
     bmm_path = "loop over experts (swiglu_capacity on a CPU)" if cpu_loop else "torch.bmm"
 
     if kind == "bmm":

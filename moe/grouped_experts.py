@@ -77,7 +77,7 @@ def swiglu_capacity(
     if x_eCD.shape[0] != w1_eDF.shape[0]:
         raise ValueError(f"x_eCD has {x_eCD.shape[0]} experts, the weights have {w1_eDF.shape[0]}")
     num_experts, capacity, dim = x_eCD.shape
-    if x_eCD.device.type == "cpu" and capacity >= CPU_LOOP_ROWS_PER_EXPERT:
+    if capacity_uses_loop(x_eCD):
         # Large groups on a CPU: the loop of plain matmuls beats the batched one too (see the constant).
         x_ND = x_eCD.reshape(num_experts * capacity, dim)
         counts_e = torch.full((num_experts,), capacity, dtype=torch.int64)
@@ -167,6 +167,12 @@ def swiglu_loop(x_ND: torch.Tensor, counts_e: torch.Tensor | Sequence[int], expe
     _check_counts(sizes, x_ND.shape[0])
     chunks = torch.split(x_ND, sizes)
     return torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks, strict=True)])
+
+
+def capacity_uses_loop(x_eCD: torch.Tensor) -> bool:
+    """Whether `swiglu_capacity` runs the loop of plain matmuls rather than `torch.bmm` (a CPU with
+    `CPU_LOOP_ROWS_PER_EXPERT` rows per expert or more)."""
+    return x_eCD.device.type == "cpu" and x_eCD.shape[1] >= CPU_LOOP_ROWS_PER_EXPERT
 
 
 def uses_grouped_mm(x_ND: torch.Tensor, w1_eDF: torch.Tensor, w2_eFD: torch.Tensor) -> bool:

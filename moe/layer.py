@@ -77,6 +77,13 @@ class _Plan:
     """Set when every token has exactly top_k assignments in token-major order (token choice):
     the combine is then a deterministic gather + sum instead of an index_add."""
 
+    def kept_per_expert(self, num_experts: int) -> torch.Tensor:
+        """Kept assignments per expert [E] int64, counted once per forward: the grouped GEMM's
+        group sizes and the statistics both need it."""
+        if not hasattr(self, "_kept_E"):
+            self._kept_E = count_per_bin(self.expert_A, num_experts, where=self.kept_A)
+        return self._kept_E
+
 
 class MoELayer(MoE):
     """Token-choice or expert-choice MoE FFN on DeepSpeed-MoE's expert-parallel machinery."""
@@ -295,11 +302,11 @@ class MoELayer(MoE):
             # Dropped assignments get the key E, one past the last expert, so they sort last.
             key_A = plan.expert_A if plan.capacity is None else torch.where(plan.kept_A, plan.expert_A, num_experts)
             order_N = torch.argsort(key_A, stable=True)
-            return order_N, count_per_bin(plan.expert_A, num_experts, where=None if plan.capacity is None else plan.kept_A)
+            return order_N, plan.kept_per_expert(num_experts)
         # A variable number of assignments: how many there are is read to the host (nonzero).
         kept_N = torch.nonzero(plan.kept_A, as_tuple=True)[0]
         order_N = kept_N[torch.argsort(plan.expert_A[kept_N], stable=True)]
-        return order_N, count_per_bin(plan.expert_A, num_experts, where=plan.kept_A)
+        return order_N, plan.kept_per_expert(num_experts)
 
     def _combine_sorted(self, plan: _Plan, order_N: torch.Tensor, y_rows_ND: torch.Tensor, num_tokens: int) -> torch.Tensor:
         if plan.top_k is not None:
@@ -353,7 +360,7 @@ class MoELayer(MoE):
             routed_E = count_per_bin(plan.expert_A, cfg.num_experts)
             if isinstance(self.router, TokenChoiceRouter) and self.router.gathers_statistics:
                 self.router.record_routed(routed_E)
-            kept_E = count_per_bin(plan.expert_A, cfg.num_experts, where=plan.kept_A)
+            kept_E = plan.kept_per_expert(cfg.num_experts)
             per_token = count_per_bin(plan.token_A, num_tokens, where=plan.kept_A)
             histogram = count_per_bin(per_token, cfg.num_experts + 1)  # a token has at most E experts
             probs = plan.probs_TE.clamp_min(1e-20)
