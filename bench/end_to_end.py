@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -95,18 +96,41 @@ def main() -> None:
     variants = [("ours", False), ("deepspeed", False)]
     if args.compile:
         variants += [("ours", True), ("deepspeed", True)]
-    results = [measure(overrides, impl, args.steps, args.warmup, compiled) for impl, compiled in variants]
-    ours, stock = results[:2]
+    results = [_measure_or_error(overrides, impl, args.steps, args.warmup, compiled) for impl, compiled in variants]
+    stock = results[1]
     print(f"config: {' '.join(overrides)}", file=sys.stderr)
     print("| implementation | step ms (median) | tokens/s | MFU | vs stock DeepSpeed |")
     print("|---|---|---|---|---|")
     for r in results:
+        if "error" in r:
+            print(f"| {r['implementation']} | failed: {r['error']} | | | |")
+            continue
+        ratio = f"{r['tokens_per_s'] / stock['tokens_per_s']:.2f}x" if "error" not in stock else "n/a"
         print(f"| {r['implementation']} | {1000 * r['step_s_median']:.1f} | {r['tokens_per_s']:.0f} | "
-              f"{100 * r['mfu']:.1f}% | {r['tokens_per_s'] / stock['tokens_per_s']:.2f}x |")
-    print(f"MFU against {ours['peak_tflops']:.3g} TFLOP/s ({ours['peak_source']}), "
-          f"{ours['flops_per_token'] / 1e9:.3f} GFLOP per token, {ours['active_params'] / 1e6:.1f}M active parameters")
+              f"{100 * r['mfu']:.1f}% | {ratio} |")
+    measured = [r for r in results if "error" not in r]
+    if measured:
+        first = measured[0]
+        print(f"MFU against {first['peak_tflops']:.3g} TFLOP/s ({first['peak_source']}), "
+              f"{first['flops_per_token'] / 1e9:.3f} GFLOP per token, {first['active_params'] / 1e6:.1f}M active parameters")
     if args.json:
         args.json.write_text(json.dumps({"overrides": overrides, "results": results}, indent=2))
+    if len(measured) < len(results):
+        sys.exit(1)
+
+
+def _measure_or_error(overrides: list[str], implementation: str, steps: int, warmup: int, compiled: bool) -> dict:
+    """One variant's figures, or its error: a variant that fails (a compiler error on a new device,
+    out of memory) must not cost the others' figures, which a GPU session has little time to redo."""
+    try:
+        return measure(overrides, implementation, steps, warmup, compiled)
+    except Exception as exc:  # noqa: BLE001 - reported in the table and the exit status
+        traceback.print_exc()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        name = implementation + ("+compile" if compiled else "")
+        return {"implementation": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
 
 
 if __name__ == "__main__":

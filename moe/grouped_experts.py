@@ -21,7 +21,6 @@ own gradient. Two layouts:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -42,7 +41,11 @@ same crossover at D 192 / F 512 and D 512 / F 2048; bench/RESULTS.md). GPUs alwa
 grouped GEMM where it runs."""
 
 
-def stack_expert_weights(experts: Sequence[SwiGLUExpert]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""(w1_eDF, w3_eDF, w2_eFD): the stacked weights of e local experts."""
+
+
+def stack_expert_weights(experts: Sequence[SwiGLUExpert]) -> ExpertWeights:
     """(w1_eDF, w3_eDF, w2_eFD) stacked from e experts; differentiable back to each expert's weights,
     and a view (no copy) where their storage allows (moe/expert_storage.py).
 
@@ -120,7 +123,7 @@ def swiglu_grouped(
         raise ValueError(f"counts_e must be 1-D with one count per expert ({num_experts}), got shape {tuple(counts_e.shape)}")
     if counts_e.dtype.is_floating_point or counts_e.dtype == torch.bool:
         raise ValueError(f"counts_e must hold integers, got {counts_e.dtype}")
-    if counts_e.device.type == "cpu":
+    if counts_e.device.type == "cpu" and not torch.compiler.is_compiling():
         _check_counts(counts_e.tolist(), x_ND.shape[0], padded)
 
     x_ND, w1_eDF, w3_eDF, w2_eFD = _autocast_operands(x_ND, w1_eDF, w3_eDF, w2_eFD)
@@ -138,6 +141,16 @@ def swiglu_grouped(
         y_ND = _swiglu_split_loop(x_ND[:total], counts_e, w1_eDF, w3_eDF, w2_eFD)
         return torch.cat([y_ND, y_ND.new_zeros(x_ND.shape[0] - total, y_ND.shape[-1])])
 
+    if torch.compiler.is_compiling() and not _PROBED.get(("meta", None, x_ND.dtype), False):
+        # A graph cannot hold the op in this dtype (see `_grouped_mm_traces`): run it eagerly, one
+        # graph break, rather than fall back to the slower loop.
+        return _swiglu_grouped_mm_eager(x_ND, counts_e, w1_eDF, w3_eDF, w2_eFD, padded)
+    return _swiglu_grouped_mm(x_ND, counts_e, w1_eDF, w3_eDF, w2_eFD, padded)
+
+
+def _swiglu_grouped_mm(
+    x_ND: torch.Tensor, counts_e: torch.Tensor, w1_eDF: torch.Tensor, w3_eDF: torch.Tensor, w2_eFD: torch.Tensor, padded: bool
+) -> torch.Tensor:
     offs_e = torch.cumsum(counts_e.to(x_ND.device), dim=0, dtype=torch.int32)
     padding_N1 = None
     if padded:
@@ -155,6 +168,9 @@ def swiglu_grouped(
     # grouped GEMM's backward rejects; this identity hands it a dense, aligned copy instead.
     y_ND = _DenseGrad.apply(y_ND)
     return y_ND if padding_N1 is None else y_ND.masked_fill(padding_N1, 0)
+
+
+_swiglu_grouped_mm_eager = torch.compiler.disable(_swiglu_grouped_mm)
 
 
 def swiglu_loop(x_ND: torch.Tensor, counts_e: torch.Tensor | Sequence[int], experts: Sequence[SwiGLUExpert]) -> torch.Tensor:
@@ -200,10 +216,47 @@ def grouped_mm_available(device: torch.device | str = "cpu", dtype: torch.dtype 
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return _probe_grouped_mm(device, dtype)
+    key = (device.type, device.index, dtype)
+    if torch.compiler.is_compiling():
+        # A graph cannot run the probe (it calls backward); `warm_grouped_mm_probe` ran it eagerly
+        # first. Unprobed, the answer is "no": the loop, slower but right.
+        return _PROBED.get(key, False)
+    if key not in _PROBED:
+        _PROBED[key] = _probe_grouped_mm(device, dtype)
+    return _PROBED[key]
 
 
-@functools.cache
+def warm_grouped_mm_probe(device: torch.device | str, dtypes: Sequence[torch.dtype]) -> None:
+    """Probe `torch._grouped_mm` for these dtypes (and autocast's, when on) outside any compiled
+    graph, so that a compiled caller finds the answers (see `grouped_mm_available`)."""
+    device = torch.device(device)
+    if torch.is_autocast_enabled(device.type):
+        dtypes = (*dtypes, torch.get_autocast_dtype(device.type))
+    for dtype in set(dtypes):
+        grouped_mm_available(device, dtype)
+        if ("meta", None, dtype) not in _PROBED:
+            _PROBED["meta", None, dtype] = _grouped_mm_traces(dtype)
+
+
+_PROBED: dict[tuple[str, int | None, torch.dtype], bool] = {}
+"""(device type, index, dtype) -> whether `torch._grouped_mm` runs there; probed once per process."""
+
+
+def _grouped_mm_traces(dtype: torch.dtype) -> bool:
+    """Whether a compiled graph can hold `torch._grouped_mm` in this dtype: its shape function (the
+    meta kernel, which tracing runs) accepts bf16 only in torch 2.13, while the CPU and CUDA kernels
+    also take fp32."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x_ND = torch.empty(8, 16, device="meta", dtype=dtype)
+        w_eDF = torch.empty(2, 32, 16, device="meta", dtype=dtype).transpose(1, 2)
+        torch._grouped_mm(x_ND, w_eDF, offs=torch.empty(2, device="meta", dtype=torch.int32))
+        return True
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+
+
 def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
@@ -254,6 +307,10 @@ class _DenseGrad(torch.autograd.Function):
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """Row-major and 16-byte aligned; copies only when it is not already."""
     t = t.contiguous()
+    if torch.compiler.is_compiling():
+        # No data pointer while tracing; inductor allocates aligned buffers and checks the
+        # alignment of a graph's inputs itself.
+        return t
     if t.data_ptr() % _ALIGN_BYTES != 0:
         t = t.clone()
     return t
@@ -263,7 +320,7 @@ def _gemm_layout(w_eIO: torch.Tensor) -> torch.Tensor:
     """Row- or column-major per expert and aligned, as the grouped GEMM needs; stacked weights already are."""
     row_major = w_eIO.stride(-1) == 1
     col_major = w_eIO.stride(-2) == 1
-    if (row_major or col_major) and w_eIO.data_ptr() % _ALIGN_BYTES == 0:
+    if (row_major or col_major) and (torch.compiler.is_compiling() or w_eIO.data_ptr() % _ALIGN_BYTES == 0):
         return w_eIO
     return _aligned(w_eIO)
 

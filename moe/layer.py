@@ -32,7 +32,13 @@ from moe.expert_choice import ExpertChoiceRouter
 from moe.expert_sharding import run_sharded, shard_swiglu_experts
 from moe.expert_storage import pack_expert_weights
 from moe.experts import SwiGLUExpert, expert_generator
-from moe.grouped_experts import stack_expert_weights, swiglu_capacity, swiglu_grouped
+from moe.grouped_experts import (
+    ExpertWeights,
+    stack_expert_weights,
+    swiglu_capacity,
+    swiglu_grouped,
+    warm_grouped_mm_probe,
+)
 from moe.permute import combine_from_slots, combine_in_token_order, rows_in_expert_order, rows_to_slots
 from moe.router import TokenChoiceRouter
 
@@ -161,7 +167,7 @@ class MoELayer(MoE):
         layer to its device: `.to()` gives every parameter its own storage again."""
         pack_expert_weights(self.local_experts)
 
-    def _expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _expert_weights(self) -> ExpertWeights:
         return stack_expert_weights(self.local_experts)
 
     def shard_experts_for_tensor_parallel(self, group, rank: int, size: int) -> None:
@@ -200,7 +206,26 @@ class MoELayer(MoE):
             )
 
     # ------------------------------------------------------------------ forward
+    def compile_forward(self, **compile_options) -> None:
+        """torch.compile this layer's forward after the expert weights are stacked: router, slot
+        assignment, sort, expert GEMMs, combine and statistics, which inductor fuses (softmax, top-k
+        and the losses; SiLU x gate between the grouped GEMMs; the weighted combine). At one
+        expert-parallel rank on a GPU that is one graph, as nothing in it waits for the device
+        (tests/unit/test_moe_compile.py checks fullgraph=True in bf16). Across ranks dynamo breaks the
+        graph at each collective and at the host-sized all-to-all-v and runs those eagerly; on a CPU in
+        fp32 at the grouped GEMM, which torch traces for bf16 only. Parameters, names and checkpoints
+        are unchanged."""
+        self._route_and_compute = torch.compile(self._route_and_compute, **compile_options)
+
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:  # type: ignore[override]
+        # Stacked in eager mode: whether the stack can be a view depends on where ZeRO put the weights
+        # (data pointers), which a compiled graph cannot look at. The same goes for the one-off probe of
+        # torch._grouped_mm (it runs a backward), done here so that a compiled graph only reads its answer.
+        weights = self._expert_weights()
+        warm_grouped_mm_probe(hidden_states.device, (hidden_states.dtype, weights[0].dtype))
+        return self._route_and_compute(hidden_states, weights)
+
+    def _route_and_compute(self, hidden_states: torch.Tensor, weights: ExpertWeights) -> tuple[torch.Tensor, MoEAux]:
         shape = hidden_states.shape
         x_TD = hidden_states.reshape(-1, shape[-1])
         num_tokens = x_TD.shape[0]
@@ -212,7 +237,7 @@ class MoELayer(MoE):
         if plan.capacity is not None and (self.ep_size > 1 or plan.top_k is None):
             # Expert choice already comes in the fixed layout (C per expert), and capacity mode
             # across ranks exchanges fixed-size slot buffers.
-            y_TD = self._experts_fixed_layout(x_TD, plan)
+            y_TD = self._experts_fixed_layout(x_TD, plan, weights)
         else:
             order_N, counts_E = self._sorted_by_expert(plan)
             if plan.top_k is not None:
@@ -223,11 +248,12 @@ class MoELayer(MoE):
                 # With a capacity, order_N also lists the dropped assignments, after the kept ones.
                 padded = plan.capacity is not None
                 y_rows_ND = run_sharded(
-                    lambda rows: swiglu_grouped(rows, counts_E, *self._expert_weights(), padded=padded),
-                    rows_ND, self.tensor_parallel_group,
+                    lambda rows: swiglu_grouped(rows, counts_E, *weights, padded=padded),
+                    rows_ND,
+                    self.tensor_parallel_group,
                 )
             else:
-                y_rows_ND = self._experts_variable_all_to_all(rows_ND, counts_E)
+                y_rows_ND = self._experts_variable_all_to_all(rows_ND, counts_E, weights)
             y_TD = self._combine_sorted(plan, order_N, y_rows_ND, num_tokens)
         if self.shared_mlp is not None:
             y_TD = y_TD + self.shared_mlp(x_TD)
@@ -315,7 +341,7 @@ class MoELayer(MoE):
             return combine_in_token_order(y_rows_ND, order_N, plan.weight_A.view(num_tokens, plan.top_k))
         return combine_rows(y_rows_ND, plan.token_A[order_N], plan.weight_A[order_N], num_tokens)
 
-    def _experts_fixed_layout(self, x_TD: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    def _experts_fixed_layout(self, x_TD: torch.Tensor, plan: _Plan, weights: ExpertWeights) -> torch.Tensor:
         """Equal-sized [E*C] slot buffers, one fixed-shape all-to-all each way across ranks (none at
         one rank), batched GEMMs on [e, ep*C, D]: no count exchange, no host sync."""
         num_experts, capacity = self.config.num_experts, plan.capacity
@@ -331,8 +357,9 @@ class MoELayer(MoE):
         ep, e, dim = self.ep_size, self.num_local_experts, x_TD.shape[-1]
         per_expert_eND = received_SD.view(ep, e, capacity, dim).transpose(0, 1).reshape(e, ep * capacity, dim)
         out_eND = run_sharded(
-            lambda rows: swiglu_capacity(rows, *self._expert_weights()),
-            per_expert_eND, self.tensor_parallel_group,
+            lambda rows: swiglu_capacity(rows, *weights),
+            per_expert_eND,
+            self.tensor_parallel_group,
         )
         y_local_SD = out_eND.view(e, ep, capacity, dim).transpose(0, 1).reshape(ep * e * capacity, dim)
         y_SD = all_to_all_slots(y_local_SD, self.ep_group, self.ep_size)
@@ -342,14 +369,15 @@ class MoELayer(MoE):
             return combine_from_slots(y_SD, slot_TK, plan.weight_A.view(num_tokens, plan.top_k))
         return combine_rows(y_SD, plan.token_A, plan.weight_A, num_tokens)
 
-    def _experts_variable_all_to_all(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def _experts_variable_all_to_all(self, rows_ND: torch.Tensor, counts_E: torch.Tensor, weights: ExpertWeights) -> torch.Tensor:
         """Dropless across ranks: all-to-all-v sends each rank exactly its experts' rows."""
         exchange = VariableExchange(counts_E, self.ep_group, self.ep_size)
         received_MD = exchange.send(rows_ND)
         local_order_M, local_counts_e = exchange.received_by_local_expert()
         y_sorted_MD = run_sharded(
-            lambda rows: swiglu_grouped(rows, local_counts_e, *self._expert_weights()),
-            received_MD[local_order_M], self.tensor_parallel_group,
+            lambda rows: swiglu_grouped(rows, local_counts_e, *weights),
+            received_MD[local_order_M],
+            self.tensor_parallel_group,
         )
         y_received_MD = torch.empty_like(y_sorted_MD).index_copy(0, local_order_M, y_sorted_MD)
         return exchange.send_back(y_received_MD)

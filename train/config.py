@@ -122,8 +122,11 @@ class TrainerConfig:
     data-parallel size with its optimizer state. false: not written; the checkpoint then resumes
     at its own layout only (another one is refused)."""
     compile: bool = False
-    """torch.compile the dense parts of every block (attention, norms, dense FFNs; not the MoE
-    layers), in place: train/compile.py. The first steps are slower while kernels are built."""
+    """torch.compile every block in place (attention, norms, dense FFNs and, see below, our MoE
+    layers): train/compile.py. The first steps are slower while kernels are built."""
+    compile_moe_layers: bool = True
+    """With `compile`: compile our MoE layers too (router, permutation, SiLU x gate, combine; the
+    expert weights are stacked eagerly). false keeps them eager and compiles the dense parts only."""
     activation_checkpointing: bool = False
     """Keep only each block's input in the forward pass and recompute its activations in the
     backward (train/activation_checkpointing.py): about a third more compute for much less

@@ -94,9 +94,9 @@ def build_trainer(run: RunConfig, world: World, run_dir: Callable[[], Path]) -> 
         mpu = None
     model.checkpoint_blocks = run.trainer.activation_checkpointing
     if run.trainer.compile:
-        from train.compile import compile_dense_parts
+        from train.compile import compile_model
 
-        compile_dense_parts(model)
+        compile_model(model, moe_layers=run.trainer.compile_moe_layers)
     engine, scheduler = build_engine(model, run, world.device, mpu)
     return Trainer(run, world, engine, scheduler, model, train_data, val_data, directory)
 

@@ -108,6 +108,13 @@ def test_activation_checkpointing_under_expert_parallelism_changes_nothing():
     assert [(r["loss"], r["grad_norm"]) for r in train_records(checkpointed)] == plain
 
 
+def test_compiled_model_under_expert_parallelism_follows_the_eager_run():
+    """trainer.compile=true at ep2, MoE layers included: dynamo breaks the graph at the all-to-all-v
+    and its host-sized splits, and the compiled parts between give the eager run's training."""
+    compiled = RUNS.get("token_choice_ep2_compiled", 2, [*TOKEN_CHOICE, *layout(2, 2), "trainer.compile=true"])
+    _compare("compiled vs eager (ep2, 2 ranks)", token_choice_ep2(), compiled)
+
+
 def test_layouts_really_differ():
     """The comparisons above are not vacuous: the runs did use different expert-parallel sizes
     (one checkpoint file per expert either way, but each rank wrote only its own experts' AdamW

@@ -110,9 +110,9 @@ def test_first_forward_of_the_process_probing_the_grouped_gemm_can_be_checkpoint
     """The grouped-GEMM probe runs once per process, inside whichever forward comes first; its own
     tensors must not count as the checkpointed block's (the recomputation, with the answer cached,
     would save fewer and torch's checkpoint would refuse it)."""
-    from moe.grouped_experts import _probe_grouped_mm
+    from moe.grouped_experts import _PROBED
 
-    _probe_grouped_mm.cache_clear()
+    _PROBED.clear()
     model = _model(True, top_k=2, capacity_factor=1.25)
     out = model(torch.randint(0, VOCAB, (2, 24)))
     (out.logits.sum() + out.aux_loss).backward()

@@ -370,9 +370,9 @@ def test_cuda_grouped_equals_loop(dtype):
 
 
 def test_probe_is_not_fooled_by_no_grad():
-    from moe.grouped_experts import _probe_grouped_mm
+    from moe.grouped_experts import _PROBED
 
-    _probe_grouped_mm.cache_clear()
+    _PROBED.clear()
     with torch.no_grad():
         first = grouped_mm_available("cpu", torch.float32)
     assert first == hasattr(torch, "_grouped_mm")

@@ -1,0 +1,113 @@
+"""`MoELayer.compile_forward`: the compiled layer against the eager one (outputs, every gradient, the
+routers' step statistics), and one graph without host syncs in bf16, the GPU's training dtype.
+
+Inductor compiles on the CPU too, so these run everywhere; each compile takes seconds, hence `slow`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe import MoEConfig, MoELayer
+from moe.grouped_experts import grouped_mm_available
+
+HIDDEN, EXPERT_HIDDEN, EXPERTS = 32, 64, 8  # 8 experts or more: where inductor miscompiled expert choice
+
+MODES = {
+    "dropless": {"top_k": 2, "capacity_factor": None},
+    "capacity": {"top_k": 2, "capacity_factor": 1.0},  # with drops
+    "capacity-probability-bias": {"top_k": 2, "capacity_factor": 1.0, "drop_policy": "probability", "bias_update_rate": 0.01},
+    "expert-choice": {"router": "expert_choice", "capacity_factor": 2.0, "ec_group": "batch"},
+    "expert-choice-sequence-capped": {"router": "expert_choice", "capacity_factor": 2.0, "ec_group": "sequence",
+                                      "ec_max_experts_per_token": 2},
+}  # fmt: skip
+
+
+def _layer(dtype: torch.dtype, **overrides) -> MoELayer:
+    cfg = MoEConfig(**{"num_experts": EXPERTS, "min_capacity": 0, **overrides})
+    torch.manual_seed(0)  # the router's weight; the experts draw from `seed`
+    layer = MoELayer(HIDDEN, EXPERT_HIDDEN, cfg, seed=3).to(dtype).train()
+    layer.pack_expert_weights()
+    return layer
+
+
+def _step(layer: MoELayer, x: torch.Tensor, grad_out: torch.Tensor):
+    """Output, aux loss, counts, every gradient and the router's pending statistics after one
+    forward and backward."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    y, aux = layer(x)
+    ((y.float() * grad_out).sum() + aux.loss).backward()
+    grads = {name: p.grad.detach().clone() for name, p in layer.named_parameters()}
+    statistics = layer.router.pending_statistics().clone()
+    return y.detach(), aux.loss.detach(), aux.kept_E.clone(), x.grad.detach().clone(), grads, statistics
+
+
+def _assert_matches(eager, compiled, rtol: float, atol: float) -> None:
+    y_e, loss_e, kept_e, dx_e, grads_e, stats_e = eager
+    y_c, loss_c, kept_c, dx_c, grads_c, stats_c = compiled
+    assert torch.equal(kept_c, kept_e), "the compiled router kept other assignments"
+    torch.testing.assert_close(stats_c, stats_e, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(y_c.float(), y_e.float(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(loss_c.float(), loss_e.float(), rtol=rtol, atol=atol)
+    # Relative to each tensor's norm: bf16 rounds single elements of a sum differently once fused.
+    for name, want in {"x": dx_e, **grads_e}.items():
+        got = dx_c if name == "x" else grads_c[name]
+        error = (got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)
+        assert error <= rtol, f"gradient of {name}: relative error {error:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_layer_equals_eager_in_fp32(mode):
+    """fp32 on the CPU: the grouped GEMM is left to eager here (torch traces it for bf16 only),
+    everything else compiles; the result equals eager's to rounding."""
+    torch._dynamo.reset()
+    eager, compiled = _layer(torch.float32, **MODES[mode]), _layer(torch.float32, **MODES[mode])
+    compiled.compile_forward()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 32, HIDDEN, generator=generator)
+    grad_out = torch.randn(2, 32, HIDDEN, generator=generator)
+    for _ in range(2):  # the second call runs the cached graphs
+        _assert_matches(_step(eager, x, grad_out), _step(compiled, x, grad_out), rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["dropless", "capacity", "expert-choice"])
+def test_bf16_layer_compiles_to_one_graph_and_equals_eager(mode):
+    """bf16 (the GPU's training dtype): `fullgraph=True` fails on any graph break, so a training
+    forward of the layer is one graph with no value read to the host; and it equals eager's."""
+    if not grouped_mm_available("cpu", torch.bfloat16):
+        pytest.skip("this torch has no bf16 torch._grouped_mm on the CPU")
+    torch._dynamo.reset()
+    eager, compiled = _layer(torch.bfloat16, **MODES[mode]), _layer(torch.bfloat16, **MODES[mode])
+    compiled.compile_forward(fullgraph=True)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 32, HIDDEN, generator=generator).bfloat16()
+    grad_out = torch.randn(2, 32, HIDDEN, generator=generator)
+    _assert_matches(_step(eager, x, grad_out), _step(compiled, x, grad_out), rtol=2e-2, atol=2e-2)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_expert_choice_causal_evaluation_equals_eager():
+    """Expert choice's causal mode routes a variable number of assignments (a host read, so a
+    graph break): compiled, it still gives eager's outputs."""
+    torch._dynamo.reset()
+    config = {**MODES["expert-choice"], "ec_eval_mode": "causal"}
+    eager, compiled = _layer(torch.float32, **config), _layer(torch.float32, **config)
+    thresholds = torch.full((EXPERTS,), 0.25)
+    for layer in (eager, compiled):
+        layer.router.threshold.copy_(thresholds)
+        layer.router.threshold_ready.fill_(1.0)
+        layer.eval()
+    compiled.compile_forward()
+    x = torch.randn(2, 32, HIDDEN, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y_eager, aux_eager = eager(x)
+        y_compiled, aux_compiled = compiled(x)
+    assert torch.equal(aux_compiled.kept_E, aux_eager.kept_E)
+    torch.testing.assert_close(y_compiled, y_eager, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
