@@ -141,7 +141,7 @@ def swiglu_grouped(
         y_ND = _swiglu_split_loop(x_ND[:total], counts_e, w1_eDF, w3_eDF, w2_eFD)
         return torch.cat([y_ND, y_ND.new_zeros(x_ND.shape[0] - total, y_ND.shape[-1])])
 
-    if torch.compiler.is_compiling() and not _PROBED.get(("meta", None, x_ND.dtype), False):
+    if torch.compiler.is_compiling() and not _TRACEABLE.get(x_ND.dtype, False):
         # A graph cannot hold the op in this dtype (see `_grouped_mm_traces`): run it eagerly, one
         # graph break, rather than fall back to the slower loop.
         return _swiglu_grouped_mm_eager(x_ND, counts_e, w1_eDF, w3_eDF, w2_eFD, padded)
@@ -234,12 +234,14 @@ def warm_grouped_mm_probe(device: torch.device | str, dtypes: Sequence[torch.dty
         dtypes = (*dtypes, torch.get_autocast_dtype(device.type))
     for dtype in set(dtypes):
         grouped_mm_available(device, dtype)
-        if ("meta", None, dtype) not in _PROBED:
-            _PROBED["meta", None, dtype] = _grouped_mm_traces(dtype)
+        if dtype not in _TRACEABLE:
+            _TRACEABLE[dtype] = _grouped_mm_traces(dtype)
 
 
 _PROBED: dict[tuple[str, int | None, torch.dtype], bool] = {}
 """(device type, index, dtype) -> whether `torch._grouped_mm` runs there; probed once per process."""
+_TRACEABLE: dict[torch.dtype, bool] = {}
+"""dtype -> whether a compiled graph can hold `torch._grouped_mm` (`_grouped_mm_traces`)."""
 
 
 def _grouped_mm_traces(dtype: torch.dtype) -> bool:

@@ -132,6 +132,8 @@ class MoELayer(MoE):
         self.tensor_parallel_group = None
         """Set by `shard_experts_for_tensor_parallel`: the group over which experts' hidden units are split."""
         self.tensor_parallel_size = tensor_parallel_size
+        self._forward_compiled = False
+        """Set by `compile_forward`."""
         self.ep_rank = self._expected_ep_rank()
         self._init_experts()
         # Named without "expert": DeepSpeed's checkpointing treats such keys as routed experts.
@@ -216,13 +218,16 @@ class MoELayer(MoE):
         fp32 at the grouped GEMM, which torch traces for bf16 only. Parameters, names and checkpoints
         are unchanged."""
         self._route_and_compute = torch.compile(self._route_and_compute, **compile_options)
+        self._forward_compiled = True
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:  # type: ignore[override]
         # Stacked in eager mode: whether the stack can be a view depends on where ZeRO put the weights
         # (data pointers), which a compiled graph cannot look at. The same goes for the one-off probe of
-        # torch._grouped_mm (it runs a backward), done here so that a compiled graph only reads its answer.
+        # torch._grouped_mm (it runs a backward): a compiled graph only reads its answer. (Uncompiled,
+        # the expert compute probes on its first call.)
         weights = self._expert_weights()
-        warm_grouped_mm_probe(hidden_states.device, (hidden_states.dtype, weights[0].dtype))
+        if self._forward_compiled:
+            warm_grouped_mm_probe(hidden_states.device, (hidden_states.dtype, weights[0].dtype))
         return self._route_and_compute(hidden_states, weights)
 
     def _route_and_compute(self, hidden_states: torch.Tensor, weights: ExpertWeights) -> tuple[torch.Tensor, MoEAux]:
@@ -249,8 +254,7 @@ class MoELayer(MoE):
                 padded = plan.capacity is not None
                 y_rows_ND = run_sharded(
                     lambda rows: swiglu_grouped(rows, counts_E, *weights, padded=padded),
-                    rows_ND,
-                    self.tensor_parallel_group,
+                    rows_ND, self.tensor_parallel_group,
                 )
             else:
                 y_rows_ND = self._experts_variable_all_to_all(rows_ND, counts_E, weights)
@@ -358,8 +362,7 @@ class MoELayer(MoE):
         per_expert_eND = received_SD.view(ep, e, capacity, dim).transpose(0, 1).reshape(e, ep * capacity, dim)
         out_eND = run_sharded(
             lambda rows: swiglu_capacity(rows, *weights),
-            per_expert_eND,
-            self.tensor_parallel_group,
+            per_expert_eND, self.tensor_parallel_group,
         )
         y_local_SD = out_eND.view(e, ep, capacity, dim).transpose(0, 1).reshape(ep * e * capacity, dim)
         y_SD = all_to_all_slots(y_local_SD, self.ep_group, self.ep_size)
@@ -376,8 +379,7 @@ class MoELayer(MoE):
         local_order_M, local_counts_e = exchange.received_by_local_expert()
         y_sorted_MD = run_sharded(
             lambda rows: swiglu_grouped(rows, local_counts_e, *weights),
-            received_MD[local_order_M],
-            self.tensor_parallel_group,
+            received_MD[local_order_M], self.tensor_parallel_group,
         )
         y_received_MD = torch.empty_like(y_sorted_MD).index_copy(0, local_order_M, y_sorted_MD)
         return exchange.send_back(y_received_MD)
