@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from train.cli import CONF_DIR
+from train.cli import CONF_DIR, override_problem
 from train.config import to_run_config
 from train.distributed import init_world, resolve_device
 from train.flops import peak_tflops
@@ -88,6 +88,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also run both with trainer.compile=true (warm-up steps absorb the compilation)")
     args, overrides = parser.parse_known_args()
+    problem = override_problem(overrides)
+    if problem is not None:
+        # Before anything is built: a typo must not cost a GPU session's minutes.
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     overrides = [*overrides, "logging.progress_bar=false"]
     if not any(o.startswith("trainer.peak_tflops=") for o in overrides):
         # One peak for both runs: on a CPU it is measured, and two measurements would differ.

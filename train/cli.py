@@ -34,7 +34,60 @@ def _hydra_train(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    problem = override_problem(sys.argv[1:])
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(2)
     _hydra_train()
+
+
+def override_problem(args: list[str]) -> str | None:
+    """What is wrong with the command line's overrides, in one line; None when they compose.
+
+    Hydra reports a bad override (a typo in a key, a value of the wrong type, an unknown config
+    group option) in several lines of OmegaConf detail and exits 1; composing the same overrides
+    first gives our own one-line `error:` and exit status 2, as every other bad input gets. With
+    any Hydra flag (--multirun, --cfg, -cn, ...) Hydra's own parsing is left to do the job, as
+    sweeps and other primary configs do not compose here.
+    """
+    if any(arg.startswith("-") for arg in args):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose("config", overrides=args)
+    except MissingConfigException as error:
+        missing, options = error.missing_cfg_file, error.options
+        if missing and "/" in missing and options:
+            group, name = missing.rsplit("/", 1)
+            return f"{group}={name}: no such config; {group} is one of {', '.join(options)}"
+        return _one_line(str(error))
+    except OverrideParseException as error:
+        parser = OverridesParser.create()
+        for arg in args:
+            try:
+                parser.parse_overrides([arg])
+            except OverrideParseException as parse_error:
+                return f"{arg!r} is not a valid override: {_first_line(str(parse_error))}"
+        return _one_line(str(error))
+    except (HydraException, OmegaConfBaseException) as error:
+        cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
+        full_key = getattr(cause, "full_key", None)
+        message = _first_line(getattr(cause, "msg", None) or str(cause))
+        return f"{full_key}: {message}" if full_key else _one_line(str(error))
+    return None
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

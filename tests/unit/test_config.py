@@ -58,6 +58,29 @@ def test_invalid_values_name_the_field(compose_run, overrides, field):
     assert field in message and "\n" not in message
 
 
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["moe.top_k=two"], "moe.top_k: Value 'two' of type 'str' could not be converted to Integer"),
+        (["experiment=smoke", "moe.top_k=[", "trainer.max_steps=3"], "'moe.top_k=[' is not a valid override"),
+        (["experiment=h200"], "experiment=h200: no such config; experiment is one of h100_350m, h100_gpt2_small, smoke"),
+    ],
+)
+def test_override_problem_is_one_line_naming_the_override(args, expected):
+    from train.cli import override_problem
+
+    problem = override_problem(args)
+    assert problem is not None and problem.startswith(expected) and "\n" not in problem, problem
+
+
+def test_override_problem_passes_good_overrides_and_leaves_hydra_flags_to_hydra():
+    from train.cli import override_problem
+
+    assert override_problem(["experiment=smoke", "trainer.compile=true", "hydra.run.dir=elsewhere"]) is None
+    # A sweep is no single config: with --multirun Hydra parses it, not the preflight.
+    assert override_problem(["--multirun", "moe.top_k=1,2"]) is None
+
+
 def _run_cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     environment = subprocess_env(PYTHONPATH=str(ROOT), **env)
     return subprocess.run(
@@ -72,6 +95,10 @@ def _run_cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.Complete
         (["moe.top_k=9"], {}, "moe.top_k"),
         (["moe.num_experts=8", "moe.ep_size=2"], {"WORLD_SIZE": "3"}, "moe.ep_size=2 must divide the world size 3"),
         (["data=files", "data.files=[missing.txt]"], {}, "data.files: 'missing.txt'"),
+        # Rejected by Hydra while composing: reported the same way, not as Hydra's several lines.
+        (["trainer.compile=maybe"], {}, "trainer.compile: Value 'maybe' is not a valid bool"),
+        (["model.hiden_size=3"], {}, "model.hiden_size: Key 'hiden_size' not in 'ModelConfig'"),
+        (["moe=top3"], {}, "moe=top3: no such config; moe is one of dense, expert_choice, top1,"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path, args, env, expected):
