@@ -32,13 +32,13 @@ def _layer(dtype: torch.dtype, device: str = "cpu", **overrides) -> MoELayer:
     return layer
 
 
-def _step(layer: MoELayer, x: torch.Tensor, grad_out: torch.Tensor):
+def _step(layer: MoELayer, x: torch.Tensor, grad_out: torch.Tensor, forward=None):
     """Output, aux loss, counts, every gradient and the router's pending statistics after one
-    forward and backward."""
+    forward (`layer(x)`, or `forward(x)` calling it) and backward."""
     layer.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_()
     grad_out = grad_out.to(x.device)
-    y, aux = layer(x)
+    y, aux = (forward or layer)(x)
     ((y.float() * grad_out).sum() + aux.loss).backward()
     grads = {name: p.grad.detach().clone() for name, p in layer.named_parameters()}
     statistics = layer.router.pending_statistics().clone()
@@ -113,4 +113,25 @@ def test_compiled_expert_choice_causal_evaluation_equals_eager():
         y_compiled, aux_compiled = compiled(x)
     assert torch.equal(aux_compiled.kept_E, aux_eager.kept_E)
     torch.testing.assert_close(y_compiled, y_eager, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["capacity-probability-bias", "expert-choice"])
+def test_compiled_layer_under_activation_checkpointing_counts_statistics_once(mode):
+    """A checkpointed block runs the compiled layer again in the backward pass, inside
+    `recomputing()`: dynamo guards on that flag (a second graph for the recomputation), so the router's
+    step statistics are counted once, as by the eager layer without checkpointing, and the gradients
+    are the eager ones. Both modes keep step statistics (bias balancing; expert choice's thresholds)."""
+    from train.activation_checkpointing import checkpointed_block
+
+    torch._dynamo.reset()
+    eager, compiled = _layer(torch.float32, **MODES[mode]), _layer(torch.float32, **MODES[mode])
+    compiled.compile_forward()
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 32, HIDDEN, generator=generator)
+    grad_out = torch.randn(2, 32, HIDDEN, generator=generator)
+    for _ in range(2):  # the statistics accumulate: a double count would show on either pass
+        checkpointed = _step(compiled, x, grad_out, forward=lambda x: checkpointed_block(compiled, x))
+        _assert_matches(_step(eager, x, grad_out), checkpointed, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
