@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
 # Every GPU figure in one run (about 10 minutes on one H100): GPU tests, the layer benchmark,
-# the end-to-end benchmark at both presets, and the smoke run in bf16. Results go to $OUT
+# the end-to-end benchmark at both presets, and the smoke run in bf16. Results go to $RESULTS_DIR
 # (default bench/out): logs, markdown tables and JSON, to be copied into bench/RESULTS.md.
 #   bash bench/gpu_all.sh            # PYTHON=... to pick the interpreter
 #   ONLY="gpu_tests layer_gpu" bash bench/gpu_all.sh   # some steps only (where one command may run
 #                                    # 10 minutes at most, split the run: the steps are independent)
 # Steps: device gpu_tests layer_gpu e2e_gpt2_small e2e_350m smoke e2e_350m_ckpt. A failing step does not stop the
 # others; the exit status is 1 when any failed.
+#
+# On a machine that cannot install packages (the lent GPU machine): run bench/gpu_kit.sh where PyPI is
+# reachable, bring .whl along, and this script installs it into /tmp/site first. Where $OUT names a
+# folder (the device tool's return folder, which takes a few files only), every step ends by packing
+# the logs, tables and JSON so far into $OUT/gpu_results.tar.gz: a run cut short keeps what it measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-OUT="${OUT:-bench/out}"
-mkdir -p "$OUT"
+RESULTS_DIR="${RESULTS_DIR:-bench/out}"
+mkdir -p "$RESULTS_DIR"
+if [ -d .whl ] && ! "$PY" -c "import deepspeed, hydra, webdataset" >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 # DeepSpeed's op builder cannot parse "9.0a" (some images set it); its JIT builds need plain 9.0.
 if [[ "${TORCH_CUDA_ARCH_LIST:-}" == *a* ]]; then export TORCH_CUDA_ARCH_LIST="9.0"; fi
 export PYTHONUNBUFFERED=1
@@ -22,21 +31,29 @@ step() {
   local name="$1"; shift
   if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   echo "== $name: $*"
-  if ! "$@" 2>&1 | tee "$OUT/$name.log"; then
+  if ! "$@" 2>&1 | tee "$RESULTS_DIR/$name.log"; then
     failed+=("$name")
-    echo "== $name FAILED (log: $OUT/$name.log)"
+    echo "== $name FAILED (log: $RESULTS_DIR/$name.log)"
   fi
+  pack
+}
+# Logs, tables, JSON and the smoke run's metrics: not its checkpoints, which are large and not results.
+pack() {
+  if [ -z "${OUT:-}" ] || [ "$(cd "$OUT" 2>/dev/null && pwd)" = "$(cd "$RESULTS_DIR" && pwd)" ]; then return; fi
+  (cd "$RESULTS_DIR" && find . -type f \( -name '*.log' -o -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.png' \) \
+     -not -path '*/checkpoints/*' -size -8M -print0 | tar czf - --null -T -) > "$OUT/gpu_results.tar.gz.partial"
+  mv "$OUT/gpu_results.tar.gz.partial" "$OUT/gpu_results.tar.gz"
 }
 step device nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 step gpu_tests "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
-step layer_gpu "$PY" -m bench.moe_layer --device cuda --shapes gpu --json "$OUT/layer_gpu.json"
-step e2e_gpt2_small "$PY" -m bench.end_to_end experiment=h100_gpt2_small --json "$OUT/e2e_gpt2_small.json"
-step e2e_350m "$PY" -m bench.end_to_end --compile experiment=h100_350m --json "$OUT/e2e_350m.json"
-step smoke "$PY" -m train experiment=smoke logging.progress_bar=false "trainer.run_dir=$OUT/smoke"
+step layer_gpu "$PY" -m bench.moe_layer --device cuda --shapes gpu --json "$RESULTS_DIR/layer_gpu.json"
+step e2e_gpt2_small "$PY" -m bench.end_to_end experiment=h100_gpt2_small --json "$RESULTS_DIR/e2e_gpt2_small.json"
+step e2e_350m "$PY" -m bench.end_to_end --compile experiment=h100_350m --json "$RESULTS_DIR/e2e_350m.json"
+step smoke "$PY" -m train experiment=smoke logging.progress_bar=false "trainer.run_dir=$RESULTS_DIR/smoke"
 # Last, as the least needed: what activation checkpointing costs in tokens/s (and saves in memory).
-step e2e_350m_ckpt "$PY" -m bench.end_to_end experiment=h100_350m trainer.activation_checkpointing=true --json "$OUT/e2e_350m_ckpt.json"
+step e2e_350m_ckpt "$PY" -m bench.end_to_end experiment=h100_350m trainer.activation_checkpointing=true --json "$RESULTS_DIR/e2e_350m_ckpt.json"
 if [ "${#failed[@]}" -gt 0 ]; then
   echo "failed steps: ${failed[*]}"
   exit 1
 fi
-echo "every step passed; logs and JSON in $OUT"
+echo "every step passed; logs and JSON in $RESULTS_DIR"

@@ -1,0 +1,52 @@
+"""bench/gpu_all.sh's plumbing, with a stand-in nvidia-smi: a step's failure is reported and does not
+stop the others, and where $OUT is set every finished step is packed into one archive (the device
+tool returns a few files only, and a run cut off at its limit must keep what it measured)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(tmp_path: Path, nvidia_smi: str, only: str) -> subprocess.CompletedProcess:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\n{nvidia_smi}\n")
+    fake.chmod(0o755)
+    # A stand-in interpreter: every package is "there" (`-c "import ..."` succeeds, so no wheel is
+    # installed), and anything it is asked to run fails.
+    python = bin_dir / "python"
+    python.write_text('#!/bin/sh\n[ "$1" = "-c" ] && exit 0\nexit 1\n')
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ONLY": only, "OUT": str(out),
+           "RESULTS_DIR": str(tmp_path / "results"), "PYTHON": str(python)}
+    return subprocess.run(["bash", str(ROOT / "bench" / "gpu_all.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def _archived(tmp_path: Path) -> dict[str, str]:
+    with tarfile.open(tmp_path / "out" / "gpu_results.tar.gz") as archive:
+        return {Path(m.name).name: archive.extractfile(m).read().decode() for m in archive.getmembers() if m.isfile()}
+
+
+def test_steps_are_packed_into_the_return_folder_as_they_finish(tmp_path):
+    result = _run(tmp_path, "echo 'NVIDIA H200, 580.159.04, 143771 MiB'", "device")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every step passed" in result.stdout
+    assert "NVIDIA H200" in _archived(tmp_path)["device.log"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_results.tar.gz"]
+
+
+def test_a_failing_step_is_reported_and_the_next_one_still_runs(tmp_path):
+    # The GPU-test step fails at once (the stand-in interpreter); the steps are independent.
+    result = _run(tmp_path, "exit 9", "device gpu_tests layer_gpu")
+    assert result.returncode == 1
+    assert "failed steps: device gpu_tests layer_gpu" in result.stdout
+    assert set(_archived(tmp_path)) == {"device.log", "gpu_tests.log", "layer_gpu.log"}
