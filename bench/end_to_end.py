@@ -80,6 +80,9 @@ def measure(overrides: list[str], implementation: str, steps: int, warmup: int, 
     return result
 
 
+VARIANTS = ("ours", "deepspeed", "ours+compile", "deepspeed+compile")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
@@ -87,7 +90,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--compile", action="store_true",
                         help="also run both with trainer.compile=true (warm-up steps absorb the compilation)")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated subset of {','.join(VARIANTS)} (default: the first two, all four with --compile)")
     args, overrides = parser.parse_known_args()
+    names = args.variants.split(",") if args.variants else list(VARIANTS[: 4 if args.compile else 2])
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        print(f"error: --variants: unknown {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}", file=sys.stderr)
+        sys.exit(2)
     problem = override_problem(overrides)
     if problem is not None:
         # Before anything is built: a typo must not cost a GPU session's minutes.
@@ -98,11 +108,10 @@ def main() -> None:
         # One peak for both runs: on a CPU it is measured, and two measurements would differ.
         peak, _ = peak_tflops(resolve_device("auto"), None)
         overrides.append(f"trainer.peak_tflops={peak:.6g}")
-    variants = [("ours", False), ("deepspeed", False)]
-    if args.compile:
-        variants += [("ours", True), ("deepspeed", True)]
+    variants = [(name.removesuffix("+compile"), name.endswith("+compile")) for name in names]
     results = [_measure_or_error(overrides, impl, args.steps, args.warmup, compiled) for impl, compiled in variants]
-    stock = results[1]
+    # The baseline of the last column: stock DeepSpeed layers, eager, when that variant ran.
+    stock = next((r for r in results if r["implementation"] == "deepspeed"), {"error": "not run"})
     print(f"config: {' '.join(overrides)}", file=sys.stderr)
     print("| implementation | step ms (median) | tokens/s | MFU | vs stock DeepSpeed |")
     print("|---|---|---|---|---|")
@@ -117,7 +126,8 @@ def main() -> None:
     if measured:
         first = measured[0]
         print(f"MFU against {first['peak_tflops']:.3g} TFLOP/s ({first['peak_source']}), "
-              f"{first['flops_per_token'] / 1e9:.3f} GFLOP per token, {first['active_params'] / 1e6:.1f}M active parameters")
+              f"{first['flops_per_token'] / 1e9:.3f} GFLOP per token, {first['active_params'] / 1e6:.1f}M active parameters "
+              f"of {first['total_params'] / 1e6:.1f}M, {first['tokens_per_step']} tokens per optimizer step")
     if args.json:
         args.json.write_text(json.dumps({"overrides": overrides, "results": results}, indent=2))
     if len(measured) < len(results):

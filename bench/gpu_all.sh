@@ -5,7 +5,7 @@
 #   bash bench/gpu_all.sh            # PYTHON=... to pick the interpreter
 #   ONLY="gpu_tests layer_gpu" bash bench/gpu_all.sh   # some steps only (where one command may run
 #                                    # 10 minutes at most, split the run: the steps are independent)
-# Steps: device gpu_tests layer_gpu e2e_gpt2_small e2e_350m smoke e2e_350m_ckpt. A failing step does not stop the
+# Steps: device gpu_tests layer_gpu e2e_350m e2e_gpt2_small smoke e2e_350m_accum1 e2e_350m_ckpt. A failing step does not stop the
 # others; the exit status is 1 when any failed.
 #
 # On a machine that cannot install packages (the lent GPU machine): run bench/gpu_kit.sh where PyPI is
@@ -47,11 +47,16 @@ pack() {
 step device nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 step gpu_tests "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
 step layer_gpu "$PY" -m bench.moe_layer --device cuda --shapes gpu --json "$RESULTS_DIR/layer_gpu.json"
-step e2e_gpt2_small "$PY" -m bench.end_to_end experiment=h100_gpt2_small --json "$RESULTS_DIR/e2e_gpt2_small.json"
-step e2e_350m "$PY" -m bench.end_to_end --compile experiment=h100_350m --json "$RESULTS_DIR/e2e_350m.json"
+# The 350M preset takes 65,536 tokens per optimizer step (4 micro-batches), so fewer timed steps do.
+step e2e_350m "$PY" -m bench.end_to_end --compile --steps 8 --warmup 3 experiment=h100_350m --json "$RESULTS_DIR/e2e_350m.json"
+step e2e_gpt2_small "$PY" -m bench.end_to_end --steps 10 --warmup 3 experiment=h100_gpt2_small --json "$RESULTS_DIR/e2e_gpt2_small.json"
 step smoke "$PY" -m train experiment=smoke logging.progress_bar=false "trainer.run_dir=$RESULTS_DIR/smoke"
+# What one micro-batch per optimizer step would give: the AdamW step's share of the preset's step.
+step e2e_350m_accum1 "$PY" -m bench.end_to_end --variants ours+compile --steps 10 --warmup 3 experiment=h100_350m \
+  trainer.grad_accum=1 --json "$RESULTS_DIR/e2e_350m_accum1.json"
 # Last, as the least needed: what activation checkpointing costs in tokens/s (and saves in memory).
-step e2e_350m_ckpt "$PY" -m bench.end_to_end experiment=h100_350m trainer.activation_checkpointing=true --json "$RESULTS_DIR/e2e_350m_ckpt.json"
+step e2e_350m_ckpt "$PY" -m bench.end_to_end --variants ours,ours+compile --steps 6 --warmup 2 experiment=h100_350m \
+  trainer.activation_checkpointing=true --json "$RESULTS_DIR/e2e_350m_ckpt.json"
 if [ "${#failed[@]}" -gt 0 ]; then
   echo "failed steps: ${failed[*]}"
   exit 1

@@ -12,7 +12,8 @@ BIG = ["experiment=h100_350m", "moe.num_experts=64", "moe.top_k=8", "model.ffn_h
 
 @pytest.mark.parametrize("world, ep", [(64, 8), (512, 64)])
 def test_plans_64_and_512_rank_layouts(compose_run, capsys, world, ep):
-    plan = train(compose_run([*BIG, f"world_size={world}", f"moe.ep_size={ep}"]))
+    cfg = compose_run([*BIG, f"world_size={world}", f"moe.ep_size={ep}"])
+    plan = train(cfg)
     out = capsys.readouterr().out
     assert f"dry run: {world} ranks, expert parallel {ep} x expert-data parallel {world // ep}" in out
     assert plan["experts_per_rank"] == 64 // ep
@@ -20,7 +21,8 @@ def test_plans_64_and_512_rank_layouts(compose_run, capsys, world, ep):
     one_expert = 3 * 1024 * 704
     assert plan["params_expert_per_rank"] == 24 * (64 // ep) * one_expert
     assert plan["params_total"] == plan["params_dense_per_rank"] + 24 * 64 * one_expert
-    assert plan["global_batch_sequences"] == 8 * world
+    trainer = cfg.trainer
+    assert plan["global_batch_sequences"] == trainer.micro_batch_size * trainer.grad_accum * world
     assert plan["all_to_all_gib_per_step"] > 0 and plan["memory_activations_gib"] > 0
 
 
