@@ -7,7 +7,9 @@ import torch
 
 from moe import MoEConfig, MoELayer
 from moe.dispatch import expert_capacity
-from moe.reference import reference_token_choice
+from moe.expert_choice import group_capacity
+from moe.reference import reference_expert_choice, reference_threshold_routing, reference_token_choice
+from moe.router_state import update_routing_state
 
 pytestmark = pytest.mark.gpu
 
@@ -27,6 +29,48 @@ def test_cuda_layer_equals_reference_fp32(capacity_factor):
     (y_ref.view_as(y) * grad).sum().backward()
     torch.testing.assert_close(y, y_ref.view_as(y), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(dx, x.grad, rtol=1e-4, atol=1e-4)
+
+
+def _assert_equals_reference(layer: MoELayer, x: torch.Tensor, reference_fn) -> None:
+    """Output and input gradient of layer(x) against reference_fn(x [T, D]) on the same device."""
+    y, _ = layer(x)
+    grad = torch.randn_like(y)
+    (y * grad).sum().backward()
+    dx = x.grad.clone()
+    x.grad = None
+    y_ref = reference_fn(x.reshape(-1, x.shape[-1])).view_as(y)
+    (y_ref * grad).sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dx, x.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("group, cap", [("batch", None), ("sequence", 1)])
+def test_cuda_expert_choice_equals_reference_fp32(group, cap):
+    """Expert choice's fixed layout on the GPU (top-C per expert, torch.bmm, index_add combine)."""
+    torch.manual_seed(0)
+    config = MoEConfig(num_experts=8, router="expert_choice", capacity_factor=2.0, ec_group=group,
+                       ec_max_experts_per_token=cap, min_capacity=0)
+    layer = MoELayer(64, 96, config).cuda()
+    x = torch.randn(4, 32, 64, device="cuda", requires_grad=True)
+    group_size = 128 if group == "batch" else 32
+    capacity = group_capacity(group_size, 8, 2.0, 0)
+    _assert_equals_reference(layer, x, lambda x_TD: reference_expert_choice(
+        x_TD, layer.router.weight, list(layer.local_experts), group_size, capacity, cap)[0])
+
+
+def test_cuda_expert_choice_causal_mode_equals_threshold_reference():
+    """Generation's routing: per-expert thresholds learnt in training, a variable number of rows per
+    expert through the grouped GEMM (dropless)."""
+    torch.manual_seed(0)
+    config = MoEConfig(num_experts=8, router="expert_choice", capacity_factor=2.0, ec_eval_mode="causal", min_capacity=0)
+    layer = MoELayer(64, 96, config).cuda().train()
+    for seed in range(3):
+        layer(torch.randn(4, 32, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)))
+        update_routing_state(layer)
+    layer.eval()
+    x = torch.randn(2, 16, 64, device="cuda", requires_grad=True)
+    _assert_equals_reference(layer, x, lambda x_TD: reference_threshold_routing(
+        x_TD, layer.router.weight, list(layer.local_experts), layer.router.threshold))
 
 
 def test_cuda_bf16_layer_runs_with_fp32_router():
