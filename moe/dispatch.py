@@ -92,6 +92,45 @@ def all_to_all_slots(buffer_SD: torch.Tensor, ep_group, ep_size: int) -> torch.T
     return _AllToAll.apply(ep_group, buffer_SD)
 
 
+def exchange_counts(counts_E: torch.Tensor, group, ep_size: int) -> torch.Tensor:
+    """[source rank, local expert]: how many rows every rank of the expert-parallel group sends to
+    each of this rank's experts, from each rank's `counts_E` (its rows per global expert). One small
+    all-to-all, on the device: nothing waits for it on the host. [ep, e] int64."""
+    received = torch.empty_like(counts_E)
+    dist.all_to_all_single(received, counts_E.contiguous(), group=group)
+    return received.view(ep_size, counts_E.numel() // ep_size)
+
+
+def filled_slots_first(counts_Re: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The received slot buffer of token choice's capacity mode, [ep, e, C] flattened (source rank
+    major), holds `counts_Re[r, j]` filled slots at the front of each (rank r, local expert j) block
+    of C and empty ones after them. Returns (order, destination, rows per local expert):
+
+    - `order` [ep*e*C]: slot feeding each row of a layout with the filled slots first, grouped by
+      local expert (then source rank, then slot), and every empty slot after all of them: the
+      layout of `swiglu_grouped(..., padded=True)`, which skips the padding rows;
+    - `destination` [ep*e*C]: its inverse, where each slot's row went;
+    - `rows_e` [e]: filled slots per local expert (the grouped GEMM's group sizes).
+
+    Everything stays on the device (no count is read to the host)."""
+    num_ranks, local_experts = counts_Re.shape
+    device = counts_Re.device
+    slot_S = torch.arange(num_ranks * local_experts * capacity, device=device)
+    rank_S = torch.div(slot_S, local_experts * capacity, rounding_mode="floor")
+    expert_S = torch.div(slot_S, capacity, rounding_mode="floor") % local_experts
+    position_S = slot_S % capacity
+    filled_S = position_S < counts_Re[rank_S, expert_S]
+    rows_e = counts_Re.sum(dim=0)
+    expert_start_e = torch.cumsum(rows_e, dim=0) - rows_e
+    # Within one expert, the rows of lower source ranks come first.
+    rank_start_Re = torch.cumsum(counts_Re, dim=0) - counts_Re
+    filled_row_S = expert_start_e[expert_S] + rank_start_Re[rank_S, expert_S] + position_S
+    empty_row_S = rows_e.sum() + torch.cumsum(~filled_S, dim=0) - 1
+    destination_S = torch.where(filled_S, filled_row_S, empty_row_S)
+    order_S = torch.empty_like(destination_S).index_copy_(0, destination_S, slot_S)
+    return order_S, destination_S, rows_e
+
+
 class VariableExchange:
     """All-to-all-v over the expert-parallel group for rows sorted by global expert (dropless).
 
@@ -104,10 +143,8 @@ class VariableExchange:
     def __init__(self, counts_E: torch.Tensor, group, ep_size: int) -> None:
         self.group, self.ep_size = group, ep_size
         self.local_experts = counts_E.numel() // ep_size
-        received_counts = torch.empty_like(counts_E)
-        dist.all_to_all_single(received_counts, counts_E.contiguous(), group=group)
         # [source rank, local expert]: how many rows each rank sends to each of this rank's experts.
-        self.received_counts_Re = received_counts.view(ep_size, self.local_experts)
+        self.received_counts_Re = exchange_counts(counts_E, group, ep_size)
         self.send_splits = counts_E.view(ep_size, self.local_experts).sum(dim=1).tolist()
         self.receive_splits = self.received_counts_Re.sum(dim=1).tolist()
 

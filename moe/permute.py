@@ -118,6 +118,28 @@ def combine_from_slots(y_SD: torch.Tensor, slot_TK: torch.Tensor, weight_TK: tor
     return _weighted_sum_over_choices(_PickSlots.apply(y_SD, slot_TK.reshape(-1)), weight_TK)
 
 
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND: torch.Tensor, permutation_N: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(permutation_N)
+        return x_ND.index_select(0, permutation_N)
+
+    @staticmethod
+    def backward(ctx, grad_ND: torch.Tensor):
+        (permutation_N,) = ctx.saved_tensors
+        # Every row is written exactly once: a copy, so new_empty needs no zero fill.
+        return grad_ND.new_empty(grad_ND.shape).index_copy_(0, permutation_N, grad_ND), None
+
+
+def permute_rows(x_ND: torch.Tensor, permutation_N: torch.Tensor) -> torch.Tensor:
+    """x[permutation_N] for a permutation of the rows (every index once): differentiates into a
+    copy back to each row's place instead of an accumulating scatter. [N, D]."""
+    if x_ND.dim() != 2 or permutation_N.shape != x_ND.shape[:1]:
+        raise ValueError(f"permute_rows needs x [N, D] and a permutation [N], got {tuple(x_ND.shape)} and "
+                         f"{tuple(permutation_N.shape)}")
+    return _PermuteRows.apply(x_ND, permutation_N)
+
+
 def _sum_over_choices(rows_AD: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
     """[T*K, D] token-major -> [T, D]: each token's K rows added in a fixed order."""
     return rows_AD.view(num_tokens, top_k, -1).sum(dim=1) if top_k > 1 else rows_AD

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.dispatch import assign_slots
-from moe.permute import combine_from_slots, combine_in_token_order, rows_in_expert_order, rows_to_slots
+from moe.dispatch import assign_slots, filled_slots_first
+from moe.permute import combine_from_slots, combine_in_token_order, permute_rows, rows_in_expert_order, rows_to_slots
 
 
 def _kept_order(num_tokens: int, top_k: int, num_experts: int, keep: float, generator: torch.Generator):
@@ -114,3 +114,37 @@ def test_slot_layout_matches_plain_indexing(top_k, capacity):
     assert torch.equal(rows_to_slots(x, slot_TK.reshape(-1), top_k, num_slots), expected)
     if capacity == 40:
         assert bool((expected == 0).all(dim=1).any()), "some slots should stay empty"
+
+
+def test_permute_rows_matches_plain_indexing_forward_and_backward():
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(11, 5, generator=generator, dtype=torch.float64)
+    permutation = torch.randperm(11, generator=generator)
+    grad_out = torch.randn(11, 5, generator=generator, dtype=torch.float64)
+    results = []
+    for gather in (permute_rows, lambda x_, p_: x_[p_]):
+        leaf = x.clone().requires_grad_()
+        y = gather(leaf, permutation)
+        y.backward(grad_out)
+        results.append((y.detach(), leaf.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    with pytest.raises(ValueError, match="permutation"):
+        permute_rows(x, permutation[:5])
+
+
+@pytest.mark.parametrize("counts", [[[2, 0, 3], [3, 1, 0]], [[0, 0, 0], [3, 3, 3]], [[3, 3, 3], [3, 3, 3]]])
+def test_filled_slots_first_groups_filled_slots_by_expert_and_pads_with_the_empty_ones(counts):
+    """Received slots [ep=2, e=3, C=3]: rank r's block for local expert j has counts[r][j] filled
+    slots at its front. The oracle walks the slots in the order the grouped GEMM wants them."""
+    counts_Re = torch.tensor(counts)
+    ep, e, capacity = 2, 3, 3
+
+    def slot(r, j, p):
+        return (r * e + j) * capacity + p
+
+    want_filled = [slot(r, j, p) for j in range(e) for r in range(ep) for p in range(counts[r][j])]
+    want_empty = [slot(r, j, p) for r in range(ep) for j in range(e) for p in range(counts[r][j], capacity)]
+    order, destination, rows_e = filled_slots_first(counts_Re, capacity)
+    assert order.tolist() == want_filled + want_empty
+    assert rows_e.tolist() == [counts[0][j] + counts[1][j] for j in range(e)]
+    assert torch.equal(order[destination], torch.arange(ep * e * capacity))
