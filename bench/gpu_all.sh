@@ -5,7 +5,7 @@
 #   bash bench/gpu_all.sh            # PYTHON=... to pick the interpreter
 #   ONLY="gpu_tests layer_gpu" bash bench/gpu_all.sh   # some steps only (where one command may run
 #                                    # 10 minutes at most, split the run: the steps are independent)
-# Steps: device gpu_tests layer_gpu e2e_350m e2e_gpt2_small smoke e2e_350m_accum1 e2e_350m_ckpt. A failing step does not stop the
+# Steps ($STEPS below). A failing step does not stop the
 # others; the exit status is 1 when any failed.
 #
 # On a machine that cannot install packages (the lent GPU machine): run bench/gpu_kit.sh where PyPI is
@@ -16,7 +16,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 RESULTS_DIR="${RESULTS_DIR:-bench/out}"
+STEPS="device gpu_tests layer_gpu e2e_350m e2e_350m_accum1 layer_gpu_compiled e2e_gpt2_small smoke e2e_350m_ckpt"
+for name in ${ONLY:-}; do
+  # A mistyped name would run nothing and report success: a wasted call on a lent machine.
+  if [[ " $STEPS " != *" $name "* ]]; then echo "error: ONLY: unknown step '$name'; the steps are: $STEPS" >&2; exit 2; fi
+done
 mkdir -p "$RESULTS_DIR"
+if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; fi
 if [ -d .whl ] && ! "$PY" -c "import deepspeed, hydra, webdataset" >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -35,13 +41,14 @@ step() {
     failed+=("$name")
     echo "== $name FAILED (log: $RESULTS_DIR/$name.log)"
   fi
-  pack
+  pack || echo "== packing the results into $OUT failed; they are still in $RESULTS_DIR"
 }
 # Logs, tables, JSON and the smoke run's metrics: not its checkpoints, which are large and not results.
 pack() {
-  if [ -z "${OUT:-}" ] || [ "$(cd "$OUT" 2>/dev/null && pwd)" = "$(cd "$RESULTS_DIR" && pwd)" ]; then return; fi
+  if [ -z "${OUT:-}" ]; then return; fi
+  # (The patterns never match the archive itself, so $OUT may be $RESULTS_DIR.)
   (cd "$RESULTS_DIR" && find . -type f \( -name '*.log' -o -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.png' \) \
-     -not -path '*/checkpoints/*' -size -8M -print0 | tar czf - --null -T -) > "$OUT/gpu_results.tar.gz.partial"
+     -not -path '*/checkpoints/*' -size -8192k -print0 | tar czf - --null -T -) > "$OUT/gpu_results.tar.gz.partial"
   mv "$OUT/gpu_results.tar.gz.partial" "$OUT/gpu_results.tar.gz"
 }
 step device nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -49,11 +56,14 @@ step gpu_tests "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
 step layer_gpu "$PY" -m bench.moe_layer --device cuda --shapes gpu --json "$RESULTS_DIR/layer_gpu.json"
 # The 350M preset takes 65,536 tokens per optimizer step (4 micro-batches), so fewer timed steps do.
 step e2e_350m "$PY" -m bench.end_to_end --compile --steps 8 --warmup 3 experiment=h100_350m --json "$RESULTS_DIR/e2e_350m.json"
-step e2e_gpt2_small "$PY" -m bench.end_to_end --steps 10 --warmup 3 experiment=h100_gpt2_small --json "$RESULTS_DIR/e2e_gpt2_small.json"
-step smoke "$PY" -m train experiment=smoke logging.progress_bar=false "trainer.run_dir=$RESULTS_DIR/smoke"
 # What one micro-batch per optimizer step would give: the AdamW step's share of the preset's step.
 step e2e_350m_accum1 "$PY" -m bench.end_to_end --variants ours+compile --steps 10 --warmup 3 experiment=h100_350m \
   trainer.grad_accum=1 --json "$RESULTS_DIR/e2e_350m_accum1.json"
+# The layer compiled as trainer.compile compiles it, against the compiled dense FFN (9 compilations).
+step layer_gpu_compiled "$PY" -m bench.moe_layer --device cuda --shapes gpu \
+  --variants dense,dense+compile,ours-dropless+compile,ours-expert-choice+compile --json "$RESULTS_DIR/layer_gpu_compiled.json"
+step e2e_gpt2_small "$PY" -m bench.end_to_end --steps 10 --warmup 3 experiment=h100_gpt2_small --json "$RESULTS_DIR/e2e_gpt2_small.json"
+step smoke "$PY" -m train experiment=smoke logging.progress_bar=false "trainer.run_dir=$RESULTS_DIR/smoke"
 # Last, as the least needed: what activation checkpointing costs in tokens/s (and saves in memory).
 step e2e_350m_ckpt "$PY" -m bench.end_to_end --variants ours,ours+compile --steps 6 --warmup 2 experiment=h100_350m \
   trainer.activation_checkpointing=true --json "$RESULTS_DIR/e2e_350m_ckpt.json"

@@ -18,6 +18,8 @@ Method
   mode are not counted: work a variant wastes shows up as lower TFLOP/s.
 - "vs dense" = median ms / median ms of `dense`, a SwiGLU FFN of hidden K*F, which has exactly
   the active FLOPs of top-K experts of hidden F: the price of sparsity at equal useful work.
+  A compiled variant (`*+compile`, asked for by name) is compared with `dense+compile` when that ran:
+  inductor fuses the dense FFN's SiLU x gate too. Warm-up steps absorb the compilation.
 - Peak memory is measured in a separate pass after all timings, one step per variant, as the
   growth over what was in use before the step (weights, x, grad_TD are already there; the
   step adds activations, gradients and temporaries). CUDA: `max_memory_allocated` after
@@ -53,6 +55,8 @@ VARIANTS = (
     "dense", "deepspeed", "ours-capacity", "ours-dropless", "ours-expert-choice", "grouped-floor", "grouped-floor+stack",
     "bmm-floor", "loop-floor",
 )  # fmt: skip
+COMPILED_VARIANTS = ("dense+compile", "ours-capacity+compile", "ours-dropless+compile", "ours-expert-choice+compile")
+"""Not run by default (each compiles per shape); no memory pass (it would compile them again)."""
 
 
 @dataclass(frozen=True)
@@ -144,8 +148,10 @@ def _balanced_counts(rows: int, experts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(experts)]
 
 
-def build_dense(s: Shape, x_TD: torch.Tensor, grad_TD: torch.Tensor) -> Step:
+def build_dense(s: Shape, x_TD: torch.Tensor, grad_TD: torch.Tensor, compiled: bool = False) -> Step:
     ffn = _expert(s.dim, s.top_k * s.hidden, 0, x_TD.device, s.dtype)
+    if compiled:
+        ffn.compile()  # inductor fuses SiLU x gate between the GEMMs, as it does in the compiled MoE layer
     x = _leaf(x_TD)
     return Step(lambda: ffn(x).backward(grad_TD), [*ffn.parameters(), x], lambda: f"SwiGLU FFN, hidden K*F={s.top_k * s.hidden}")
 
@@ -184,10 +190,12 @@ def build_deepspeed(s: Shape, x_TD: torch.Tensor, grad_TD: torch.Tensor) -> Step
 
 
 def build_ours(
-    s: Shape, x_TD: torch.Tensor, grad_TD: torch.Tensor, capacity_factor: float | None, router: str = "token_choice"
+    s: Shape, x_TD: torch.Tensor, grad_TD: torch.Tensor, capacity_factor: float | None, router: str = "token_choice",
+    compiled: bool = False,
 ) -> Step:
     """Our layer. Expert choice runs with c = K (every expert takes T*K/E tokens of the batch), which
-    has exactly the active FLOPs of top-K token choice, so the same dense FFN is its baseline."""
+    has exactly the active FLOPs of top-K token choice, so the same dense FFN is its baseline.
+    `compiled`: `MoELayer.compile_forward()`, what `trainer.compile=true` does to it."""
     from moe import MoEConfig, MoELayer
 
     if router == "expert_choice":
@@ -201,6 +209,8 @@ def build_ours(
     # Lay the experts out as DeepSpeed's ZeRO flat buffer does in training, so the per-forward stack
     # of expert weights is a view, as it is inside the engine (moe/expert_storage.py).
     layer.pack_expert_weights()
+    if compiled:
+        layer.compile_forward()
     x = _leaf(x_TD)
     seen: dict[str, int] = {}
 
@@ -277,6 +287,12 @@ BUILDERS: dict[str, Callable[[Shape, torch.Tensor, torch.Tensor], Step]] = {
     "ours-dropless": lambda s, x, g: build_ours(s, x, g, None),
     "ours-expert-choice": lambda s, x, g: build_ours(s, x, g, None, router="expert_choice"),
     "grouped-floor": lambda s, x, g: build_floor(s, x, g, "grouped"),
+    # Compiled (inductor; the warm-up steps absorb the compilation). Compared with the compiled dense
+    # FFN when that ran too: compiling fuses its elementwise work as well.
+    "dense+compile": lambda s, x, g: build_dense(s, x, g, compiled=True),
+    "ours-capacity+compile": lambda s, x, g: build_ours(s, x, g, CAPACITY_FACTOR, compiled=True),
+    "ours-dropless+compile": lambda s, x, g: build_ours(s, x, g, None, compiled=True),
+    "ours-expert-choice+compile": lambda s, x, g: build_ours(s, x, g, None, router="expert_choice", compiled=True),
     "grouped-floor+stack": lambda s, x, g: build_floor(s, x, g, "grouped+stack"),
     "bmm-floor": lambda s, x, g: build_floor(s, x, g, "bmm"),
     "loop-floor": lambda s, x, g: build_floor(s, x, g, "loop"),
@@ -416,7 +432,7 @@ def measure_memory(results: list[Result], device: torch.device) -> str:
         return memory.method
     inputs: dict[Shape, tuple[torch.Tensor, torch.Tensor]] = {}
     for result in results:
-        if result.error is not None:
+        if result.error is not None or result.variant in COMPILED_VARIANTS:
             continue
         s = result.shape
         if s not in inputs:
@@ -473,11 +489,21 @@ def _memory_pass_child(args: argparse.Namespace, device: torch.device) -> int:
     return 0
 
 
+def _baseline_ms(results: list[Result], r: Result) -> float | None:
+    """The "vs dense" baseline of a row: the compiled dense FFN for a compiled variant when it ran,
+    else the eager one."""
+    wanted = ("dense+compile", "dense") if r.variant.endswith("+compile") else ("dense",)
+    for name in wanted:
+        found = next((d.median_ms for d in results if d.shape == r.shape and d.variant == name and d.error is None), None)
+        if found:
+            return found
+    return None
+
+
 def format_table(results: list[Result]) -> str:
     lines = []
     for s in dict.fromkeys(r.shape for r in results):
         rows = [r for r in results if r.shape == s]
-        dense = next((r.median_ms for r in rows if r.variant == "dense" and r.error is None), None)
         lines.append(f"\n{s.label}: {s.active_flops / 1e9:.1f} active GFLOP per forward+backward")
         lines.append("| variant | ms (median) | min | TFLOP/s | vs dense | peak MiB | note |")
         lines.append("|---|---|---|---|---|---|---|")
@@ -485,6 +511,7 @@ def format_table(results: list[Result]) -> str:
             if r.error is not None:
                 lines.append(f"| {r.variant} | - | - | - | - | - | {r.error} |")
                 continue
+            dense = _baseline_ms(results, r)
             ratio = f"{r.median_ms / dense:.2f}" if dense else "n/a"
             peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "n/a"
             note = r.note if r.memory_error is None else f"{r.note}; memory pass: {r.memory_error}"
@@ -512,7 +539,7 @@ def _load_1min() -> float | None:
 def to_json(results: list[Result], meta: dict) -> dict:
     rows = []
     for r in results:
-        dense = next((d.median_ms for d in results if d.shape == r.shape and d.variant == "dense" and d.error is None), None)
+        dense = _baseline_ms(results, r)
         rows.append({
             "tokens": r.shape.tokens, "dim": r.shape.dim, "hidden": r.shape.hidden, "experts": r.shape.experts,
             "top_k": r.shape.top_k, "dtype": str(r.shape.dtype).removeprefix("torch."), "variant": r.variant,
@@ -530,7 +557,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 5 on CPU, 30 on CUDA)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 on CPU, 5 on CUDA)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (CPU runs only)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {','.join(VARIANTS + COMPILED_VARIANTS)} (default: all but compiled)")
     parser.add_argument("--json", type=Path, default=None, help="default: runs/bench/moe_layer-<device>-<shapes>-<time>.json")
     # Internal: the CPU memory pass in a fresh process writes its figures here and times nothing.
     parser.add_argument("--memory-pass", type=Path, default=None, help=argparse.SUPPRESS)
@@ -548,9 +576,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    unknown = [v for v in args.variants if v not in VARIANTS + COMPILED_VARIANTS]
     if unknown or not args.variants:
-        parser.error(f"--variants must name some of {', '.join(VARIANTS)}, got {unknown or 'none'}")
+        parser.error(f"--variants must name some of {', '.join(VARIANTS + COMPILED_VARIANTS)}, got {unknown or 'none'}")
     return args
 
 

@@ -198,6 +198,16 @@ def uses_grouped_mm(x_ND: torch.Tensor, w1_eDF: torch.Tensor, w2_eFD: torch.Tens
     return x_ND.device.type != "cpu" or x_ND.shape[0] < CPU_LOOP_ROWS_PER_EXPERT * w1_eDF.shape[0]
 
 
+def padding_rows_cost_nothing(x_ND: torch.Tensor, w1_eDF: torch.Tensor, w2_eFD: torch.Tensor) -> bool:
+    """Whether `swiglu_grouped(..., padded=True)` computes only the real rows without waiting for the
+    device: `torch._grouped_mm` (after autocast, as `swiglu_grouped` casts), or any path on a CPU,
+    where reading the row count to the host costs nothing. Elsewhere the loop would read the counts
+    to the host, and a batched GEMM over every row, padding included, is the better choice."""
+    if x_ND.device.type == "cpu":
+        return True
+    return uses_grouped_mm(*_autocast_operands(x_ND, w1_eDF, w2_eFD))
+
+
 def grouped_mm_runs(x_ND: torch.Tensor, w1_eDF: torch.Tensor, w2_eFD: torch.Tensor) -> bool:
     """Whether `torch._grouped_mm` can run operands like these at all (dtype, device, 16-byte rows)."""
     dtype = x_ND.dtype

@@ -36,6 +36,7 @@ from moe.expert_storage import pack_expert_weights
 from moe.experts import SwiGLUExpert, expert_generator
 from moe.grouped_experts import (
     ExpertWeights,
+    padding_rows_cost_nothing,
     stack_expert_weights,
     swiglu_capacity,
     swiglu_grouped,
@@ -350,7 +351,8 @@ class MoELayer(MoE):
     def _experts_fixed_layout(self, x_TD: torch.Tensor, plan: _Plan, weights: ExpertWeights) -> torch.Tensor:
         """Equal-sized [E*C] slot buffers, one fixed-shape all-to-all each way across ranks (none at
         one rank); expert choice's full slots through batched GEMMs on [e, ep*C, D], token choice's
-        filled slots through the grouped GEMM (`_filled_slots_only`). No host sync."""
+        filled slots through the grouped GEMM (`_filled_slots_only`) where it runs, else through the
+        batched GEMMs too. No host sync on a GPU."""
         num_experts, capacity = self.config.num_experts, plan.capacity
         assert capacity is not None
         if plan.top_k is not None:
@@ -361,10 +363,11 @@ class MoELayer(MoE):
             # the per-token cap still runs, with weight 0: no mask, so no sync and one copy.
             buffer_SD = x_TD.index_select(0, plan.token_A)
         received_SD = all_to_all_slots(buffer_SD, self.ep_group, self.ep_size)
-        if plan.top_k is not None:
+        if plan.top_k is not None and padding_rows_cost_nothing(received_SD, weights[0], weights[2]):
             y_local_SD = self._filled_slots_only(received_SD, plan, weights)
         else:
-            # Expert choice fills every slot (C per expert): one batched GEMM per projection.
+            # Expert choice fills every slot (C per expert); and where the grouped GEMM cannot skip
+            # empty slots without a host sync, computing them is cheaper: one batched GEMM per projection.
             ep, e, dim = self.ep_size, self.num_local_experts, x_TD.shape[-1]
             per_expert_eND = received_SD.view(ep, e, capacity, dim).transpose(0, 1).reshape(e, ep * capacity, dim)
             out_eND = run_sharded(
@@ -380,7 +383,7 @@ class MoELayer(MoE):
         return combine_rows(y_SD, plan.token_A, plan.weight_A, num_tokens)
 
     def _filled_slots_only(self, received_SD: torch.Tensor, plan: _Plan, weights: ExpertWeights) -> torch.Tensor:
-        """Token choice's received slots through the experts, the empty ones skipped: with a capacity
+        """Token choice's received slots through the experts, the empty ones skipped: at a capacity
         factor of 1.25 at least a fifth of the slots are empty, and with drops more (a third on the
         smoke model), which a batched GEMM over every slot would compute for nothing. The filled
         slots go first, grouped by local expert, and the empty ones become padding rows the grouped

@@ -50,7 +50,7 @@ def override_problem(args: list[str]) -> str | None:
     any Hydra flag (--multirun, --cfg, -cn, ...) Hydra's own parsing is left to do the job, as
     sweeps and other primary configs do not compose here.
     """
-    if any(arg.startswith("-") for arg in args):
+    if any(arg.startswith("-") or arg.startswith("hydra.mode=") for arg in args):
         return None
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -61,10 +61,11 @@ def override_problem(args: list[str]) -> str | None:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             compose("config", overrides=args)
     except MissingConfigException as error:
-        missing, options = error.missing_cfg_file, error.options
-        if missing and "/" in missing and options:
-            group, name = missing.rsplit("/", 1)
-            return f"{group}={name}: no such config; {group} is one of {', '.join(options)}"
+        missing, options = error.missing_cfg_file or "", error.options
+        for arg in args:
+            group, _, name = arg.lstrip("+~").partition("=")
+            if name and missing == f"{group}/{name}":
+                return f"{arg}: no such config" + (f"; {group} is one of {', '.join(options)}" if options else "")
         return _one_line(str(error))
     except OverrideParseException as error:
         parser = OverridesParser.create()

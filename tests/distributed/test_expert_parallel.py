@@ -16,18 +16,19 @@ pytestmark = pytest.mark.distributed
 
 
 @pytest.mark.parametrize(
-    "capacity_factor, top_k, router",
+    "capacity_factor, top_k, router, dtype",
     [
-        ("none", 2, "token_choice"),  # dropless: all-to-all-v
-        ("1.0", 2, "token_choice"),  # capacity: fixed-shape all-to-all, some drops
-        ("0.5", 1, "token_choice"),
-        ("2.0", 2, "expert_choice"),  # fixed-shape all-to-all, index_add combine
-        ("2.0", 2, "expert_choice_causal"),  # thresholds: all-to-all-v
+        ("none", 2, "token_choice", "float64"),  # dropless: all-to-all-v
+        ("1.0", 2, "token_choice", "float64"),  # capacity: fixed-shape all-to-all, some drops; filled slots only
+        ("1.0", 2, "token_choice", "float32"),  # the same through torch._grouped_mm (float64 takes the loop)
+        ("0.5", 1, "token_choice", "float64"),
+        ("2.0", 2, "expert_choice", "float64"),  # fixed-shape all-to-all, index_add combine
+        ("2.0", 2, "expert_choice_causal", "float64"),  # thresholds: all-to-all-v
     ],
 )
-def test_ep2_layer_equals_single_process_oracle(capacity_factor, top_k, router):
+def test_ep2_layer_equals_single_process_oracle(capacity_factor, top_k, router, dtype):
     worker = ROOT / "tests" / "distributed" / "expert_parallel_worker.py"
-    outputs = launch_ranks(2, [sys.executable, str(worker), capacity_factor, str(top_k), router], timeout=180)
+    outputs = launch_ranks(2, [sys.executable, str(worker), capacity_factor, str(top_k), router, dtype], timeout=180)
     for rank, out in enumerate(outputs):
         assert f"rank {rank}: ok" in out, out
 

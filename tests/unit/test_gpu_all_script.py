@@ -23,8 +23,7 @@ def _run(tmp_path: Path, nvidia_smi: str, only: str) -> subprocess.CompletedProc
     python = bin_dir / "python"
     python.write_text('#!/bin/sh\n[ "$1" = "-c" ] && exit 0\nexit 1\n')
     python.chmod(0o755)
-    out = tmp_path / "out"
-    out.mkdir(exist_ok=True)
+    out = tmp_path / "out"  # created by the script, as the device tool's is not always there
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ONLY": only, "OUT": str(out),
            "RESULTS_DIR": str(tmp_path / "results"), "PYTHON": str(python)}
     return subprocess.run(["bash", str(ROOT / "bench" / "gpu_all.sh")], env=env, capture_output=True, text=True,
@@ -50,3 +49,10 @@ def test_a_failing_step_is_reported_and_the_next_one_still_runs(tmp_path):
     assert result.returncode == 1
     assert "failed steps: device gpu_tests layer_gpu" in result.stdout
     assert set(_archived(tmp_path)) == {"device.log", "gpu_tests.log", "layer_gpu.log"}
+
+
+def test_an_unknown_step_name_is_refused_before_anything_runs(tmp_path):
+    result = _run(tmp_path, "echo 'NVIDIA H200'", "device e2e_350m_acum1")
+    assert result.returncode == 2
+    assert "unknown step 'e2e_350m_acum1'" in result.stderr
+    assert not (tmp_path / "results").exists()

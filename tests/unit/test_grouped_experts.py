@@ -376,3 +376,47 @@ def test_probe_is_not_fooled_by_no_grad():
     with torch.no_grad():
         first = grouped_mm_available("cpu", torch.float32)
     assert first == hasattr(torch, "_grouped_mm")
+
+
+@pytest.mark.parametrize(
+    "device, dtype",
+    [("cpu", torch.float32), ("cpu", torch.float64),
+     pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu), pytest.param("cuda", torch.float32, marks=pytest.mark.gpu)],
+)
+def test_filled_slots_through_the_grouped_gemm_equal_every_slot_through_bmm(device, dtype):
+    """Token choice's received capacity slots across ranks (moe/layer.py `_filled_slots_only`): the
+    filled ones gathered first (`filled_slots_first`, `permute_rows`) through the padded grouped GEMM
+    give what a batched GEMM over every slot gives, empty slots (zero rows) included: outputs, slot
+    gradients and every expert gradient. fp32 takes torch._grouped_mm on a CPU, fp64 the loop."""
+    from moe.dispatch import filled_slots_first
+    from moe.permute import permute_rows
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    ep, e, capacity = 2, 3, 5
+    counts_Re = torch.tensor([[5, 0, 2], [3, 1, 5]], device=device)
+    experts = [x.to(device) for x in _experts(e, dtype)]
+    generator = torch.Generator().manual_seed(3)
+    received = torch.randn(ep, e, capacity, DIM, generator=generator).to(device, dtype)
+    filled = torch.arange(capacity, device=device).view(1, 1, capacity) < counts_Re.unsqueeze(-1)
+    received = (received * filled.unsqueeze(-1)).reshape(ep * e * capacity, DIM).requires_grad_()
+    grad = torch.randn(ep * e * capacity, DIM, generator=generator).to(device, dtype)
+
+    def compacted(x_SD):
+        order, destination, rows_e = filled_slots_first(counts_Re, capacity)
+        out = swiglu_grouped(permute_rows(x_SD, order), rows_e, *stack_expert_weights(experts), padded=True)
+        return permute_rows(out, destination)
+
+    def every_slot(x_SD):
+        per_expert = x_SD.view(ep, e, capacity, DIM).transpose(0, 1).reshape(e, ep * capacity, DIM)
+        out = swiglu_capacity(per_expert, *stack_expert_weights(experts))
+        return out.view(e, ep, capacity, DIM).transpose(0, 1).reshape(ep * e * capacity, DIM)
+
+    fast, ref = _run(compacted, received, experts, grad), _run(every_slot, received, experts, grad)
+    if dtype == torch.bfloat16:
+        pairs = [(fast[0], ref[0]), (fast[1], ref[1])] + [(fast[2][k], ref[2][k]) for k in ref[2]]
+        for a, b in pairs:
+            assert (a.float() - b.float()).norm() <= 2e-2 * b.float().norm() + 1e-3
+    else:
+        _assert_same(fast, ref, rtol=1e-5, atol=1e-5)
+    assert not fast[0][~filled.reshape(-1)].any(), "empty slots must come back zero"

@@ -123,15 +123,20 @@ def test_compiled_layer_under_activation_checkpointing_counts_statistics_once(mo
     `recomputing()`: dynamo guards on that flag (a second graph for the recomputation), so the router's
     step statistics are counted once, as by the eager layer without checkpointing, and the gradients
     are the eager ones. Both modes keep step statistics (bias balancing; expert choice's thresholds)."""
+    from moe.router_state import is_recomputing
     from train.activation_checkpointing import checkpointed_block
 
     torch._dynamo.reset()
     eager, compiled = _layer(torch.float32, **MODES[mode]), _layer(torch.float32, **MODES[mode])
     compiled.compile_forward()
+    passes: list[bool] = []  # one entry per forward of the compiled layer: recomputing or not
+    compiled.register_forward_pre_hook(lambda module, args: passes.append(is_recomputing()))
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(2, 32, HIDDEN, generator=generator)
     grad_out = torch.randn(2, 32, HIDDEN, generator=generator)
     for _ in range(2):  # the statistics accumulate: a double count would show on either pass
         checkpointed = _step(compiled, x, grad_out, forward=lambda x: checkpointed_block(compiled, x))
         _assert_matches(_step(eager, x, grad_out), checkpointed, rtol=1e-5, atol=1e-6)
+    # The comparison is not vacuous: the backward really ran the compiled layer again, flagged.
+    assert passes == [False, True, False, True]
     torch._dynamo.reset()
