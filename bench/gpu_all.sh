@@ -48,8 +48,8 @@ pack() {
   if [ -z "${OUT:-}" ]; then return; fi
   # (The patterns never match the archive itself, so $OUT may be $RESULTS_DIR.)
   (cd "$RESULTS_DIR" && find . -type f \( -name '*.log' -o -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.png' \) \
-     -not -path '*/checkpoints/*' -size -8192k -print0 | tar czf - --null -T -) > "$OUT/gpu_results.tar.gz.partial"
-  mv "$OUT/gpu_results.tar.gz.partial" "$OUT/gpu_results.tar.gz"
+     -not -path '*/checkpoints/*' -size -8192k -print0 | tar czf - --null -T -) > "$OUT/gpu_results.tar.gz.partial" \
+    && mv "$OUT/gpu_results.tar.gz.partial" "$OUT/gpu_results.tar.gz"  # (set -e is off inside `pack || ...`)
 }
 step device nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 step gpu_tests "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
