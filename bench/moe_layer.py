@@ -287,15 +287,15 @@ BUILDERS: dict[str, Callable[[Shape, torch.Tensor, torch.Tensor], Step]] = {
     "ours-dropless": lambda s, x, g: build_ours(s, x, g, None),
     "ours-expert-choice": lambda s, x, g: build_ours(s, x, g, None, router="expert_choice"),
     "grouped-floor": lambda s, x, g: build_floor(s, x, g, "grouped"),
+    "grouped-floor+stack": lambda s, x, g: build_floor(s, x, g, "grouped+stack"),
+    "bmm-floor": lambda s, x, g: build_floor(s, x, g, "bmm"),
+    "loop-floor": lambda s, x, g: build_floor(s, x, g, "loop"),
     # Compiled (inductor; the warm-up steps absorb the compilation). Compared with the compiled dense
     # FFN when that ran too: compiling fuses its elementwise work as well.
     "dense+compile": lambda s, x, g: build_dense(s, x, g, compiled=True),
     "ours-capacity+compile": lambda s, x, g: build_ours(s, x, g, CAPACITY_FACTOR, compiled=True),
     "ours-dropless+compile": lambda s, x, g: build_ours(s, x, g, None, compiled=True),
     "ours-expert-choice+compile": lambda s, x, g: build_ours(s, x, g, None, router="expert_choice", compiled=True),
-    "grouped-floor+stack": lambda s, x, g: build_floor(s, x, g, "grouped+stack"),
-    "bmm-floor": lambda s, x, g: build_floor(s, x, g, "bmm"),
-    "loop-floor": lambda s, x, g: build_floor(s, x, g, "loop"),
 }
 
 

@@ -205,17 +205,32 @@ def padding_rows_cost_nothing(x_ND: torch.Tensor, w1_eDF: torch.Tensor, w2_eFD: 
     to the host, and a batched GEMM over every row, padding included, is the better choice."""
     if x_ND.device.type == "cpu":
         return True
-    return uses_grouped_mm(*_autocast_operands(x_ND, w1_eDF, w2_eFD))
+    # Decided from dtypes and widths alone: casting the operands here (weights included) would copy
+    # them once more on every forward.
+    device_type = x_ND.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)  # swiglu_grouped casts every operand to it
+    elif w1_eDF.dtype == x_ND.dtype == w2_eFD.dtype:
+        dtype = x_ND.dtype
+    else:
+        return False
+    return _grouped_mm_fits(x_ND.device, dtype, x_ND.shape[-1], w1_eDF.shape[-1])
 
 
 def grouped_mm_runs(x_ND: torch.Tensor, w1_eDF: torch.Tensor, w2_eFD: torch.Tensor) -> bool:
     """Whether `torch._grouped_mm` can run operands like these at all (dtype, device, 16-byte rows)."""
     dtype = x_ND.dtype
-    if w1_eDF.dtype != dtype or w2_eFD.dtype != dtype or not grouped_mm_available(x_ND.device, dtype):
+    if w1_eDF.dtype != dtype or w2_eFD.dtype != dtype:
+        return False
+    return _grouped_mm_fits(x_ND.device, dtype, x_ND.shape[-1], w1_eDF.shape[-1])
+
+
+def _grouped_mm_fits(device: torch.device, dtype: torch.dtype, dim: int, hidden: int) -> bool:
+    if not grouped_mm_available(device, dtype):
         return False
     # D and F are the row strides of x, the hidden activations, the output and the weights.
-    align = _ALIGN_BYTES // x_ND.element_size()
-    return x_ND.shape[-1] % align == 0 and w1_eDF.shape[-1] % align == 0
+    align = _ALIGN_BYTES // dtype.itemsize
+    return dim % align == 0 and hidden % align == 0
 
 
 def grouped_mm_available(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> bool:
