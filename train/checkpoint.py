@@ -136,9 +136,9 @@ def load(engine, checkpoint_dir: Path, rank: int) -> dict[str, Any]:
             restore_rng_states(torch.load(rng_file, weights_only=False))
         return client_state
     if not index.get("tensors", True):
-        raise ValueError(f"{tag_dir} was saved at {portable_state.describe(index['layout'])} with "
-                         f"trainer.portable_checkpoint=false, so it resumes only at that layout, not at "
-                         f"{portable_state.describe(here)}")
+        raise ValueError(f"{tag_dir} was saved at {portable_state.describe(index['layout'])} without its layout-free "
+                         f"optimizer copy (trainer.portable_checkpoint=never, or =final before the last step), so it "
+                         f"resumes only at that layout, not at {portable_state.describe(here)}")
     if not portable_state.supported(engine):
         raise ValueError(f"{tag_dir} was saved at {portable_state.describe(index['layout'])}; resuming it at "
                          f"{portable_state.describe(here)} is not supported with tensor parallelism")

@@ -82,6 +82,11 @@ class DeepSpeedConfig:
             )
 
 
+PORTABLE_CHECKPOINTS = ("always", "final", "never")
+# Hydra reads `trainer.portable_checkpoint=false` as a boolean, which the str field receives as "False".
+PORTABLE_ALIASES = {"true": "always", "false": "never"}
+
+
 @dataclass
 class TrainerConfig:
     """The loop (the `trainer` group)."""
@@ -116,11 +121,13 @@ class TrainerConfig:
     max_nonfinite_steps: int = 5
     """A step with a NaN or Inf loss is skipped (no update); this many in a row stop the run
     (exit status 3), leaving the last good checkpoint as `latest`."""
-    portable_checkpoint: bool = True
-    """Every checkpoint also holds a layout-free copy of the fp32 master weights and AdamW moments
-    (about 12 bytes per parameter, train/portable_state.py), so it resumes at another expert- or
-    data-parallel size with its optimizer state. false: not written; the checkpoint then resumes
-    at its own layout only (another one is refused)."""
+    portable_checkpoint: str = "always"
+    """Which checkpoints also hold a layout-free copy of the fp32 master weights and AdamW moments
+    (about 12 bytes per parameter, train/portable_state.py), so that they resume at another expert-
+    or data-parallel size with their optimizer state: `always` (every save), `final` (only the save
+    at trainer.max_steps and the save on preemption: the checkpoints a job ends on, at about half
+    the disk for the periodic ones) or `never`. A checkpoint without it resumes at its own layout
+    only (another one is refused). true and false mean always and never."""
     compile: bool = False
     """torch.compile every block in place (attention, norms, dense FFNs and, see below, our MoE
     layers): train/compile.py. The first steps are slower while kernels are built."""
@@ -139,6 +146,10 @@ class TrainerConfig:
         for name in ("eval_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        self.portable_checkpoint = PORTABLE_ALIASES.get(str(self.portable_checkpoint).lower(), self.portable_checkpoint)
+        if self.portable_checkpoint not in PORTABLE_CHECKPOINTS:
+            raise ValueError(f"trainer.portable_checkpoint must be always, final or never (or true/false), "
+                             f"got {self.portable_checkpoint!r}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"trainer.device must be auto, cuda or cpu, got {self.device!r}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:

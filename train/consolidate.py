@@ -14,8 +14,9 @@ see train/load.py for the file layout), and writes:
 
 Optimizer state is not carried (this is for inference and export). In a bf16 run the weights
 are ZeRO's fp32 master copy, read from the checkpoint's layout-free optimizer state
-(train/portable_state.py); without it (trainer.portable_checkpoint=false, tensor parallelism) they
-are the module's bf16 weights cast to fp32, and the header says which (`weights`).
+(train/portable_state.py); without it (trainer.portable_checkpoint=never, a periodic save under
+=final, tensor parallelism) they are the module's bf16 weights cast to fp32, and the header says
+which (`weights`).
 """
 
 from __future__ import annotations

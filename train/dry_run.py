@@ -76,9 +76,12 @@ def parallel_plan(run: RunConfig, world_size: int, vocab_size: int) -> dict:
     # Every parameter once across the ranks' files: module weights, fp32 master + AdamW moments in
     # ZeRO's partitions (12 B), and the layout-free copy of those (12 B) unless turned off. DeepSpeed
     # clones each tensor before saving the module, so a tied embedding is written twice.
-    checkpoint_bytes = counts["total"] * (weight_bytes + 12 + (12 if trainer.portable_checkpoint else 0))
+    checkpoint_bytes = counts["total"] * (weight_bytes + 12)
     if model_cfg.tie_embeddings:
         checkpoint_bytes += weight_bytes * vocab_size * d
+    portable_bytes = counts["total"] * 12 if trainer.portable_checkpoint != "never" else 0
+    # trainer.portable_checkpoint=final: only the save a run ends on carries the copy.
+    periodic_portable_bytes = portable_bytes if trainer.portable_checkpoint == "always" else 0
     return {
         "world_size": world_size,
         "ep_size": ep,
@@ -94,7 +97,8 @@ def parallel_plan(run: RunConfig, world_size: int, vocab_size: int) -> dict:
         "memory_weights_optimizer_gib": (state_bytes(dense, data_parallel) + state_bytes(local_expert, expert_dp)) / GIB,
         "memory_activations_gib": activations / GIB,
         "all_to_all_gib_per_step": all_to_all / GIB,
-        "checkpoint_gib_per_save": checkpoint_bytes / GIB,
+        "checkpoint_gib_per_save": (checkpoint_bytes + periodic_portable_bytes) / GIB,
+        "checkpoint_gib_final_save": (checkpoint_bytes + portable_bytes) / GIB,
         "precision": "bf16" if bf16 else "fp32",
         "zero_stage": zero,
     }
@@ -126,7 +130,9 @@ def print_plan(plan: dict) -> None:
     print(f"  memory       {plan['memory_weights_optimizer_gib']:.2f} GiB weights+grads+optimizer, "
           f"{plan['memory_activations_gib']:.2f} GiB activations (estimate), {memory:.2f} GiB in all")
     print(f"  all-to-all   {plan['all_to_all_gib_per_step']:.3f} GiB sent per optimizer step")
-    print(f"checkpoint: {plan['checkpoint_gib_per_save']:.1f} GiB per save, all ranks together "
+    per_save, final_save = plan["checkpoint_gib_per_save"], plan["checkpoint_gib_final_save"]
+    last = f", {final_save:.1f} GiB the save a run ends on (with the layout-free copy)" if final_save != per_save else ""
+    print(f"checkpoint: {per_save:.1f} GiB per save{last}, all ranks together "
           "(trainer.keep_checkpoints bounds how many stay)")
 
 

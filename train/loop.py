@@ -240,8 +240,8 @@ class Trainer:
             if due and not self.last_step_skipped:  # only after an applied update: `latest` is always a good state
                 checkpoint.save(self.engine, self.checkpoint_dir, done,
                                 {"step": done, "tokens": done * self.tokens_per_step,
-                                 "initial_val_loss": initial_val_loss}, world.rank, run.trainer.portable_checkpoint,
-                                run.trainer.keep_checkpoints)
+                                 "initial_val_loss": initial_val_loss}, world.rank,
+                                self._portable(ends_run=done == run.trainer.max_steps), run.trainer.keep_checkpoints)
             if preemption is not None and done < run.trainer.max_steps and (received := preemption.agreed()):
                 self._stop_for_preemption(received, done, bool(due), initial_val_loss, progress)
             if figures:
@@ -253,13 +253,18 @@ class Trainer:
         wall = time.perf_counter() - started
         return self._finish(start_step, train_loss, val_loss, initial_val_loss, wall, final_evaluation)
 
+    def _portable(self, ends_run: bool) -> bool:
+        """Whether this save writes the layout-free optimizer copy (trainer.portable_checkpoint)."""
+        policy = self.run.trainer.portable_checkpoint
+        return policy == "always" or (policy == "final" and ends_run)
+
     def _stop_for_preemption(self, received: str, done: int, saved: bool, initial_val_loss: float, progress) -> None:
         """Checkpoint this step (unless the loop just did, or the step was skipped and `latest` is
         the last good state), record the stop in metrics.jsonl, and leave with Preempted."""
         if not saved and not self.last_step_skipped:
             checkpoint.save(self.engine, self.checkpoint_dir, done,
                             {"step": done, "tokens": done * self.tokens_per_step, "initial_val_loss": initial_val_loss},
-                            self.world.rank, self.run.trainer.portable_checkpoint, self.run.trainer.keep_checkpoints)
+                            self.world.rank, self._portable(ends_run=True), self.run.trainer.keep_checkpoints)
         self._log({"event": "preempted", "step": done, "tokens": done * self.tokens_per_step, "signal": received,
                    "checkpoint": checkpoint.latest_tag(self.checkpoint_dir)})
         self._finish_sinks_early(f"preempted by {received}", done)

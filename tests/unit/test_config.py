@@ -28,6 +28,13 @@ def test_every_experiment_and_group_composes(compose_run):
     assert smoke.name == "smoke" and smoke.run_dir == "runs/smoke"
 
 
+@pytest.mark.parametrize("value, policy", [("always", "always"), ("final", "final"), ("never", "never"),
+                                           ("true", "always"), ("false", "never"), ("False", "never")])
+def test_portable_checkpoint_takes_a_policy_or_a_boolean(compose_run, value, policy):
+    run = to_run_config(compose_run([f"trainer.portable_checkpoint={value}"]))
+    assert run.trainer.portable_checkpoint == policy
+
+
 def test_unknown_key_fails_at_compose(compose_run):
     with pytest.raises(ConfigCompositionException):
         compose_run(["model.hiden_size=3"])
@@ -49,6 +56,7 @@ def test_unknown_key_fails_at_compose(compose_run):
         (["deepspeed.warmup_steps=0"], "deepspeed.warmup_steps"),
         (["trainer.micro_batch_size=0"], "trainer.micro_batch_size"),
         (["data.val_fraction=0.9"], "data.val_fraction"),
+        (["trainer.portable_checkpoint=sometimes"], "trainer.portable_checkpoint"),
     ],
 )
 def test_invalid_values_name_the_field(compose_run, overrides, field):
