@@ -15,7 +15,6 @@ and step count come from the layout-free copy.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from train import portable_state
+from train.durable import fsync_path, write_text_atomically
 
 
 def tag_for(step: int) -> str:
@@ -62,9 +62,9 @@ def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], 
     # DeepSpeed's save and ours end with a barrier: every rank's files are closed here.
     if rank == 0:
         for path in sorted(tag_dir.rglob("*"), reverse=True):  # files before the folders holding them
-            _fsync(path)
-        _fsync(tag_dir)
-        _atomic_write(checkpoint_dir / "latest", tag)
+            fsync_path(path)
+        fsync_path(tag_dir)
+        write_text_atomically(checkpoint_dir / "latest", tag)
         prune(checkpoint_dir, keep)
     dist.barrier()
 
@@ -90,24 +90,6 @@ def prune(checkpoint_dir: Path, keep: int) -> list[Path]:
 def _step_of(tag: str) -> int | None:
     digits = tag.removeprefix("step_")
     return int(digits) if tag.startswith("step_") and digits.isdigit() else None
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
 
 
 def latest_tag(checkpoint_dir: Path) -> str | None:

@@ -22,13 +22,13 @@ which (`weights`).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from train.commands import ArgumentParser, quiet_deepspeed, run_command
+from train.durable import replace_durably, write_text_atomically
 
 
 def consolidate(source: str | Path | None, out: Path, with_tokenizer: bool = True) -> dict:
@@ -60,8 +60,8 @@ def consolidate(source: str | Path | None, out: Path, with_tokenizer: bool = Tru
     # the name eval and generate would load.
     partial = out.with_name(out.name + ".partial")
     save_file(state, str(partial), metadata={"moe_gpt": json.dumps(header)})
-    os.replace(partial, out)
-    out.with_suffix(".json").write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
+    replace_durably(partial, out)
+    write_text_atomically(out.with_suffix(".json"), json.dumps(header, indent=2) + "\n")
     if tokenizer is not None and tokenizer.is_file():
         shutil.copyfile(tokenizer, out.with_name(out.stem + ".tokenizer.json"))
     return header

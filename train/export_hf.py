@@ -47,6 +47,7 @@ import torch
 
 from train.commands import ArgumentParser, quiet_deepspeed, run_command
 from train.config import ConfigError
+from train.durable import fsync_path
 
 # Every file an export may write: an existing --out holding only these is a previous export.
 EXPORT_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"})
@@ -175,8 +176,8 @@ def export_mixtral(model: torch.nn.Module, out: Path, tokenizer_file: Path | Non
     try:
         _write_checkpoint(model, partial, eot_id, tokenizer)
         for path in partial.iterdir():
-            _fsync(path)
-        _fsync(partial)
+            fsync_path(path)
+        fsync_path(partial)
         if whole_directory:
             _move_into_place(partial, out)
         else:
@@ -202,7 +203,7 @@ def _replace_files_in_place(partial: Path, out: Path) -> None:
     for name in EXPORT_FILES - set(written):
         (out / name).unlink(missing_ok=True)
     partial.rmdir()
-    _fsync(out)
+    fsync_path(out)
 
 
 def _check_replaceable(out: Path) -> None:
@@ -252,27 +253,10 @@ def _move_into_place(partial: Path, out: Path) -> None:
         if old.exists() and not out.exists():
             os.replace(old, out)  # the previous export back under its name
         raise
-    _fsync(out.parent)  # the renames are durable before the old copy goes
+    fsync_path(out.parent)  # the renames are durable before the old copy goes
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file or directory to disk; best effort for directories, which some file systems
-    refuse to open or to fsync (network and FUSE mounts)."""
-    is_dir = path.is_dir()
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        if is_dir:
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not is_dir:
-            raise
-    finally:
-        os.close(fd)
 
 
 def _main(argv: Sequence[str] | None) -> int:

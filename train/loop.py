@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from train.config import ConfigError, RunConfig, to_run_config
 from train.data import TokenDataset, prepare_dataset
 from train.distributed import World, init_world, launcher_world_size
 from train.dry_run import check_fits, parallel_plan, print_plan
+from train.durable import write_text_atomically
 from train.engine import build_engine
 from train.evaluate import mean_token_loss
 from train.flops import flops_per_token, peak_tflops
@@ -424,9 +424,7 @@ class Trainer:
             "experts": figures_per_layer(totals) if totals is not None else {},
         }
         if self.world.is_main:
-            tmp = self.run_dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-            os.replace(tmp, self.run_dir / "summary.json")
+            write_text_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             for sink in self.sinks:
                 sink.finish(summary)
             mfu = "n/a" if summary["mfu"] is None else f"{100 * summary['mfu']:.1f}%"

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from moe import MoEAux
 from moe.stats import utilisation
+from train.durable import write_text_atomically
 
 
 class ExpertCounts:
@@ -95,9 +96,7 @@ class MetricsFile:
         if not self.enabled or not self.path.exists():
             return
         kept = [line for line, record in metrics_lines(self.path) if record.get("step", step + 1) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomically(self.path, "".join(line + "\n" for line in kept))
 
 
 def metrics_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

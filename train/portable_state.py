@@ -22,7 +22,6 @@ tensor-parallel rank), where the state is not written and a change of layout is 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,8 @@ from deepspeed.utils import (
     safe_set_full_fp32_param,
     safe_set_full_optimizer_state,
 )
+
+from train.durable import write_text_atomically
 
 DIRECTORY = "portable"
 INDEX = "index.json"
@@ -144,10 +145,7 @@ def save(engine, tag_dir: Path, with_tensors: bool = True) -> None:
         files = {name: file for file, names in written for name in names}
         index = {"format": FORMAT, "layout": current_layout(engine), "optimizer_step": step,
                  "state_keys": keys, "files": files, "tensors": with_tensors}
-        with open(directory / INDEX, "w", encoding="utf-8") as handle:
-            json.dump(index, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_text_atomically(directory / INDEX, json.dumps(index, indent=1))
     dist.barrier()
 
 

@@ -1,0 +1,47 @@
+"""train/durable.py: a write interrupted at any point leaves the old content under the name."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from train.durable import fsync_path, replace_durably, write_text_atomically
+
+
+def test_write_text_atomically_replaces_the_content_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "latest"
+    write_text_atomically(path, "step_00000001")
+    write_text_atomically(path, "step_00000002")
+    assert path.read_text() == "step_00000002"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
+
+
+def test_a_write_that_fails_before_the_rename_keeps_the_old_content(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    write_text_atomically(path, "old")
+
+    def no_disk(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", no_disk)
+    with pytest.raises(OSError, match="disk full"):
+        write_text_atomically(path, "new")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_replace_durably_moves_a_written_file_into_place(tmp_path):
+    written, path = tmp_path / "model.safetensors.partial", tmp_path / "model.safetensors"
+    path.write_bytes(b"old")
+    written.write_bytes(b"new")
+    replace_durably(written, path)
+    assert path.read_bytes() == b"new" and not written.exists()
+
+
+def test_fsync_path_flushes_files_and_directories_and_raises_for_a_missing_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    fsync_path(tmp_path / "file")
+    fsync_path(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        fsync_path(tmp_path / "missing")

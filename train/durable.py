@@ -1,0 +1,53 @@
+"""Writing files so that a crash, a kill or a power loss leaves either the old content or the new,
+never a truncated or empty file under the name readers use.
+
+A rename is atomic, but not durable by itself: after a power loss the new name may point at data
+that never reached the disk. So the data is flushed before the rename, and the directory after it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file or a directory to disk. Best effort for directories, which some file systems
+    refuse to open or to fsync (network and FUSE mounts); a file that cannot be flushed raises."""
+    is_dir = path.is_dir()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if is_dir:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not is_dir:
+            raise
+    finally:
+        os.close(fd)
+
+
+def replace_durably(written: Path, path: Path) -> None:
+    """Move the complete file `written` to `path` (atomically, replacing what is there) and make
+    both its data and the rename survive a crash."""
+    fsync_path(written)
+    os.replace(written, path)
+    fsync_path(path.parent)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """`path` holds `text` afterwards, or (after a crash) its old content; never part of either."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
