@@ -14,7 +14,7 @@ own gradient. Two layouts:
 - variable group sizes, rows sorted by expert, [N, D] with counts [e] (dropless):
   `torch._grouped_mm` with cumulative int32 offsets where this torch, device and dtype run it,
   otherwise (and on a CPU from `CPU_LOOP_ROWS_PER_EXPERT` rows per expert, where it is faster) a
-  loop over `torch.split` chunks with the same math.
+  loop over the experts' row ranges with the same math, one autograd node (`_SplitLoopSwiGLU`).
 
 `swiglu_loop` calls the expert modules themselves and is the oracle for both.
 """
@@ -364,9 +364,24 @@ def _autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def _swiglu_split_loop(
     x_ND: torch.Tensor, counts_e: torch.Tensor, w1_eDF: torch.Tensor, w3_eDF: torch.Tensor, w2_eFD: torch.Tensor
 ) -> torch.Tensor:
-    """The same math as the grouped path, one expert at a time (any dtype, any device)."""
+    """The same math as the grouped path, one expert at a time (any dtype, any device).
+
+    Eagerly, one autograd node (`_SplitLoopSwiGLU`) that writes every expert's output, input
+    gradient and weight gradients straight into preallocated buffers; traced by torch.compile (or
+    with mixed dtypes, which it leaves to `@` to reject), the plain autograd loop.
+    """
     sizes = counts_e.tolist()
     _check_counts(sizes, x_ND.shape[0])
+    # As `@` would under autocast (swiglu_capacity comes here uncast); the node itself runs with autocast off.
+    x_ND, w1_eDF, w3_eDF, w2_eFD = _autocast_operands(x_ND, w1_eDF, w3_eDF, w2_eFD)
+    if torch.compiler.is_compiling() or not x_ND.dtype == w1_eDF.dtype == w2_eFD.dtype:
+        return _swiglu_split_loop_autograd(x_ND, sizes, w1_eDF, w3_eDF, w2_eFD)
+    return _SplitLoopSwiGLU.apply(x_ND, sizes, w1_eDF, w3_eDF, w2_eFD)
+
+
+def _swiglu_split_loop_autograd(
+    x_ND: torch.Tensor, sizes: list[int], w1_eDF: torch.Tensor, w3_eDF: torch.Tensor, w2_eFD: torch.Tensor
+) -> torch.Tensor:
     outputs = []
     # unbind, not w[i]: indexing differentiates into a zero-filled [e, ...] gradient per expert (e^2
     # weight-sized writes per projection), unbind into one stack of the e expert gradients.
@@ -375,6 +390,99 @@ def _swiglu_split_loop(
         h_nF = F.silu(x_nD @ w1_DF) * (x_nD @ w3_DF)
         outputs.append(h_nF @ w2_FD)
     return torch.cat(outputs)
+
+
+class _SplitLoopSwiGLU(torch.autograd.Function):
+    """y_ND = (silu(x W1) * (x W3)) W2 per expert's rows, without autograd's per-expert graph.
+
+    The forward writes each expert's output into one [N, D] tensor (no `torch.cat`) and keeps the two
+    pre-activations a = x W1, b = x W3 ([N, F] each); the backward recomputes silu(a) and h from them
+    and writes the input gradient and each expert's weight gradients into [N, D] and [e, ...] tensors
+    laid out like the weights (no `torch.stack` of per-expert gradients, and a contiguous slice per
+    expert where the weights are stacked views of the experts' own parameters).
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, sizes, w1_eDF, w3_eDF, w2_eFD):
+        num_rows, hidden = x_ND.shape[0], w1_eDF.shape[-1]
+        with torch.autocast(x_ND.device.type, enabled=False):
+            y_ND = x_ND.new_empty(num_rows, x_ND.shape[-1])
+            a_NF = x_ND.new_empty(num_rows, hidden)
+            b_NF = x_ND.new_empty(num_rows, hidden)
+            for i, (start, end) in enumerate(_bounds(sizes)):
+                if start == end:
+                    continue
+                x_nD, a_nF, b_nF = x_ND[start:end], a_NF[start:end], b_NF[start:end]
+                torch.mm(x_nD, w1_eDF[i], out=a_nF)
+                torch.mm(x_nD, w3_eDF[i], out=b_nF)
+                h_nF = F.silu(a_nF).mul_(b_nF)
+                torch.mm(h_nF, w2_eFD[i], out=y_ND[start:end])
+        ctx.sizes = sizes
+        ctx.save_for_backward(x_ND, w1_eDF, w3_eDF, w2_eFD, a_NF, b_NF)
+        return y_ND
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy_ND):
+        x_ND, w1_eDF, w3_eDF, w2_eFD, a_NF, b_NF = ctx.saved_tensors
+        need_x, _, need_w1, need_w3, need_w2 = ctx.needs_input_grad
+        need_h = need_x or need_w1 or need_w3
+        gx_ND = x_ND.new_empty(x_ND.shape) if need_x else None
+        gw1_eDF = _grad_like(w1_eDF) if need_w1 else None
+        gw3_eDF = _grad_like(w3_eDF) if need_w3 else None
+        gw2_eFD = _grad_like(w2_eFD) if need_w2 else None
+        with torch.autocast(x_ND.device.type, enabled=False):
+            for i, (start, end) in enumerate(_bounds(ctx.sizes)):
+                if start == end:
+                    for g_eIO in (gw1_eDF, gw3_eDF, gw2_eFD):
+                        if g_eIO is not None:
+                            g_eIO[i].zero_()
+                    continue
+                x_nD, a_nF, b_nF, gy_nD = x_ND[start:end], a_NF[start:end], b_NF[start:end], gy_ND[start:end]
+                s_nF = F.silu(a_nF)
+                if gw2_eFD is not None:
+                    _mm_into(torch.mul(s_nF, b_nF).t(), gy_nD, gw2_eFD[i])
+                if not need_h:
+                    continue
+                dh_nF = torch.mm(gy_nD, w2_eFD[i].t())
+                db_nF = s_nF.mul_(dh_nF)  # d/db of silu(a) * b
+                da_nF = torch.ops.aten.silu_backward(dh_nF.mul_(b_nF), a_nF)
+                if gw1_eDF is not None:
+                    _mm_into(x_nD.t(), da_nF, gw1_eDF[i])
+                if gw3_eDF is not None:
+                    _mm_into(x_nD.t(), db_nF, gw3_eDF[i])
+                if gx_ND is not None:
+                    gx_nD = gx_ND[start:end]
+                    torch.mm(da_nF, w1_eDF[i].t(), out=gx_nD)
+                    gx_nD.addmm_(db_nF, w3_eDF[i].t())
+        return gx_ND, None, gw1_eDF, gw3_eDF, gw2_eFD
+
+
+def _bounds(sizes: list[int]) -> list[tuple[int, int]]:
+    """(start, end) row range of every expert, from its row count."""
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def _grad_like(w_eIO: torch.Tensor) -> torch.Tensor:
+    """An uninitialised gradient for w_eIO, contiguous per expert in w_eIO's own orientation: column-major
+    [e, I, O] (the transposed view of stacked nn.Linear weights) where w_eIO is, so that each expert's
+    parameter receives a contiguous slice."""
+    num_experts, rows, cols = w_eIO.shape
+    if w_eIO.stride(-2) == 1 and w_eIO.stride(-1) != 1:
+        return w_eIO.new_empty(num_experts, cols, rows).transpose(1, 2)
+    return w_eIO.new_empty(num_experts, rows, cols)
+
+
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out = a @ b, where out is contiguous or the transpose of a contiguous matrix."""
+    if out.is_contiguous():
+        torch.mm(a, b, out=out)
+    else:
+        torch.mm(b.t(), a.t(), out=out.t())
 
 
 def _counts_tensor(counts_e: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:

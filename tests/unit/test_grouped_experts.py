@@ -422,3 +422,74 @@ def test_filled_slots_through_the_grouped_gemm_equal_every_slot_through_bmm(devi
     else:
         _assert_same(fast, ref, rtol=1e-5, atol=1e-5)
     assert not fast[0][~filled.reshape(-1)].any(), "empty slots must come back zero"
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-views", "stacked-copies"])
+@pytest.mark.parametrize("incoming", ["random", "sum"])
+def test_split_loop_node_equals_module_loop_fp64(packed, incoming):
+    """The loop's own autograd node (`_SplitLoopSwiGLU`: outputs and gradients written into
+    preallocated buffers) against the expert modules under plain autograd: output, input gradient
+    and every expert's weight gradients, with uneven counts and a zero-row expert, on weights
+    stacked as strided views of one buffer (as DeepSpeed lays them out) and as `torch.stack` copies."""
+    from moe.expert_storage import evenly_spaced, pack_expert_weights
+    from moe.grouped_experts import _SplitLoopSwiGLU
+
+    counts = [5, 0, 7, 3, 1]
+    torch.manual_seed(4)
+    experts = _experts(len(counts), torch.float64)
+    if packed:
+        pack_expert_weights(experts)
+        assert evenly_spaced([e.w1.weight for e in experts]) is not None
+    x = torch.randn(sum(counts), DIM, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(sum(counts), DIM, dtype=torch.float64) if incoming == "random" else None
+
+    def fast_fn(x):
+        y = swiglu_grouped(x, counts, *stack_expert_weights(experts), use_grouped_mm=False)
+        assert type(y.grad_fn).__name__ == f"{_SplitLoopSwiGLU.__name__}Backward"
+        return y
+
+    fast = _run(fast_fn, x, experts, grad)
+    ref = _run(lambda x: swiglu_loop(x, counts, experts), x, experts, grad)
+    _assert_same(fast, ref, rtol=1e-12, atol=1e-12)
+    for name in ("w1", "w3", "w2"):
+        assert torch.equal(fast[2][f"1.{name}.weight"], torch.zeros(getattr(experts[1], name).weight.shape, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("frozen", ["x", "experts"])
+def test_split_loop_node_gradients_of_only_what_requires_them(frozen):
+    """Only x, or only the experts, requiring gradients: the other side's gradients still equal the
+    module loop's."""
+    counts = [4, 0, 6]
+    experts = _experts(3, torch.float64)
+    x = torch.randn(10, DIM, dtype=torch.float64, requires_grad=frozen != "x")
+    for p in (p for e in experts for p in e.parameters()):
+        p.requires_grad_(frozen != "experts")
+    grad = torch.randn(10, DIM, dtype=torch.float64)
+    results = []
+    for fn in (lambda: swiglu_grouped(x, counts, *stack_expert_weights(experts), use_grouped_mm=False),
+               lambda: swiglu_loop(x, counts, experts)):
+        fn().backward(grad)
+        results.append((x.grad, [p.grad for e in experts for p in e.parameters()]))
+        _clear(x, experts)
+    (dx, dws), (dx_ref, dws_ref) = results
+    if frozen == "x":
+        assert dx is None and dx_ref is None
+        for got, want in zip(dws, dws_ref, strict=True):
+            torch.testing.assert_close(got if got is not None else torch.zeros_like(want), want, rtol=1e-12, atol=1e-12)
+    else:
+        assert all(g is None for g in dws)
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_split_loop_node_bf16_tracks_fp32():
+    """bf16 through the loop's node (fp32 accumulation inside each GEMM): within bf16 rounding of fp32."""
+    counts = [5, 0, 7, 3]
+    experts = _experts(4, torch.float32)
+    x = torch.randn(15, DIM, requires_grad=True)
+    grad = torch.randn(15, DIM)
+    ref = _run(lambda x: swiglu_loop(x, counts, experts), x, experts, grad)
+    experts = [e.to(torch.bfloat16) for e in experts]
+    x16 = x.detach().bfloat16().requires_grad_()
+    fast = _run(lambda x: swiglu_grouped(x, counts, *stack_expert_weights(experts), use_grouped_mm=False),
+                x16, experts, grad.bfloat16())
+    _assert_close_by_norm(fast, ref, 2e-2)
