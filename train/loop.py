@@ -237,12 +237,16 @@ class Trainer:
                 modes = "".join(f", {k[4:]} {v:.4f}" for k, v in evaluation.items() if k.startswith("val_loss_"))
                 progress.print(f"step {done}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.1f}{modes}")
             due = (run.trainer.checkpoint_every and done % run.trainer.checkpoint_every == 0) or done == run.trainer.max_steps
+            # Asked before the save: a periodic save at the step a job stops on is the one it ends on
+            # (trainer.portable_checkpoint=final writes the layout-free copy into it).
+            received = preemption.agreed() if preemption is not None and done < run.trainer.max_steps else None
             if due and not self.last_step_skipped:  # only after an applied update: `latest` is always a good state
                 checkpoint.save(self.engine, self.checkpoint_dir, done,
                                 {"step": done, "tokens": done * self.tokens_per_step,
                                  "initial_val_loss": initial_val_loss}, world.rank,
-                                self._portable(ends_run=done == run.trainer.max_steps), run.trainer.keep_checkpoints)
-            if preemption is not None and done < run.trainer.max_steps and (received := preemption.agreed()):
+                                self._portable(ends_run=done == run.trainer.max_steps or bool(received)),
+                                run.trainer.keep_checkpoints)
+            if received:
                 self._stop_for_preemption(received, done, bool(due), initial_val_loss, progress)
             if figures:
                 # The next window starts after this step's evaluation and checkpoint: tokens/s and

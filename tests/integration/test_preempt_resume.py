@@ -62,3 +62,26 @@ def test_signal_mid_run_checkpoints_then_auto_resume_continues_the_trajectory(co
     assert summary["steps"] == STEPS and summary["steps_this_session"] == STEPS - 3
     resumed = [r for r in _records(preempted) if r["event"] != "preempted"]
     assert resumed == _records(reference)
+
+
+@pytest.mark.slow
+def test_a_periodic_save_on_the_step_a_job_stops_carries_the_portable_copy(compose_run, tmp_path, monkeypatch):
+    """trainer.portable_checkpoint=final: when the stop signal arrives at a step that is also a
+    periodic save, that save is the one the job ends on, so it holds the layout-free copy."""
+    original_step = Trainer.train_step
+
+    def step_then_signal(self, step):
+        result = original_step(self, step)
+        if step == 1:  # the second step, whose periodic save (checkpoint_every=2) the job stops on
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return result
+
+    run_dir = tmp_path / "run"
+    overrides = [*_overrides(run_dir), "trainer.checkpoint_every=2", "trainer.portable_checkpoint=final", "trainer.eval_every=0"]
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    with pytest.raises(Preempted) as stop:
+        train(compose_run(overrides))
+    assert stop.value.step == 2
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
+    index = json.loads((run_dir / "checkpoints" / "step_00000002" / "portable" / "index.json").read_text())
+    assert index["tensors"] is True
