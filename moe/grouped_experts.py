@@ -82,6 +82,8 @@ def swiglu_capacity(
     num_experts, capacity, dim = x_eCD.shape
     if capacity_uses_loop(x_eCD):
         # Large groups on a CPU: the loop of plain matmuls beats the batched one too (see the constant).
+        # Cast as `torch.bmm` would under autocast; the loop's node runs with autocast off.
+        x_eCD, w1_eDF, w3_eDF, w2_eFD = _autocast_operands(x_eCD, w1_eDF, w3_eDF, w2_eFD)
         x_ND = x_eCD.reshape(num_experts * capacity, dim)
         counts_e = torch.full((num_experts,), capacity, dtype=torch.int64)
         return _swiglu_split_loop(x_ND, counts_e, w1_eDF, w3_eDF, w2_eFD).view(num_experts, capacity, dim)
@@ -364,7 +366,8 @@ def _autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def _swiglu_split_loop(
     x_ND: torch.Tensor, counts_e: torch.Tensor, w1_eDF: torch.Tensor, w3_eDF: torch.Tensor, w2_eFD: torch.Tensor
 ) -> torch.Tensor:
-    """The same math as the grouped path, one expert at a time (any dtype, any device).
+    """The same math as the grouped path, one expert at a time (any dtype, any device). The callers
+    have already cast the operands to the autocast dtype, where autocast is on.
 
     Eagerly, one autograd node (`_SplitLoopSwiGLU`) that writes every expert's output, input
     gradient and weight gradients straight into preallocated buffers; traced by torch.compile (or
@@ -372,8 +375,6 @@ def _swiglu_split_loop(
     """
     sizes = counts_e.tolist()
     _check_counts(sizes, x_ND.shape[0])
-    # As `@` would under autocast (swiglu_capacity comes here uncast); the node itself runs with autocast off.
-    x_ND, w1_eDF, w3_eDF, w2_eFD = _autocast_operands(x_ND, w1_eDF, w3_eDF, w2_eFD)
     if torch.compiler.is_compiling() or not x_ND.dtype == w1_eDF.dtype == w2_eFD.dtype:
         return _swiglu_split_loop_autograd(x_ND, sizes, w1_eDF, w3_eDF, w2_eFD)
     return _SplitLoopSwiGLU.apply(x_ND, sizes, w1_eDF, w3_eDF, w2_eFD)

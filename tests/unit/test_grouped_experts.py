@@ -14,6 +14,8 @@ import torch
 from moe import SwiGLUExpert
 from moe.experts import expert_generator
 from moe.grouped_experts import (
+    CPU_LOOP_ROWS_PER_EXPERT,
+    capacity_uses_loop,
     grouped_mm_available,
     stack_expert_weights,
     swiglu_capacity,
@@ -226,12 +228,21 @@ def test_bf16_backward_runs_on_the_grouped_path():
     assert x.grad is not None and all(e.w1.weight.grad is not None for e in experts if e is not experts[1])
 
 
-def test_autocast_runs_in_the_autocast_dtype():
-    counts = [3, 4]
+@pytest.mark.parametrize("path", ["grouped", "grouped-loop", "capacity-bmm", "capacity-loop"])
+def test_autocast_runs_in_the_autocast_dtype(path):
+    """fp32 operands under bf16 autocast run in bf16 on every path, as `@` would, including the
+    CPU loop that swiglu_capacity takes from CPU_LOOP_ROWS_PER_EXPERT rows per expert."""
+    rows = CPU_LOOP_ROWS_PER_EXPERT if path == "capacity-loop" else 3
+    counts = [rows, rows] if path.startswith("capacity") else [3, 4]
     experts = _experts(2, torch.float32)
-    x = torch.randn(7, DIM)
+    x = torch.randn(sum(counts), DIM)
+    weights = stack_expert_weights(experts)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        y = swiglu_grouped(x, counts, *stack_expert_weights(experts))
+        if path.startswith("capacity"):
+            assert capacity_uses_loop(x.view(2, rows, DIM)) == (path == "capacity-loop")
+            y = swiglu_capacity(x.view(2, rows, DIM), *weights).view(-1, DIM)
+        else:
+            y = swiglu_grouped(x, counts, *weights, use_grouped_mm=False if path == "grouped-loop" else None)
         y_ref = swiglu_loop(x, counts, experts)
     assert y.dtype == y_ref.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.05, atol=0.05)
