@@ -9,15 +9,19 @@ Method
   one step is `y = variant(x); y.backward(grad_TD)`. A fixed dense gradient rather than
   `y.sum()` keeps a loss kernel out of the timing and gives the backward realistic strides.
 - Gradients (parameters and x) are set to None before every step, outside the timed window.
-- `--warmup` untimed steps, then `--repeats` timed ones, each bracketed by
-  `torch.cuda.synchronize()` on GPU; the table shows the median and the minimum.
+- All variants of a shape are built side by side and warmed up (`--warmup` untimed steps each),
+  then timed in `--repeats` interleaved rounds: one step of every variant per round, the order
+  rotated each round, each step bracketed by `torch.cuda.synchronize()` on GPU. The table shows
+  the median and the minimum ms. Interleaving puts each variant's steps beside the baseline's in
+  time, so a slow drift of the machine (other load, clocks) reaches every variant alike.
 - Active FLOPs count only the expert GEMMs of the K experts each token visits: three D x F
   matmuls per (token, choice) at 2 FLOPs per multiply-add, so forward = 2*3*T*K*D*F and
   forward+backward = 3 x forward (the backward does an input-gradient and a weight-gradient
   GEMM per forward GEMM). The router (2*T*D*E), dispatch and the padding slots of capacity
   mode are not counted: work a variant wastes shows up as lower TFLOP/s.
-- "vs dense" = median ms / median ms of `dense`, a SwiGLU FFN of hidden K*F, which has exactly
-  the active FLOPs of top-K experts of hidden F: the price of sparsity at equal useful work.
+- "vs dense" = the median over rounds of (variant ms / `dense` ms in the same round), where `dense`
+  is a SwiGLU FFN of hidden K*F, which has exactly the active FLOPs of top-K experts of hidden F:
+  the price of sparsity at equal useful work. The JSON also keeps the ratio of the two medians.
   A compiled variant (`*+compile`, asked for by name) is compared with `dense+compile` when that ran:
   inductor fuses the dense FFN's SiLU x gate too. Warm-up steps absorb the compilation.
 - Peak memory is measured in a separate pass after all timings, one step per variant, as the
@@ -307,19 +311,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(step: Step, device: torch.device, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        step.reset()
-        step.run()
-    times_ms = []
-    for _ in range(repeats):
-        step.reset()
-        _sync(device)
-        start = time.perf_counter()
-        step.run()
-        _sync(device)
-        times_ms.append((time.perf_counter() - start) * 1e3)
-    return times_ms
+def time_once(step: Step, device: torch.device) -> float:
+    """One forward+backward in ms; the gradients it made are dropped afterwards, outside the window,
+    so that the variants waiting for their turn hold only their weights."""
+    step.reset()
+    _sync(device)
+    start = time.perf_counter()
+    step.run()
+    _sync(device)
+    elapsed_ms = (time.perf_counter() - start) * 1e3
+    step.reset()
+    return elapsed_ms
+
+
+def paired_ratio(times_ms: list[float], baseline_ms: list[float]) -> float | None:
+    """Median over rounds of (this variant's time / the baseline's time in the same round).
+
+    The rounds interleave the variants, so both times of a pair saw the same machine state; a drift
+    (another process, clocks, thermals) moves both and cancels in the ratio, where a ratio of two
+    medians taken minutes apart would carry it."""
+    if not times_ms or len(times_ms) != len(baseline_ms):
+        return None
+    return statistics.median(t / b for t, b in zip(times_ms, baseline_ms, strict=True))
 
 
 class PeakMemory:
@@ -405,25 +418,50 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line[:110]}"
 
 
-def run_all(shapes: list[Shape], variants: list[str], device: torch.device, warmup: int, repeats: int) -> list[Result]:
-    results = []
-    for s in shapes:
-        x_TD, grad_TD = _inputs(s, device)
-        print(f"[bench] {s.label} on {device.type}", file=sys.stderr)
-        for name in variants:
-            result = Result(s, name)
-            try:
-                step = BUILDERS[name](s, x_TD, grad_TD)
-                result.times_ms = time_step(step, device, warmup, repeats)
-                result.note = step.note()
-                del step
-            except Exception as exc:  # one failing variant (OOM, an upstream assert) must not end the run
-                result.error = _error_text(exc)
+def run_shape(s: Shape, variants: list[str], device: torch.device, warmup: int, repeats: int) -> list[Result]:
+    """Every variant of one shape, built side by side and timed in interleaved rounds.
+
+    Each variant is built and warmed up in turn; then every round times one step of each variant,
+    the order rotated by one per round so that no variant always runs first (or right after the same
+    neighbour). A variant that fails (to build, to warm up, or in a round: OOM, an upstream assert)
+    keeps its error and leaves the rounds; the others go on."""
+    x_TD, grad_TD = _inputs(s, device)
+    print(f"[bench] {s.label} on {device.type}: {len(variants)} variants, {repeats} interleaved rounds", file=sys.stderr)
+    results = [Result(s, name) for name in variants]
+    steps: dict[int, Step] = {}
+    for i, result in enumerate(results):
+        try:
+            step = BUILDERS[result.variant](s, x_TD, grad_TD)
+            for _ in range(warmup):
+                step.reset()
+                step.run()
+            step.reset()
+            steps[i] = step
+        except Exception as exc:  # one failing variant must not end the run
+            result.error = _error_text(exc)
             _release(device)
-            shown = f"{result.median_ms:.1f} ms" if result.error is None else result.error
-            print(f"[bench]   {name:<20} {shown}", file=sys.stderr)
-            results.append(result)
+    for round_index in range(repeats):
+        order = list(steps)
+        shift = round_index % max(len(order), 1)
+        for i in order[shift:] + order[:shift]:
+            try:
+                results[i].times_ms.append(time_once(steps[i], device))
+            except Exception as exc:
+                results[i].error, results[i].times_ms = _error_text(exc), []
+                del steps[i]
+                _release(device)
+    for i, step in steps.items():
+        results[i].note = step.note()
+    steps.clear()
+    _release(device)
+    for result in results:
+        shown = f"{result.median_ms:.1f} ms" if result.error is None else result.error
+        print(f"[bench]   {result.variant:<26} {shown}", file=sys.stderr)
     return results
+
+
+def run_all(shapes: list[Shape], variants: list[str], device: torch.device, warmup: int, repeats: int) -> list[Result]:
+    return [result for s in shapes for result in run_shape(s, variants, device, warmup, repeats)]
 
 
 def measure_memory(results: list[Result], device: torch.device) -> str:
@@ -489,15 +527,21 @@ def _memory_pass_child(args: argparse.Namespace, device: torch.device) -> int:
     return 0
 
 
-def _baseline_ms(results: list[Result], r: Result) -> float | None:
+def _baseline(results: list[Result], r: Result) -> Result | None:
     """The "vs dense" baseline of a row: the compiled dense FFN for a compiled variant when it ran,
     else the eager one."""
     wanted = ("dense+compile", "dense") if r.variant.endswith("+compile") else ("dense",)
     for name in wanted:
-        found = next((d.median_ms for d in results if d.shape == r.shape and d.variant == name and d.error is None), None)
+        found = next((d for d in results if d.shape == r.shape and d.variant == name and d.error is None and d.times_ms), None)
         if found:
             return found
     return None
+
+
+def vs_dense(results: list[Result], r: Result) -> float | None:
+    """Paired ratio to the row's baseline (`paired_ratio`); None without one."""
+    base = _baseline(results, r)
+    return paired_ratio(r.times_ms, base.times_ms) if base is not None and r.error is None else None
 
 
 def format_table(results: list[Result]) -> str:
@@ -511,8 +555,8 @@ def format_table(results: list[Result]) -> str:
             if r.error is not None:
                 lines.append(f"| {r.variant} | - | - | - | - | - | {r.error} |")
                 continue
-            dense = _baseline_ms(results, r)
-            ratio = f"{r.median_ms / dense:.2f}" if dense else "n/a"
+            ratio = vs_dense(results, r)
+            ratio = f"{ratio:.2f}" if ratio is not None else "n/a"
             peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "n/a"
             note = r.note if r.memory_error is None else f"{r.note}; memory pass: {r.memory_error}"
             lines.append(
@@ -539,12 +583,13 @@ def _load_1min() -> float | None:
 def to_json(results: list[Result], meta: dict) -> dict:
     rows = []
     for r in results:
-        dense = _baseline_ms(results, r)
+        base = _baseline(results, r)
         rows.append({
             "tokens": r.shape.tokens, "dim": r.shape.dim, "hidden": r.shape.hidden, "experts": r.shape.experts,
             "top_k": r.shape.top_k, "dtype": str(r.shape.dtype).removeprefix("torch."), "variant": r.variant,
             "ms_median": r.median_ms, "ms_min": min(r.times_ms) if r.times_ms else None, "ms_all": r.times_ms,
-            "active_tflops": r.tflops, "vs_dense": (r.median_ms / dense) if (dense and r.median_ms) else None,
+            "active_tflops": r.tflops, "vs_dense": vs_dense(results, r),
+            "vs_dense_of_medians": (r.median_ms / base.median_ms) if (base and r.median_ms) else None,
             "peak_mib": r.peak_mib, "memory_error": r.memory_error, "note": r.note, "error": r.error,
         })  # fmt: skip
     return {"meta": meta, "results": rows}
@@ -554,7 +599,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.moe_layer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", choices=sorted(SHAPES), default=None, help="default: cpu on CPU, gpu on CUDA")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 5 on CPU, 30 on CUDA)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed rounds, one step of each variant per round (default 5 on CPU, 30 on CUDA)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 on CPU, 5 on CUDA)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (CPU runs only)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
