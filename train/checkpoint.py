@@ -78,16 +78,16 @@ def prune(checkpoint_dir: Path, keep: int) -> list[Path]:
     latest = latest_tag(checkpoint_dir)
     if keep < 1 or latest is None:
         return []
-    newest = _step_of(latest)
+    newest = step_of(latest)
     tags = sorted((step, path) for path in checkpoint_dir.glob("step_*")
-                  if (step := _step_of(path.name)) is not None and step <= newest and path.is_dir())
+                  if (step := step_of(path.name)) is not None and step <= newest and path.is_dir())
     doomed = [path for _, path in tags[:-keep]]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
 
 
-def _step_of(tag: str) -> int | None:
+def step_of(tag: str) -> int | None:
     digits = tag.removeprefix("step_")
     return int(digits) if tag.startswith("step_") and digits.isdigit() else None
 

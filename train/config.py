@@ -26,6 +26,8 @@ class DataConfig:
 
     files: list[str] = field(default_factory=list)
     """The user's .txt / .jsonl files; empty = the embedded corpus (Python's own documentation)."""
+    require_files: bool = False
+    """Set by `data=files`: an empty `files` is then an error, not a quiet switch to the embedded corpus."""
     text_field: str = "text"
     """Field holding the text in .jsonl files."""
     vocab_size: int = 4096
@@ -36,6 +38,8 @@ class DataConfig:
     """Prepared datasets live in cache_dir/<fingerprint>, so a second run skips preparation."""
 
     def __post_init__(self) -> None:
+        if self.require_files and not self.files:
+            raise ValueError("data.files: data=files needs the files to train on, e.g. data.files='[a.txt,b.jsonl]'")
         if self.vocab_size < 300:
             raise ValueError(f"data.vocab_size must be >= 300 (256 bytes + merges), got {self.vocab_size}")
         if not 0.0 < self.val_fraction < 0.5:

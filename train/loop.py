@@ -33,6 +33,7 @@ from train.model import GPT, expert_choice_layers, padded_vocab_size
 from train.nonfinite import NonFiniteLossStop, NonFiniteStreak, discard_routing_statistics, poison_if_nonfinite
 from train.preemption import PREEMPTED_EXIT_STATUS, Preempted, PreemptionWatch
 from train.routing_modes import RoutingMode, routing, thresholds_ready
+from train.settings_diff import SHAPE_SECTIONS, changed_settings, describe, saved_settings
 
 
 def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
@@ -66,7 +67,13 @@ def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
             world = init_world(run.trainer.device, run.model.tensor_parallel)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        return build_trainer(run, world, lambda: _resolve_run_dir(run, world)).fit(preemption)
+        try:
+            trainer = build_trainer(run, world, lambda: _resolve_run_dir(run, world))
+        except RunComplete as complete:
+            if world.is_main:
+                print(f"resume      {complete}", flush=True)
+            return {"run_dir": str(complete.run_dir), "already_complete": True, "checkpoint": complete.tag}
+        return trainer.fit(preemption)
 
 
 def build_trainer(run: RunConfig, world: World, run_dir: Callable[[], Path]) -> Trainer:
@@ -133,7 +140,7 @@ def _prepared_data(run: RunConfig, world: World) -> Path:
 
 def _resolve_run_dir(run: RunConfig, world: World) -> Path:
     """The run directory, agreed by all ranks (rank 0 decides: timestamps differ between processes)."""
-    decided: list[Any] = [None, None]
+    decided: list[Any] = [None, None, None]
     if world.is_main:
         if run.trainer.run_dir:
             path = Path(run.trainer.run_dir)
@@ -147,10 +154,37 @@ def _resolve_run_dir(run: RunConfig, world: World) -> Path:
         else:
             path = Path("runs", run.name, datetime.now().strftime("%Y%m%d-%H%M%S"))
         decided[0] = str(path)
+        if run.trainer.resume and decided[1] is None:
+            decided[1:] = _resume_problem(path, run.trainer.max_steps)
     dist.broadcast_object_list(decided, src=0)
     if decided[1] is not None:
         raise ConfigError(decided[1])
+    if decided[2] is not None:
+        raise RunComplete(Path(decided[0]), decided[2])
     return Path(decided[0])
+
+
+class RunComplete(Exception):
+    """The run to resume has already trained trainer.max_steps steps: nothing to do (exit status 0,
+    so a requeued job that finished meanwhile ends quietly)."""
+
+    def __init__(self, run_dir: Path, tag: str) -> None:
+        super().__init__(f"{run_dir}: already trained to its trainer.max_steps (checkpoint {tag}); nothing to do "
+                         "(raise trainer.max_steps to train on)")
+        self.run_dir, self.tag = run_dir, tag
+
+
+def _resume_problem(path: Path, max_steps: int) -> list[str | None]:
+    """[error, complete tag] for resuming the run in `path` to max_steps: a checkpoint past
+    max_steps cannot be trained back to it; one at max_steps needs no training."""
+    tag = checkpoint.latest_tag(path / "checkpoints")
+    step = checkpoint.step_of(tag) if tag is not None else None
+    if step is None or step < max_steps:
+        return [None, None]
+    if step > max_steps:
+        return [f"trainer.max_steps={max_steps} is below the step of the checkpoint to resume ({path / 'checkpoints' / tag}, "
+                f"step {step}): a run does not train backwards; set trainer.max_steps >= {step}", None]
+    return [None, tag]
 
 
 class Trainer:
@@ -185,13 +219,23 @@ class Trainer:
         with a checkpoint (train/preemption.py)."""
         run, world = self.run, self.world
         start_step, initial_val_loss = 0, None
-        if world.is_main:
+        settings = OmegaConf.to_container(OmegaConf.structured(run))
+        if world.is_main and not run.trainer.resume:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(run)), encoding="utf-8")
+            write_text_atomically(self.run_dir / "config.yaml", OmegaConf.to_yaml(settings))
         dist.barrier()
         if run.trainer.resume:
-            state = checkpoint.load(self.engine, self.checkpoint_dir, world.rank)
+            # config.yaml is replaced only once the checkpoint has loaded: a resume that fails must
+            # leave the run as eval, generate and export read it.
+            changes = changed_settings(saved_settings(self.run_dir), settings)
+            state = self._load_checkpoint(changes)
+            if world.is_main:
+                if changes:
+                    print(f"resume      settings changed since the last save: {describe(changes)}", flush=True)
+                write_text_atomically(self.run_dir / "config.yaml", OmegaConf.to_yaml(settings))
             start_step, initial_val_loss = state["step"], state.get("initial_val_loss")
+            # (Absent from checkpoints written before the counts were saved: then they start here.)
+            self.expert_counts.restore(state.get("expert_counts"))
             self.metrics.truncate_after(start_step)
         elif run.trainer.auto_resume:
             self.metrics.truncate_after(-1)  # killed before its first checkpoint: start the record over
@@ -241,9 +285,7 @@ class Trainer:
             # (trainer.portable_checkpoint=final writes the layout-free copy into it).
             received = preemption.agreed() if preemption is not None and done < run.trainer.max_steps else None
             if due and not self.last_step_skipped:  # only after an applied update: `latest` is always a good state
-                checkpoint.save(self.engine, self.checkpoint_dir, done,
-                                {"step": done, "tokens": done * self.tokens_per_step,
-                                 "initial_val_loss": initial_val_loss}, world.rank,
+                checkpoint.save(self.engine, self.checkpoint_dir, done, self._client_state(done, initial_val_loss), world.rank,
                                 self._portable(ends_run=done == run.trainer.max_steps or bool(received)),
                                 run.trainer.keep_checkpoints)
             if received:
@@ -257,17 +299,37 @@ class Trainer:
         wall = time.perf_counter() - started
         return self._finish(start_step, train_loss, val_loss, initial_val_loss, wall, final_evaluation)
 
+    def _load_checkpoint(self, changes: list[tuple[str, Any, Any]]) -> dict[str, Any]:
+        """checkpoint.load, with a checkpoint that does not fit this model (a changed width, expert
+        count, vocabulary) reported in one line that names what changed."""
+        try:
+            return checkpoint.load(self.engine, self.checkpoint_dir, self.world.rank)
+        except (RuntimeError, FileNotFoundError, KeyError) as error:
+            shape_changes = [change for change in changes if change[0].startswith(SHAPE_SECTIONS)]
+            text = str(error)
+            mismatch = next((line.strip().rstrip(".") for line in text.splitlines() if "size mismatch for" in line), None)
+            if mismatch is None and not shape_changes and "Error(s) in loading state_dict" not in text:
+                raise
+            detail = mismatch or (text.strip().splitlines() or [type(error).__name__])[0]
+            changed = f"; changed since it was saved: {describe(shape_changes)}" if shape_changes else ""
+            raise ConfigError(f"trainer.resume: the checkpoint in {self.checkpoint_dir} does not fit the model this config "
+                              f"builds ({detail}){changed}; resume with the settings in {self.run_dir / 'config.yaml'}") from None
+
     def _portable(self, ends_run: bool) -> bool:
         """Whether this save writes the layout-free optimizer copy (trainer.portable_checkpoint)."""
         policy = self.run.trainer.portable_checkpoint
         return policy == "always" or (policy == "final" and ends_run)
 
+    def _client_state(self, done: int, initial_val_loss: float) -> dict[str, Any]:
+        """What a checkpoint carries besides the engine's state. Collective (the expert counts)."""
+        return {"step": done, "tokens": done * self.tokens_per_step, "initial_val_loss": initial_val_loss,
+                "expert_counts": self.expert_counts.through_now()}
+
     def _stop_for_preemption(self, received: str, done: int, saved: bool, initial_val_loss: float, progress) -> None:
         """Checkpoint this step (unless the loop just did, or the step was skipped and `latest` is
         the last good state), record the stop in metrics.jsonl, and leave with Preempted."""
         if not saved and not self.last_step_skipped:
-            checkpoint.save(self.engine, self.checkpoint_dir, done,
-                            {"step": done, "tokens": done * self.tokens_per_step, "initial_val_loss": initial_val_loss},
+            checkpoint.save(self.engine, self.checkpoint_dir, done, self._client_state(done, initial_val_loss),
                             self.world.rank, self._portable(ends_run=True), self.run.trainer.keep_checkpoints)
         self._log({"event": "preempted", "step": done, "tokens": done * self.tokens_per_step, "signal": received,
                    "checkpoint": checkpoint.latest_tag(self.checkpoint_dir)})

@@ -57,6 +57,24 @@ class ExpertCounts:
         return figures_per_layer(rows)
 
 
+    def through_now(self) -> list[list[float]] | None:
+        """The run's counts so far, summed over ranks, for a checkpoint: the total plus the window
+        not yet logged (whose steps a resumed run does not train again). Collective, like
+        `reduce_window`; leaves the window and the total as they are."""
+        if self.window is None:
+            return None if self.total is None else self.total.tolist()
+        rows = self.window.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(rows, group=self.group)
+        rows = rows.cpu()
+        return (rows if self.total is None else self.total + rows).tolist()
+
+    def restore(self, rows: list[list[float]] | None) -> None:
+        """Continue a resumed run's whole-run counts from what `through_now` saved."""
+        self.window = None
+        self.total = None if rows is None else torch.tensor(rows, dtype=torch.float64)
+
+
 def figures_per_layer(rows: torch.Tensor) -> dict[str, Any]:
     num_experts = (rows.shape[1] - 3) // 3
     figures = {}

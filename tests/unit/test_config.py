@@ -103,6 +103,8 @@ def _run_cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.Complete
         (["moe.top_k=9"], {}, "moe.top_k"),
         (["moe.num_experts=8", "moe.ep_size=2"], {"WORLD_SIZE": "3"}, "moe.ep_size=2 must divide the world size 3"),
         (["data=files", "data.files=[missing.txt]"], {}, "data.files: 'missing.txt'"),
+        # Without data.files, not a quiet fall-back to the embedded corpus.
+        (["data=files"], {}, "data.files: data=files needs the files to train on"),
         # Rejected by Hydra while composing: reported the same way, not as Hydra's several lines.
         (["trainer.compile=maybe"], {}, "trainer.compile: Value 'maybe' is not a valid bool"),
         (["model.hiden_size=3"], {}, "model.hiden_size: Key 'hiden_size' not in 'ModelConfig'"),
