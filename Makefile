@@ -12,7 +12,7 @@ HAS_GPU   := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 .PHONY: help install train test test-fast lint prepare bench bench-routing bench-gpu clean eval generate export consolidate docker lint-docker test-slurm
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 install: $(STAMP)  ## create .venv and install the project (CPU or CUDA torch)
 

@@ -31,9 +31,12 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from bench.output import json_destination
 from train.cli import CONF_DIR, override_problem
+from train.commands import non_negative_int, positive_int
 from train.config import to_run_config
 from train.distributed import init_world, resolve_device
+from train.durable import write_text_atomically
 from train.flops import peak_tflops
 from train.loop import build_trainer
 
@@ -85,9 +88,9 @@ VARIANTS = ("ours", "deepspeed", "ours+compile", "deepspeed+compile")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--steps", type=positive_int, default=20, help="timed steps (default 20)")
+    parser.add_argument("--warmup", type=non_negative_int, default=5, help="untimed steps first (default 5)")
+    parser.add_argument("--json", type=Path, default=None, help="default: runs/bench/end_to_end-<time>.json")
     parser.add_argument("--compile", action="store_true",
                         help="also run both with trainer.compile=true (warm-up steps absorb the compilation)")
     parser.add_argument("--variants", default=None,
@@ -97,6 +100,11 @@ def main() -> None:
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         print(f"error: --variants: unknown {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        json_path = json_destination(args.json, "end_to_end")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     problem = override_problem(overrides)
     if problem is not None:
@@ -128,8 +136,8 @@ def main() -> None:
         print(f"MFU against {first['peak_tflops']:.3g} TFLOP/s ({first['peak_source']}), "
               f"{first['flops_per_token'] / 1e9:.3f} GFLOP per token, {first['active_params'] / 1e6:.1f}M active parameters "
               f"of {first['total_params'] / 1e6:.1f}M, {first['tokens_per_step']} tokens per optimizer step")
-    if args.json:
-        args.json.write_text(json.dumps({"overrides": overrides, "results": results}, indent=2))
+    write_text_atomically(json_path, json.dumps({"overrides": overrides, "results": results}, indent=2) + "\n")
+    print(f"json: {json_path}", file=sys.stderr)
     if len(measured) < len(results):
         sys.exit(1)
 

@@ -54,6 +54,9 @@ from pathlib import Path
 
 import torch
 
+from bench.output import json_destination
+from train.durable import write_text_atomically
+
 CAPACITY_FACTOR = 1.25
 VARIANTS = (
     "dense", "deepspeed", "ours-capacity", "ours-dropless", "ours-expert-choice", "grouped-floor", "grouped-floor+stack",
@@ -625,6 +628,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [v for v in args.variants if v not in VARIANTS + COMPILED_VARIANTS]
     if unknown or not args.variants:
         parser.error(f"--variants must name some of {', '.join(VARIANTS + COMPILED_VARIANTS)}, got {unknown or 'none'}")
+    if args.memory_pass is None:
+        try:
+            args.json = json_destination(args.json, f"moe_layer-{args.device}-{args.shapes}")
+        except ValueError as error:
+            parser.error(str(error))
     return args
 
 
@@ -677,9 +685,8 @@ def main(argv: list[str] | None = None) -> int:
         "host_allocator": host_memory,
         "host_load_1min": {"start": load_start, "end": _load_1min()},
     }
-    path = args.json or Path("runs/bench") / f"moe_layer-{device.type}-{args.shapes}-{started:%Y%m%d-%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_json(results, meta), indent=1) + "\n")
+    path = args.json
+    write_text_atomically(path, json.dumps(to_json(results, meta), indent=1) + "\n")
     print(f"\n{meta['device']}, torch {meta['torch']}, deepspeed {meta['deepspeed']}; peak memory: {memory_method}")
     print(f"host malloc {host_memory}")
     print(f"host load   1-min average {load_start} at start, {meta['host_load_1min']['end']} at end")

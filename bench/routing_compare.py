@@ -21,6 +21,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.output import json_destination
+from train.commands import positive_int
+from train.durable import write_text_atomically
+
 VARIANTS: dict[str, list[str]] = {
     "top-1 (Switch)": ["moe=top1"],
     "top-2": ["moe=top2"],
@@ -30,6 +34,22 @@ VARIANTS: dict[str, list[str]] = {
     "expert choice c=2": ["moe=expert_choice"],
     "dense, equal active compute": ["moe=dense", "model.ffn_hidden=1024"],
 }
+# What --only takes (the table's names work too, but need quoting).
+SHORT_NAMES: dict[str, str] = dict(zip(
+    ["top1", "top2", "top2-global", "top2-dropless", "top2-auxfree", "expert-choice", "dense"], VARIANTS))
+
+
+def chosen_variants(only: list[str] | None) -> list[str]:
+    """The table names of the variants to run, in table order; ValueError naming an unknown one."""
+    if not only:
+        return list(VARIANTS)
+    # A table name may itself hold a comma, so an item is split only when it is not one.
+    names = [part.strip() for item in only for part in ([item] if item in VARIANTS else item.split(","))]
+    wanted = {SHORT_NAMES.get(name, name) for name in names if name}
+    unknown = sorted(wanted - set(VARIANTS))
+    if unknown or not wanted:
+        raise ValueError(f"--only: unknown {', '.join(unknown) or 'nothing given'}; expected some of {', '.join(SHORT_NAMES)}")
+    return [name for name in VARIANTS if name in wanted]
 
 
 def run_variant(name: str, overrides: list[str], steps: int, extra: list[str], workdir: Path) -> dict:
@@ -85,20 +105,24 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--only", action="append", default=None, help="run only these variants (repeatable)")
+    parser.add_argument("--steps", type=positive_int, default=150)
+    parser.add_argument("--json", type=Path, default=None, help="default: runs/bench/routing_compare-<time>.json")
+    parser.add_argument("--only", action="append", default=None,
+                        help=f"run only these variants (comma-separated or repeated): {', '.join(SHORT_NAMES)}")
     args, extra = parser.parse_known_args()
+    try:
+        names = chosen_variants(args.only)
+        json_path = json_destination(args.json, "routing_compare")
+    except ValueError as error:
+        parser.error(str(error))
     rows = []
     with tempfile.TemporaryDirectory(prefix="routing-compare-") as tmp:
-        for name, overrides in VARIANTS.items():
-            if args.only and name not in args.only:
-                continue
-            rows.append(row(name, run_variant(name, overrides, args.steps, extra, Path(tmp))))
+        for name in names:
+            rows.append(row(name, run_variant(name, VARIANTS[name], args.steps, extra, Path(tmp))))
     table = markdown(rows)
     print(table)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    write_text_atomically(json_path, json.dumps(rows, indent=2) + "\n")
+    print(f"json: {json_path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

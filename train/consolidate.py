@@ -28,14 +28,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from train.commands import ArgumentParser, quiet_deepspeed, run_command
-from train.durable import replace_durably, write_text_atomically
+from train.durable import replace_durably, save_safetensors, write_text_atomically
 
 
 def consolidate(source: str | Path | None, out: Path, with_tokenizer: bool = True) -> dict:
     """Write `out` (+ .json, + .tokenizer.json when available); returns the header. The tokenizer is
     the run's prepared dataset's (prepared again if it is not in the cache)."""
-    from safetensors.torch import save_file
-
     from train.config import ConfigError
     from train.load import header_for, load_model, resolve_checkpoint
 
@@ -59,7 +57,7 @@ def consolidate(source: str | Path | None, out: Path, with_tokenizer: bool = Tru
     # Written beside and renamed into place: an interrupted run never leaves a truncated file under
     # the name eval and generate would load.
     partial = out.with_name(out.name + ".partial")
-    save_file(state, str(partial), metadata={"moe_gpt": json.dumps(header)})
+    save_safetensors(state, partial, metadata={"moe_gpt": json.dumps(header)})
     replace_durably(partial, out)
     write_text_atomically(out.with_suffix(".json"), json.dumps(header, indent=2) + "\n")
     if tokenizer is not None and tokenizer.is_file():

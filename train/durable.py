@@ -30,6 +30,17 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, but the file gets the mode any new file gets (0666 less the umask):
+    save_file creates it 0600, so a shared checkpoint or export would be readable by its owner only."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def replace_durably(written: Path, path: Path) -> None:
     """Move the complete file `written` to `path` (atomically, replacing what is there) and make
     both its data and the rename survive a crash."""

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from train.commands import ArgumentParser, positive_float, positive_int, quiet_deepspeed, run_command
+from train.commands import ArgumentParser, inference_device, positive_float, positive_int, quiet_deepspeed, run_command
 
 
 @torch.no_grad()
@@ -122,7 +122,7 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.add_argument("--windows", type=positive_int, help="validation windows (default: what training validates on)")
     parser.add_argument("--all-windows", action="store_true", help="the whole validation split")
     parser.add_argument("--json", type=Path, help="write the results here (default: <run dir>/eval.json)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=inference_device, default="cpu", help="cpu (default), cuda or cuda:N")
     args = parser.parse_args(argv)
     try:
         batch_sizes = _parse_list(args.batch_sizes, int, "--batch-sizes") if args.batch_sizes else None

@@ -3,7 +3,8 @@
     moe-export [CHECKPOINT] --out DIR
 
 Writes DIR/config.json, DIR/model.safetensors (fp32) and the tokenizer (tokenizer.json +
-tokenizer_config.json), which `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and
+tokenizer_config.json, and generation_config.json, which stops at end-of-text and suppresses the
+padded vocabulary ids), which `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)` load offline. Weights use the Hub's Mixtral names
 (`block_sparse_moe.experts.{e}.w1/w2/w3`), which transformers 4.x loads as they are and 5.x
 converts on load into its fused expert tensors.
@@ -47,10 +48,11 @@ import torch
 
 from train.commands import ArgumentParser, quiet_deepspeed, run_command
 from train.config import ConfigError
-from train.durable import fsync_path
+from train.durable import fsync_path, save_safetensors
 
 # Every file an export may write: an existing --out holding only these is a previous export.
-EXPORT_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"})
+EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                          "tokenizer_config.json"})
 STAGING_DIR = ".moe-export.partial"
 """Inside an output directory that must stay in place (see `_must_stay_in_place`): where files are written first."""
 
@@ -222,11 +224,10 @@ def _check_replaceable(out: Path) -> None:
 
 def _write_checkpoint(model: torch.nn.Module, out: Path, eot_id: int | None, tokenizer) -> None:
     """The checkpoint's files, in the (empty) directory `out`."""
-    from safetensors.torch import save_file
 
     from train.data import EOT
 
-    save_file(mixtral_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(mixtral_state_dict(model), out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(mixtral_config(model, eot_id), indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save(str(out / "tokenizer.json"))
@@ -238,6 +239,18 @@ def _write_checkpoint(model: torch.nn.Module, out: Path, eot_id: int | None, tok
             "clean_up_tokenization_spaces": False,
         }
         (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
+        (out / "generation_config.json").write_text(
+            json.dumps(generation_config(model, eot_id, tokenizer.get_vocab_size()), indent=2) + "\n", encoding="utf-8")
+
+
+def generation_config(model: torch.nn.Module, eot_id: int | None, tokenizer_vocab: int) -> dict:
+    """transformers' generation defaults for the export: stop at end-of-text, and never produce the
+    padded vocabulary rows (ids the tokenizer cannot decode), as moe-generate never does."""
+    return {
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "suppress_tokens": list(range(tokenizer_vocab, int(model.embed.weight.shape[0]))),
+    }
 
 
 def _move_into_place(partial: Path, out: Path) -> None:

@@ -17,13 +17,14 @@ and re-encoded, so the cost per token stays bounded.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 
-from train.commands import ArgumentParser, positive_int, quiet_deepspeed, run_command
+from train.commands import ArgumentParser, inference_device, positive_int, quiet_deepspeed, run_command
 from train.sampling import SamplingConfig, next_token
 
 
@@ -124,7 +125,7 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.add_argument("--top-p", type=float, default=None, help="nucleus: the most likely tokens up to mass p, in (0, 1]")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same text")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole context at every token (slow)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--device", type=inference_device, default="cpu", help="cpu (default), cuda or cuda:N")
     args = parser.parse_args(argv)
     try:
         sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -136,6 +137,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
     loaded = load_model(args.checkpoint, args.device)
     tokenizer, eot = loaded.tokenizer()
+    # The output layer has rows past the tokenizer's vocabulary (padding); they must never be sampled.
+    sampling = dataclasses.replace(sampling, vocab_size=tokenizer.get_vocab_size())
     mode = generation_mode(loaded.model)
     print(f"model       {loaded.source} (step {loaded.step}), routing: {mode.name}, "
           f"{'greedy' if sampling.greedy else f'temperature {sampling.temperature}'}"

@@ -22,6 +22,9 @@ class SamplingConfig:
     """Keep the k highest logits (exactly k, ties broken by lower token id); None = all."""
     top_p: float | None = None
     """Keep the smallest set of most probable tokens whose probability reaches p, in (0, 1]; None = all."""
+    vocab_size: int | None = None
+    """The tokenizer's vocabulary size. The model's output layer is padded past it (to a multiple of
+    64, for the GEMMs); ids at or above it decode to nothing, so they are never chosen. None = all."""
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -30,6 +33,9 @@ class SamplingConfig:
             raise ValueError(f"top_k must be a positive integer or unset, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.vocab_size is not None and (isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int)
+                                            or self.vocab_size < 1):
+            raise ValueError(f"vocab_size must be a positive integer or unset, got {self.vocab_size!r}")
 
     @property
     def greedy(self) -> bool:
@@ -62,11 +68,20 @@ def top_p_filter(logits_BV: torch.Tensor, p: float) -> torch.Tensor:
     return logits_BV.masked_fill(~kept_BV, float("-inf"))
 
 
+def without_padding(logits_BV: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """Logits with the padded ids (>= vocab_size, rows of the output layer no token maps to) at -inf."""
+    if vocab_size is None or vocab_size >= logits_BV.shape[-1]:
+        return logits_BV
+    return logits_BV.index_fill(-1, torch.arange(vocab_size, logits_BV.shape[-1], device=logits_BV.device), float("-inf"))
+
+
 def filtered_logits(logits_BV: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     """Temperature-scaled, top-k and top-p filtered logits (fp32) that sampling draws from."""
-    logits_BV = logits_BV.float()
+    logits_BV = without_padding(logits_BV.float(), config.vocab_size)
     if not config.greedy:
-        logits_BV = logits_BV / config.temperature
+        # Shift the row maximum to 0 first: a tiny temperature would otherwise overflow every
+        # logit to +-inf, and inf - inf in the softmax gives NaN. The shift leaves the softmax as it is.
+        logits_BV = (logits_BV - logits_BV.amax(dim=-1, keepdim=True)) / config.temperature
     if config.top_k is not None:
         logits_BV = top_k_filter(logits_BV, config.top_k)
     if config.top_p is not None:
@@ -78,6 +93,6 @@ def next_token(logits_BV: torch.Tensor, config: SamplingConfig, generator: torch
     """One token id per row ([B] int64). Greedy takes the argmax (lowest id on ties); otherwise a draw
     from the softmax of the filtered logits with `generator`, so a seed reproduces the text."""
     if config.greedy:
-        return logits_BV.argmax(dim=-1)
+        return without_padding(logits_BV, config.vocab_size).argmax(dim=-1)
     probs_BV = torch.softmax(filtered_logits(logits_BV, config), dim=-1)
     return torch.multinomial(probs_BV.cpu(), 1, generator=generator).squeeze(-1).to(logits_BV.device)

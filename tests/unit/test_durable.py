@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
+import torch
 
-from train.durable import fsync_path, replace_durably, write_text_atomically
+from train.durable import fsync_path, replace_durably, save_safetensors, write_text_atomically
 
 
 def test_write_text_atomically_replaces_the_content_and_leaves_no_temporary(tmp_path):
@@ -45,3 +47,18 @@ def test_fsync_path_flushes_files_and_directories_and_raises_for_a_missing_file(
     fsync_path(tmp_path)
     with pytest.raises(FileNotFoundError):
         fsync_path(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_save_safetensors_gives_the_file_the_usual_mode(tmp_path, umask):
+    # safetensors alone creates 0600: an export shared with a team would be unreadable to it.
+    previous = os.umask(umask)
+    try:
+        save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors", metadata={"k": "v"})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o666 & ~umask
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+        assert f.metadata() == {"k": "v"} and torch.equal(f.get_tensor("w"), torch.zeros(2))

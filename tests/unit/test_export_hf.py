@@ -71,6 +71,15 @@ def test_transformers_loads_the_export_and_logits_equal_ours(tmp_path, monkeypat
     # fp32, different attention kernels and summation orders: agreement to 1e-5 on logits of size ~1.
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
+    # generation_config.json: the padded rows (ids the tokenizer has no token for) are never generated.
+    vocab = tokenizer.get_vocab_size()
+    assert vocab < ours.shape[-1]
+    generated = hf.generate(tokens[:1, :4], max_new_tokens=3, do_sample=False, output_scores=True,
+                            return_dict_in_generate=True)
+    assert all(torch.isneginf(scores[:, vocab:]).all() and torch.isfinite(scores[:, :vocab]).any()
+               for scores in generated.scores)
+    assert generated.sequences[0, 4:].max() < vocab
+
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "def add(a, b):  # Ünïcode"
     assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text).ids

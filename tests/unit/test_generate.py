@@ -188,13 +188,29 @@ def test_text_stream_decodes_only_the_pending_ids(tokenizer):
     assert sum(decoded) <= 4 * len(ids)
 
 
+_NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+# Mistakes both inference commands can meet, then the sampling options only moe-generate has.
+_EITHER_COMMAND = [pytest.param(["/nonexistent/run"], "no such checkpoint"),
+                   pytest.param(["x", "--device", "gpu"], "expected cpu, cuda or cuda:N"),
+                   pytest.param(["x", "--device", "mps"], "expected cpu, cuda or cuda:N"),
+                   pytest.param(["x", "--device", "cuda"], "no CUDA device is available", marks=_NO_CUDA)]
+_GENERATE_ONLY = [pytest.param(["x", "--top-p", "1.5"], "top_p must be in"),
+                  pytest.param(["x", "--top-k", "0"], "positive integer"),
+                  pytest.param(["x", "--temperature", "-1"], "temperature must be")]
+
+
+def _cases(command, cases):
+    return [pytest.param(command, *case.values, marks=case.marks) for case in cases]
+
+
 @pytest.mark.parametrize(
-    "argv, message",
-    [(["/nonexistent/run"], "no such checkpoint"), (["x", "--top-p", "1.5"], "top_p must be in"),
-     (["x", "--top-k", "0"], "positive integer"), (["x", "--temperature", "-1"], "temperature must be")],
+    "command, argv, message",
+    _cases("train.generate", _EITHER_COMMAND + _GENERATE_ONLY) + _cases("train.evaluate", _EITHER_COMMAND),
 )
-def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys):
-    from train.generate import main
+def test_cli_bad_input_is_one_line_and_exit_2(command, argv, message, capsys):
+    import importlib
+
+    main = importlib.import_module(command).main
 
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -77,7 +77,8 @@ def test_filters_compose_and_only_write_minus_infinity():
     out = filtered_logits(logits, SamplingConfig(temperature=0.5, top_k=4, top_p=0.9))
     finite = torch.isfinite(out)
     assert torch.isneginf(out[~finite]).all()
-    torch.testing.assert_close(out[finite], (logits / 0.5)[finite])
+    # Scaled by the temperature after the row maximum is shifted to 0 (which leaves the softmax alone).
+    torch.testing.assert_close(out[finite], ((logits - logits.max()) / 0.5)[finite])
     # A zero logit that is kept stays a real score (it is not a mask value).
     assert not torch.isfinite(filtered_logits(torch.tensor([[5.0, 0.0, 0.0]]), SamplingConfig(top_k=1))[0, 1:]).any()
 
@@ -115,8 +116,33 @@ def test_sampling_frequencies_follow_the_distribution():
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"top_p": 0.0}, "top_p must be in"), ({"top_p": 1.5}, "top_p must be in"), ({"top_k": 0}, "top_k must be"),
-     ({"temperature": -1.0}, "temperature must be")],
+     ({"temperature": -1.0}, "temperature must be"), ({"vocab_size": 0}, "vocab_size must be")],
 )
 def test_bad_sampling_settings_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingConfig(**kwargs)
+
+
+def test_tiny_temperature_is_near_greedy_not_nan():
+    # logits / 1e-40 overflows to +-inf and the softmax of inf - inf is NaN; the shifted form stays finite.
+    logits = torch.tensor([[3.0, 2.0, -1.0], [0.5, 4.0, 4.0 - 1e-3]])
+    probs = torch.softmax(filtered_logits(logits, SamplingConfig(temperature=1e-40)), dim=-1)
+    assert not probs.isnan().any()
+    assert torch.equal(next_token(logits, SamplingConfig(temperature=1e-40), torch.Generator().manual_seed(0)),
+                       torch.tensor([0, 1]))
+
+
+def test_padded_vocabulary_ids_are_never_chosen():
+    # The output layer is padded past the tokenizer's vocabulary; give the padding the highest logits.
+    logits = torch.zeros(4, 16)
+    logits[:, 10:] = 50.0
+    logits[:, 3] = 1.0
+    config = SamplingConfig(temperature=0, vocab_size=10)
+    assert next_token(logits, config).tolist() == [3, 3, 3, 3]
+    for config in (SamplingConfig(vocab_size=10), SamplingConfig(vocab_size=10, top_k=2, top_p=0.99)):
+        out = filtered_logits(logits, config)
+        assert torch.isneginf(out[:, 10:]).all() and torch.isfinite(out[:, 3]).all()
+        draws = next_token(logits[:1].expand(2000, 16), config, torch.Generator().manual_seed(0))
+        assert int(draws.max()) < 10
+    # Without the size the padding wins, so the test above can fail.
+    assert next_token(logits, SamplingConfig(temperature=0)).tolist() == [10, 10, 10, 10]

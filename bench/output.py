@@ -1,0 +1,29 @@
+"""Where a benchmark writes its JSON: runs/bench/<name>-<time>.json unless --json says otherwise.
+
+Checked before the benchmark runs: a path whose folder is missing or not writable must not cost
+the minutes of measuring (a GPU session has few) and then fail on the last line.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+DEFAULT_FOLDER = Path("runs/bench")
+
+
+def json_destination(requested: Path | None, name: str) -> Path:
+    """`requested`, or DEFAULT_FOLDER/<name>-<UTC time>.json (the folder is created). ValueError,
+    naming --json, when the file could not be written there."""
+    if requested is None:
+        DEFAULT_FOLDER.mkdir(parents=True, exist_ok=True)
+        return DEFAULT_FOLDER / f"{name}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}.json"
+    folder = requested.parent
+    if requested.is_dir():
+        raise ValueError(f"--json {requested}: is a directory; expected a file path")
+    if not folder.is_dir():
+        raise ValueError(f"--json {requested}: no such folder {folder}")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--json {requested}: folder {folder} is not writable")
+    return requested

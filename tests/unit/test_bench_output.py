@@ -1,0 +1,41 @@
+"""Benchmark command lines: where the JSON goes (checked before anything runs) and --only's names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.output import json_destination
+from bench.routing_compare import VARIANTS, chosen_variants
+
+
+def test_default_json_goes_under_runs_bench(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = json_destination(None, "end_to_end")
+    assert path.parent == Path("runs/bench") and path.parent.is_dir()
+    assert path.name.startswith("end_to_end-") and path.suffix == ".json"
+
+
+def test_a_requested_json_path_is_checked_before_the_run(tmp_path):
+    assert json_destination(tmp_path / "out.json", "x") == tmp_path / "out.json"
+    with pytest.raises(ValueError, match="no such folder"):
+        json_destination(tmp_path / "missing" / "out.json", "x")
+    with pytest.raises(ValueError, match="is a directory"):
+        json_destination(tmp_path, "x")
+
+
+def test_an_unwritable_json_folder_is_refused(tmp_path, monkeypatch):
+    # As root every folder is writable, so the permission answer is what is faked here.
+    monkeypatch.setattr("bench.output.os.access", lambda path, mode: False)
+    with pytest.raises(ValueError, match="not writable"):
+        json_destination(tmp_path / "out.json", "x")
+
+
+def test_only_takes_short_names_table_names_and_lists():
+    assert chosen_variants(None) == list(VARIANTS)
+    assert chosen_variants(["dense,top1"]) == ["top-1 (Switch)", "dense, equal active compute"]
+    assert chosen_variants(["top-2, split-invariant balancing loss", "expert-choice"]) == [
+        "top-2, split-invariant balancing loss", "expert choice c=2"]
+    with pytest.raises(ValueError, match="unknown top3"):
+        chosen_variants(["top3"])
