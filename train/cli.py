@@ -17,6 +17,12 @@ register_schemas()
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_train(cfg: DictConfig) -> None:
+    train_command(cfg)
+
+
+def train_command(cfg: DictConfig) -> None:
+    """`train(cfg)` as the command runs it: a user's mistake is one line and exit status 2, a
+    second Ctrl-C one line and 130."""
     from train.distributed import close_world
     from train.loop import train
 
@@ -25,9 +31,12 @@ def _hydra_train(cfg: DictConfig) -> None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except SystemExit:  # an agreed stop (preemption, non-finite losses): every rank is here
+    except SystemExit:  # an agreed stop (preemption, Ctrl-C, non-finite losses): every rank is here
         close_world()
         raise
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, not at the step boundary
+        print("interrupted at once: no checkpoint for this step (the last saved one is intact)", file=sys.stderr, flush=True)
+        sys.exit(130)
     # Not after other exceptions: a rank that crashed mid-collective leaves the others waiting,
     # and tearing NCCL down then could block its exit too.
     close_world()

@@ -46,6 +46,7 @@ class LoadedModel:
     data_dir: Path | None = None
     """The run's prepared dataset, when it is known to exist (see `validation_data_dir`)."""
     tokenizer_file: Path | None = None
+    """The model's tokenizer when stored beside it (a run's own copy, a consolidated file's); else the dataset's."""
 
     def validation_data_dir(self) -> Path:
         """The run's own prepared dataset (found in the cache, or prepared again from data config)."""
@@ -301,7 +302,10 @@ def load_model(path: str | Path | None, device: str | torch.device = "cpu", pack
         state, client = read_deepspeed_weights(source, model, tensor_parallel, rank0=non_expert)
         del non_expert  # bf16 weights: their fp32 copies are in `state`, these need not stay alive
         load_state_strictly(model, state, str(source))
-        loaded = LoadedModel(model, run, source, client.get("step"))
+        # Runs keep a copy of their tokenizer (train/loop.py); older ones find it in the data cache.
+        run_tokenizer = source.parent.parent / "tokenizer.json"
+        loaded = LoadedModel(model, run, source, client.get("step"),
+                             tokenizer_file=run_tokenizer if run_tokenizer.is_file() else None)
     if loaded.run.moe.implementation == "deepspeed" and loaded.run.moe.capacity_factor is None:
         _world_of_one()
     loaded.model.to(device).eval()

@@ -213,6 +213,12 @@ class Trainer:
         )
         self.peak_tflops, self.peak_source = peak_tflops(world.device, trainer.peak_tflops)
 
+    def _keep_tokenizer(self) -> None:
+        """A copy of the tokenizer in the run directory: eval, generate and export then read it from
+        there, not from a data cache that may have been cleared or lie relative to another cwd."""
+        source = self.train_data.data_dir / "tokenizer.json"
+        write_text_atomically(self.run_dir / "tokenizer.json", source.read_text(encoding="utf-8"))
+
     # ------------------------------------------------------------------ the job
     def fit(self, preemption: PreemptionWatch | None = None) -> dict[str, Any]:
         """The loop. With `preemption`, a stop signal to any rank ends it at the next step boundary
@@ -223,6 +229,7 @@ class Trainer:
         if world.is_main and not run.trainer.resume:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomically(self.run_dir / "config.yaml", OmegaConf.to_yaml(settings))
+            self._keep_tokenizer()
         dist.barrier()
         if run.trainer.resume:
             # config.yaml is replaced only once the checkpoint has loaded: a resume that fails must
@@ -233,6 +240,8 @@ class Trainer:
                 if changes:
                     print(f"resume      settings changed since the last save: {describe(changes)}", flush=True)
                 write_text_atomically(self.run_dir / "config.yaml", OmegaConf.to_yaml(settings))
+                if not (self.run_dir / "tokenizer.json").is_file():  # a run from before runs kept theirs
+                    self._keep_tokenizer()
             start_step, initial_val_loss = state["step"], state.get("initial_val_loss")
             # (Absent from checkpoints written before the counts were saved: then they start here.)
             self.expert_counts.restore(state.get("expert_counts"))
@@ -335,10 +344,16 @@ class Trainer:
                    "checkpoint": checkpoint.latest_tag(self.checkpoint_dir)})
         self._finish_sinks_early(f"preempted by {received}", done)
         progress.close()
+        stop = Preempted(done, received)
         if self.world.is_main:
-            print(f"preempted   {received} at step {done}: checkpoint {checkpoint.latest_tag(self.checkpoint_dir)} saved, "
-                  f"exiting with status {PREEMPTED_EXIT_STATUS} (trainer.auto_resume=true continues from it)", flush=True)
-        raise Preempted(done, received)
+            tag = checkpoint.latest_tag(self.checkpoint_dir)
+            if stop.code == PREEMPTED_EXIT_STATUS:
+                print(f"preempted   {received} at step {done}: checkpoint {tag} saved, exiting with status "
+                      f"{PREEMPTED_EXIT_STATUS} (trainer.auto_resume=true continues from it)", flush=True)
+            else:
+                print(f"interrupted {received} at step {done}: checkpoint {tag} saved; continue with "
+                      f"trainer.resume=true trainer.run_dir={self.run_dir}", flush=True)
+        raise stop
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over grad_accum micro-batches; returns mean (LM loss, aux loss)."""

@@ -8,10 +8,14 @@ signal: saving from inside a handler could interrupt a collective or a half-writ
 step boundary the ranks agree whether any of them got a signal, with one all-reduce of a flag: the
 signal may reach the ranks at different moments (or only some of them), and a rank that stopped
 alone would leave the others waiting forever in their next collective.
+
+Ctrl-C (SIGINT) stops the same way, with a checkpoint, but exits with status 130, which the batch
+script does not requeue; a second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from types import FrameType
@@ -25,6 +29,13 @@ job wants to be started again. launch/slurm/train.sbatch requeues the job on thi
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
+INTERRUPT_EXIT_STATUS = 130
+"""128 + SIGINT, what a shell reports for a job stopped by Ctrl-C: the run was stopped on purpose,
+so the batch script must not requeue it (the checkpoint is saved all the same)."""
+
+INTERRUPT_NOTICE = ("interrupt   Ctrl-C: stopping after this step with a checkpoint "
+                    "(Ctrl-C again stops at once, without one)\n")
+
 
 class Preempted(SystemExit):
     """Raised by the training loop after the checkpoint: the process exits with
@@ -32,18 +43,21 @@ class Preempted(SystemExit):
     `train(cfg)` in process can catch it."""
 
     def __init__(self, step: int, signal_name: str) -> None:
-        super().__init__(PREEMPTED_EXIT_STATUS)
+        super().__init__(INTERRUPT_EXIT_STATUS if signal_name == "SIGINT" else PREEMPTED_EXIT_STATUS)
         self.step, self.signal_name = step, signal_name
 
     def __str__(self) -> str:
-        return f"preempted by {self.signal_name}: checkpoint at step {self.step}"
+        verb = "interrupted" if self.signal_name == "SIGINT" else "preempted"
+        return f"{verb} by {self.signal_name}: checkpoint at step {self.step}"
 
 
 class PreemptionWatch:
-    """Context manager: while open, STOP_SIGNALS are recorded instead of killing the process;
-    on exit the previous handlers come back (tests run several jobs in one process)."""
+    """Context manager: while open, STOP_SIGNALS and a first SIGINT (Ctrl-C) are recorded instead
+    of killing the process; on exit the previous handlers come back (tests run several jobs in one
+    process). A second SIGINT goes to the previous handler (Python's: KeyboardInterrupt), so a user
+    who does not want to wait for the step and its checkpoint can still stop at once."""
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+    def __init__(self, signals: tuple[signal.Signals, ...] = (*STOP_SIGNALS, signal.SIGINT)) -> None:
         self.signals = signals
         self.received: str | None = None
         self._previous: dict[signal.Signals, object] = {}
@@ -66,6 +80,13 @@ class PreemptionWatch:
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            previous = self._previous.get(signal.SIGINT)
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+            if os.environ.get("RANK", "0") == "0":  # Ctrl-C reaches every rank of the terminal's job
+                # os.write, not print: the handler may run inside a print to the same stream, and a
+                # buffered stream refuses that reentrant call.
+                os.write(2, INTERRUPT_NOTICE.encode())
 
     def agreed(self) -> str | None:
         """Collective (every rank calls it at the same step): None when no rank got a stop signal;

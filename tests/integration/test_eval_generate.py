@@ -116,6 +116,25 @@ def test_generation_is_reproducible_from_checkpoint_and_consolidated_file(token_
     assert len({first, *(text(token_choice_run, seed) for seed in (4, 5, 6))}) > 1
 
 
+def test_a_run_reads_its_own_tokenizer_without_the_data_cache(token_choice_run, tmp_path, monkeypatch, capsys):
+    from train.data import load_tokenizer
+    from train.generate import main as generate
+    from train.load import load_model
+
+    kept = token_choice_run / "tokenizer.json"
+    data_dir = load_model(token_choice_run).validation_data_dir()
+    assert kept.read_bytes() == (data_dir / "tokenizer.json").read_bytes()
+    assert load_tokenizer(kept).get_vocab_size() > 0
+
+    def no_cache(run):
+        raise AssertionError("the data cache was consulted for the tokenizer")
+
+    monkeypatch.setattr("train.load.prepare_run_data", no_cache)
+    monkeypatch.chdir(tmp_path)  # another working directory: relative data paths would not resolve
+    assert _run_cli(generate, [str(token_choice_run), "--prompt", "def", "--max-new-tokens", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def")
+
+
 def test_export_of_a_trained_run_loads_in_transformers(token_choice_run, tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
     import torch

@@ -55,3 +55,20 @@ def test_preempted_exits_with_the_status_the_batch_script_requeues_on():
 def test_auto_resume_needs_a_run_dir(compose_run):
     with pytest.raises(ConfigError, match="trainer.auto_resume=true needs trainer.run_dir"):
         to_run_config(compose_run(["trainer.auto_resume=true"]))
+
+
+def test_ctrl_c_stops_at_the_step_boundary_and_a_second_one_stops_at_once(capfd):
+    before = signal.getsignal(signal.SIGINT)
+    with PreemptionWatch() as watch:
+        os.kill(os.getpid(), signal.SIGINT)  # recorded, not raised
+        assert watch.agreed() == "SIGINT"
+        assert "Ctrl-C again stops at once" in capfd.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_an_interrupted_run_exits_130_which_the_batch_script_does_not_requeue():
+    stop = Preempted(7, "SIGINT")
+    assert stop.code == 130 and str(stop) == "interrupted by SIGINT: checkpoint at step 7"
+    assert Preempted(7, "a signal to a peer rank").code == PREEMPTED_EXIT_STATUS
