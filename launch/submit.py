@@ -12,6 +12,7 @@ a job that is requeued (time limit, preemption) keeps both and resumes from its 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -85,8 +86,37 @@ def sbatch_command(args: argparse.Namespace) -> list[str]:
     return [*command, *args.sbatch_arg, str(BATCH_SCRIPT), *args.overrides]
 
 
+def override_problem(overrides: list[str]) -> str | None:
+    """What is wrong with the overrides, in one line (None when they compose), checked here on the
+    login node: a typo must not wait in the queue for hours and then fail on the first compute
+    node. A Python without the project's packages cannot compose them; the job checks them then."""
+    sys.path.insert(0, str(ROOT))
+    # Composing imports DeepSpeed, which looks for a GPU and warns when it finds none (a login node
+    # has none). Set for the check only: sbatch --export=ALL hands this environment to the job.
+    accelerator = os.environ.get("DS_ACCELERATOR")
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    try:
+        from train.cli import override_problem as compose_problem
+
+        return compose_problem(overrides)
+    except ImportError as error:
+        print(f"note: overrides not checked before submitting ({error}); run this with the project's "
+              f"Python (.venv/bin/python) to check them here", file=sys.stderr, flush=True)
+        return None
+    finally:
+        sys.path.remove(str(ROOT))
+        if accelerator is None:
+            del os.environ["DS_ACCELERATOR"]
+        else:
+            os.environ["DS_ACCELERATOR"] = accelerator
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    problem = override_problem(args.overrides)
+    if problem is not None:
+        print(f"error: {problem} (nothing submitted)", file=sys.stderr, flush=True)
+        return 2
     command = sbatch_command(args)
     if args.dry_run:
         print(shlex.join(command))

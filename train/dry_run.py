@@ -104,14 +104,32 @@ def parallel_plan(run: RunConfig, world_size: int, vocab_size: int) -> dict:
     }
 
 
+def _size(gib: float) -> str:
+    """A memory or file size a reader can compare: MiB below 1 GiB (0.0 GiB says nothing)."""
+    return f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
+
+
+def _count(n: float) -> str:
+    """A parameter count at its own scale (0.000B says nothing)."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}" if scale == 1e9 else f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def print_plan(plan: dict) -> None:
     ep, world = plan["ep_size"], plan["world_size"]
     memory = plan["memory_weights_optimizer_gib"] + plan["memory_activations_gib"]
     tp = plan["tensor_parallel"]
     layout = f"tensor parallel {tp} x " if tp > 1 else ""
-    print(f"dry run: {world} ranks, {layout}expert parallel {ep} x expert-data parallel {plan['expert_data_parallel']}, "
+    print(f"dry run: {_plural(world, 'rank')}, {layout}expert parallel {ep} x expert-data parallel "
+          f"{plan['expert_data_parallel']}, "
           f"ZeRO-{plan['zero_stage']}, {plan['precision']}, global batch {plan['global_batch_sequences']} sequences")
-    print(f"model: {plan['params_total'] / 1e9:.3f}B parameters, {plan['params_active'] / 1e9:.3f}B active per token")
+    print(f"model: {_count(plan['params_total'])} parameters, {_count(plan['params_active'])} active per token")
     groups = min(world // ep, 4)
     for g in range(groups):
         # Ranks of one tensor-parallel rank, taken ep at a time (DeepSpeed's layout).
@@ -124,15 +142,21 @@ def print_plan(plan: dict) -> None:
     if tp > 1:
         print(f"  tensor-parallel groups: ranks 0-{tp - 1}, {tp}-{2 * tp - 1}, ... (consecutive, megatron-core's layout)")
     e = plan["experts_per_rank"]
-    print(f"per rank (every rank holds the same amounts; expert-parallel rank r holds the {e} experts "
-          f"r*{e} to r*{e}+{e - 1} of every MoE layer):")
-    print(f"  parameters   dense {plan['params_dense_per_rank'] / 1e6:.1f}M, expert {plan['params_expert_per_rank'] / 1e6:.1f}M")
-    print(f"  memory       {plan['memory_weights_optimizer_gib']:.2f} GiB weights+grads+optimizer, "
-          f"{plan['memory_activations_gib']:.2f} GiB activations (estimate), {memory:.2f} GiB in all")
-    print(f"  all-to-all   {plan['all_to_all_gib_per_step']:.3f} GiB sent per optimizer step")
+    if ep == 1:
+        holding = f"each rank holds all {_plural(e, 'expert')} of every MoE layer"
+    elif e == 1:
+        holding = "expert-parallel rank r holds expert r of every MoE layer"
+    else:
+        holding = f"expert-parallel rank r holds the {e} experts r*{e} to r*{e}+{e - 1} of every MoE layer"
+    print(f"per rank (every rank holds the same amounts; {holding}):")
+    print(f"  parameters   dense {_count(plan['params_dense_per_rank'])}, expert {_count(plan['params_expert_per_rank'])}")
+    print(f"  memory       {_size(plan['memory_weights_optimizer_gib'])} weights+grads+optimizer, "
+          f"{_size(plan['memory_activations_gib'])} activations (estimate), {_size(memory)} in all")
+    sent = plan["all_to_all_gib_per_step"]
+    print(f"  all-to-all   {_size(sent) if sent else 'nothing'} sent per optimizer step")
     per_save, final_save = plan["checkpoint_gib_per_save"], plan["checkpoint_gib_final_save"]
-    last = f", {final_save:.1f} GiB the save a run ends on (with the layout-free copy)" if final_save != per_save else ""
-    print(f"checkpoint: {per_save:.1f} GiB per save{last}, all ranks together "
+    last = f", {_size(final_save)} the save a run ends on (with the layout-free copy)" if final_save != per_save else ""
+    print(f"checkpoint: {_size(per_save)} per save{last}, all ranks together "
           "(trainer.keep_checkpoints bounds how many stay)")
 
 

@@ -28,6 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from train.commands import ArgumentParser, inference_device, positive_float, positive_int, quiet_deepspeed, run_command
+from train.durable import write_text_atomically
 
 
 @torch.no_grad()
@@ -106,7 +107,7 @@ def format_table(results: list[dict], batch_sizes: list[int], marker: tuple[str,
             (r,) = [r for r in results if r["mode"] == mode and r["batch_size"] == b]
             star = "*" if marker == (mode, b) else " "
             cells.append(f"{r['loss']:.4f} (ppl {r['perplexity']:.1f}){star}")
-        lines.append(f"{mode:<16}" + "".join(f"{c:>22}" for c in cells))
+        lines.append((f"{mode:<16}" + "".join(f"{c:>22}" for c in cells)).rstrip())  # the star's column, when blank
     return "\n".join(lines)
 
 
@@ -181,7 +182,7 @@ def _main(argv: Sequence[str] | None) -> int:
     }
     out = args.json or _default_json(loaded.source)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_text_atomically(out, json.dumps(report, indent=2) + "\n")  # an earlier eval.json is never left half-replaced
     print(f"json        {out}")
     return 0
 

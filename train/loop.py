@@ -42,6 +42,11 @@ def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
     if run.dry_run:
         if run.world_size is None:
             raise ConfigError("dry_run=true needs world_size=N (the number of ranks to plan for)")
+        if run.world_size < 1:
+            raise ConfigError(f"world_size must be a positive number of ranks, got {run.world_size}")
+        if run.dry_run_device_gib is not None and not run.dry_run_device_gib > 0:
+            raise ConfigError("dry_run_device_gib must be a positive size in GiB (e.g. 80 for an H100), "
+                              f"got {run.dry_run_device_gib:g}")
         plan = parallel_plan(run, run.world_size, padded_vocab_size(run.data.vocab_size))
         print_plan(plan)
         check_fits(plan, run.dry_run_device_gib)

@@ -49,8 +49,19 @@ def test_activation_checkpointing_keeps_one_input_per_block_plus_one_block(compo
         (["world_size=100", "moe.ep_size=64"], "moe.ep_size=64 must divide the world size 100"),
         (["moe.ep_size=8"], "dry_run=true needs world_size=N"),
         (["world_size=8", "moe.ep_size=1", "dry_run_device_gib=10"], "more than dry_run_device_gib=10"),
+        (["world_size=8", "moe.ep_size=1", "dry_run_device_gib=-1"], "dry_run_device_gib must be a positive size"),
+        (["world_size=0"], "world_size must be a positive number of ranks"),
     ],
 )
 def test_impossible_layouts_are_rejected(compose_run, overrides, message):
     with pytest.raises(ConfigError, match=message):
         train(to_run_config(compose_run([*BIG, *overrides])))
+
+
+def test_small_plans_read_in_their_own_units(compose_run, capsys):
+    train(to_run_config(compose_run(["model=gpt_tiny", "dry_run=true", "world_size=1"])))
+    out = capsys.readouterr().out
+    assert out.startswith("dry run: 1 rank, ")
+    assert "each rank holds all 8 experts of every MoE layer" in out and "r*" not in out
+    assert "0.0 GiB" not in out and "0.000B" not in out and " MiB per save" in out
+    assert "all-to-all   nothing sent" in out
