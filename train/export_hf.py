@@ -230,6 +230,13 @@ def _write_checkpoint(model: torch.nn.Module, out: Path, eot_id: int | None, tok
     save_safetensors(mixtral_state_dict(model), out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(mixtral_config(model, eot_id), indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None:
+        if eot_id is not None:
+            from tokenizers import processors
+
+            # Every training document follows an end-of-text token, and moe-generate starts each prompt
+            # with one: the HF tokenizer prepends it as the BOS token (add_special_tokens=False leaves it out).
+            tokenizer.post_processor = processors.TemplateProcessing(
+                single=f"{EOT} $A", pair=f"{EOT} $A {EOT} $B", special_tokens=[(EOT, eot_id)])
         tokenizer.save(str(out / "tokenizer.json"))
         tokenizer_config = {
             "tokenizer_class": "PreTrainedTokenizerFast",

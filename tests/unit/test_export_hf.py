@@ -82,8 +82,13 @@ def test_transformers_loads_the_export_and_logits_equal_ours(tmp_path, monkeypat
 
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "def add(a, b):  # Ünïcode"
-    assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text).ids
+    eot = tokenizer.token_to_id("<|endoftext|>")
+    # A prompt starts a document, as in training and in moe-generate: after the end-of-text token.
+    assert hf_tokenizer(text)["input_ids"] == [eot, *tokenizer.encode(text).ids]
+    assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text).ids
+    assert hf_tokenizer.bos_token_id == eot == hf.generation_config.eos_token_id
     assert hf_tokenizer.decode(tokenizer.encode(text).ids) == text
+    assert hf_tokenizer.decode(hf_tokenizer(text)["input_ids"], skip_special_tokens=True) == text
 
 
 @pytest.mark.parametrize(
