@@ -245,8 +245,7 @@ class Trainer:
                 if changes:
                     print(f"resume      settings changed since the last save: {describe(changes)}", flush=True)
                 write_text_atomically(self.run_dir / "config.yaml", OmegaConf.to_yaml(settings))
-                if not (self.run_dir / "tokenizer.json").is_file():  # a run from before runs kept theirs
-                    self._keep_tokenizer()
+                self._keep_tokenizer()  # the data's, as config.yaml is the settings', of the run as it goes on
             start_step, initial_val_loss = state["step"], state.get("initial_val_loss")
             # (Absent from checkpoints written before the counts were saved: then they start here.)
             self.expert_counts.restore(state.get("expert_counts"))
