@@ -19,9 +19,12 @@ def json_destination(requested: Path | None, name: str) -> Path:
     if requested is None:
         DEFAULT_FOLDER.mkdir(parents=True, exist_ok=True)
         return DEFAULT_FOLDER / f"{name}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}.json"
+    if requested.exists() and not requested.resolve().is_file():
+        raise ValueError(f"--json {requested}: not a regular file; expected a file path")
+    # The file is written beside its final name and renamed over it: through a link, that is
+    # beside the file the link names (renaming over the link would replace the link).
+    requested = requested.resolve() if requested.is_symlink() else requested
     folder = requested.parent
-    if requested.is_dir():
-        raise ValueError(f"--json {requested}: is a directory; expected a file path")
     if not folder.is_dir():
         raise ValueError(f"--json {requested}: no such folder {folder}")
     if not os.access(folder, os.W_OK):

@@ -111,9 +111,9 @@ def _size(gib: float) -> str:
 
 def _count(n: float) -> str:
     """A parameter count at its own scale (0.000B says nothing)."""
-    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}" if scale == 1e9 else f"{n / scale:.1f}{unit}"
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if round(n / scale, 1) >= 1:  # 999.96M prints as 1.0B, not 1000.0M
+            return f"{n / scale:.2f}{unit}" if scale >= 1e9 else f"{n / scale:.1f}{unit}"
     return f"{n:.0f}"
 
 

@@ -36,9 +36,19 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> Non
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for every thread
+    for a moment): Linux reports it in /proc/self/status; elsewhere the usual 022 is assumed."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def replace_durably(written: Path, path: Path) -> None:

@@ -69,6 +69,8 @@ class PreemptionWatch:
         # the job simply runs without preemption handling.
         if threading.current_thread() is threading.main_thread():
             for signum in self.signals:
+                if signum == signal.SIGINT and signal.getsignal(signum) is signal.SIG_IGN:
+                    continue  # started with Ctrl-C ignored (a shell's background job): keep it so
                 self._previous[signum] = signal.signal(signum, self._record)
         return self
 

@@ -17,7 +17,8 @@ import torch
 @dataclass(frozen=True)
 class SamplingConfig:
     temperature: float = 1.0
-    """0 = greedy (argmax); otherwise logits are divided by it before the filters."""
+    """0 = greedy (argmax), as is anything below float32's smallest normal number; otherwise logits
+    are divided by it before the filters."""
     top_k: int | None = None
     """Keep the k highest logits (exactly k, ties broken by lower token id); None = all."""
     top_p: float | None = None
@@ -39,7 +40,9 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below float32's smallest normal number the fp32 logits cannot be divided by it (it rounds
+        # to 0, and 0 / 0 is NaN); a temperature that small is greedy in all but name.
+        return self.temperature < torch.finfo(torch.float32).tiny
 
 
 def top_k_filter(logits_BV: torch.Tensor, k: int) -> torch.Tensor:

@@ -21,8 +21,15 @@ def test_a_requested_json_path_is_checked_before_the_run(tmp_path):
     assert json_destination(tmp_path / "out.json", "x") == tmp_path / "out.json"
     with pytest.raises(ValueError, match="no such folder"):
         json_destination(tmp_path / "missing" / "out.json", "x")
-    with pytest.raises(ValueError, match="is a directory"):
+    with pytest.raises(ValueError, match="not a regular file"):
         json_destination(tmp_path, "x")
+
+
+def test_a_json_symlink_is_written_through_not_replaced(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "out.json").write_text("old")
+    (tmp_path / "link.json").symlink_to(tmp_path / "real" / "out.json")
+    assert json_destination(tmp_path / "link.json", "x") == tmp_path / "real" / "out.json"
 
 
 def test_an_unwritable_json_folder_is_refused(tmp_path, monkeypatch):

@@ -65,3 +65,9 @@ def test_small_plans_read_in_their_own_units(compose_run, capsys):
     assert "each rank holds all 8 experts of every MoE layer" in out and "r*" not in out
     assert "0.0 GiB" not in out and "0.000B" not in out and " MiB per save" in out
     assert "all-to-all   nothing sent" in out
+
+
+def test_parameter_counts_keep_their_scale():
+    from train.dry_run import _count
+
+    assert [_count(n) for n in (950, 1500, 999.96e6, 13.4e9, 1.2e12)] == ["950", "1.5K", "1.00B", "13.40B", "1.20T"]

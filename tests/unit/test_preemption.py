@@ -72,3 +72,16 @@ def test_an_interrupted_run_exits_130_which_the_batch_script_does_not_requeue():
     stop = Preempted(7, "SIGINT")
     assert stop.code == 130 and str(stop) == "interrupted by SIGINT: checkpoint at step 7"
     assert Preempted(7, "a signal to a peer rank").code == PREEMPTED_EXIT_STATUS
+
+
+def test_an_ignored_ctrl_c_stays_ignored():
+    # A shell starts background jobs with SIGINT ignored: Ctrl-C in its terminal is not for them.
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with PreemptionWatch() as watch:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            assert watch.received is None
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -130,6 +130,9 @@ def test_tiny_temperature_is_near_greedy_not_nan():
     assert not probs.isnan().any()
     assert torch.equal(next_token(logits, SamplingConfig(temperature=1e-40), torch.Generator().manual_seed(0)),
                        torch.tensor([0, 1]))
+    # Below float32's range the temperature would round to 0 (0 / 0 = NaN): greedy.
+    assert SamplingConfig(temperature=1e-300).greedy and not SamplingConfig(temperature=1e-30).greedy
+    assert torch.equal(next_token(logits, SamplingConfig(temperature=1e-300)), torch.tensor([0, 1]))
 
 
 def test_padded_vocabulary_ids_are_never_chosen():
