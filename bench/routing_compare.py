@@ -36,7 +36,7 @@ VARIANTS: dict[str, list[str]] = {
 }
 # What --only takes (the table's names work too, but need quoting).
 SHORT_NAMES: dict[str, str] = dict(zip(
-    ["top1", "top2", "top2-global", "top2-dropless", "top2-auxfree", "expert-choice", "dense"], VARIANTS))
+    ["top1", "top2", "top2-global", "top2-dropless", "top2-auxfree", "expert-choice", "dense"], VARIANTS, strict=True))
 
 
 def chosen_variants(only: list[str] | None) -> list[str]:

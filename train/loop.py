@@ -351,12 +351,12 @@ class Trainer:
         stop = Preempted(done, received)
         if self.world.is_main:
             tag = checkpoint.latest_tag(self.checkpoint_dir)
-            if stop.code == PREEMPTED_EXIT_STATUS:
-                print(f"preempted   {received} at step {done}: checkpoint {tag} saved, exiting with status "
-                      f"{PREEMPTED_EXIT_STATUS} (trainer.auto_resume=true continues from it)", flush=True)
-            else:
+            if stop.interrupted:
                 print(f"interrupted {received} at step {done}: checkpoint {tag} saved; continue with "
                       f"trainer.resume=true trainer.run_dir={self.run_dir}", flush=True)
+            else:
+                print(f"preempted   {received} at step {done}: checkpoint {tag} saved, exiting with status "
+                      f"{PREEMPTED_EXIT_STATUS} (trainer.auto_resume=true continues from it)", flush=True)
         raise stop
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:

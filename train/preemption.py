@@ -43,12 +43,16 @@ class Preempted(SystemExit):
     `train(cfg)` in process can catch it."""
 
     def __init__(self, step: int, signal_name: str) -> None:
-        super().__init__(INTERRUPT_EXIT_STATUS if signal_name == "SIGINT" else PREEMPTED_EXIT_STATUS)
         self.step, self.signal_name = step, signal_name
+        super().__init__(INTERRUPT_EXIT_STATUS if self.interrupted else PREEMPTED_EXIT_STATUS)
+
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by Ctrl-C (a person), not by a scheduler: not to be requeued."""
+        return self.signal_name == "SIGINT"
 
     def __str__(self) -> str:
-        verb = "interrupted" if self.signal_name == "SIGINT" else "preempted"
-        return f"{verb} by {self.signal_name}: checkpoint at step {self.step}"
+        return f"{'interrupted' if self.interrupted else 'preempted'} by {self.signal_name}: checkpoint at step {self.step}"
 
 
 class PreemptionWatch:

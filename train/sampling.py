@@ -30,12 +30,11 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+        if not _positive_int_or_none(self.top_k):
             raise ValueError(f"top_k must be a positive integer or unset, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.vocab_size is not None and (isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int)
-                                            or self.vocab_size < 1):
+        if not _positive_int_or_none(self.vocab_size):
             raise ValueError(f"vocab_size must be a positive integer or unset, got {self.vocab_size!r}")
 
     @property
@@ -43,6 +42,10 @@ class SamplingConfig:
         # Below float32's smallest normal number the fp32 logits cannot be divided by it (it rounds
         # to 0, and 0 / 0 is NaN); a temperature that small is greedy in all but name.
         return self.temperature < torch.finfo(torch.float32).tiny
+
+
+def _positive_int_or_none(value) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
 
 
 def top_k_filter(logits_BV: torch.Tensor, k: int) -> torch.Tensor:
