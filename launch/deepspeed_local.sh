@@ -35,4 +35,38 @@ if [ -n "$log_dir" ]; then
   mkdir -p "$log_dir"
   echo "per-rank logs: $log_dir/<date-time>_rank<N>.log"
 fi
-exec "${command[@]}"
+
+# Ctrl-C goes to the ranks alone. Left to the terminal it would reach DeepSpeed's runner, which dies
+# with a traceback and gives the prompt back while the ranks still run, and its launcher, which
+# answers with SIGTERM to the ranks and a SIGKILL 30 s later, however far their checkpoint got. So
+# the launcher runs in a process group of its own (set -m), away from the terminal's Ctrl-C, and
+# this script hands each Ctrl-C to the ranks: the first makes them checkpoint after the step and
+# exit 130 (the launcher passes that status on), a second stops them at once. SIGTERM and SIGHUP
+# (the terminal closed) reach the ranks as SIGTERM: checkpoint and exit.
+set -m
+"${command[@]}" &
+runner=$!
+set +m
+
+signal_ranks() {  # SIGNAL: the launcher's grandchildren (runner -> launcher -> ranks)
+  "${command[0]}" -c '
+import psutil, signal, sys
+for launcher in psutil.Process(int(sys.argv[1])).children():
+    for rank in launcher.children():
+        try:
+            rank.send_signal(getattr(signal, sys.argv[2]))
+        except psutil.NoSuchProcess:
+            pass
+' "$runner" "$1" 2>/dev/null || true
+  trapped=1
+}
+trap 'signal_ranks SIGINT' INT
+trap 'signal_ranks SIGTERM' TERM HUP
+while :; do
+  trapped=0
+  status=0
+  wait "$runner" || status=$?
+  # A trapped signal ends `wait` early, with the launcher still running: wait again.
+  [ "$trapped" = 1 ] || break
+done
+exit "$status"

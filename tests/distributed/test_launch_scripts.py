@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,43 @@ def test_two_nodes_through_pdsh_train_with_per_rank_logs_and_forwarded_environme
     assert summary["steps"] == 2
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "train"] == [1, 2]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("stop", "status", "line"),
+                         [("ctrl-c", 130, "interrupted SIGINT"), ("sigterm", 75, "preempted   SIGTERM")])
+def test_local_script_stops_its_ranks_with_a_checkpoint(tmp_path, stop, status, line):
+    # The script runs in a session of its own here, so that signalling its process group is what
+    # Ctrl-C at a terminal does: SIGINT to every process of the foreground job.
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        ["bash", str(LOCAL), "2", "model=gpt_tiny", "moe.ep_size=2", "trainer.max_steps=100000",
+         "trainer.micro_batch_size=4", "trainer.checkpoint_every=0", "trainer.eval_every=0", "logging.log_every=1",
+         "logging.progress_bar=false", "logging.plots=off", f"data.cache_dir={ROOT / '.cache' / 'data'}",
+         f"trainer.run_dir={run_dir}"],
+        env=subprocess_env(PYTHON=sys.executable, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and metrics.read_text().count('"train"') >= 2):
+            assert process.poll() is None and time.monotonic() < deadline, "the ranks did not reach their first steps"
+            time.sleep(0.1)
+        if stop == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGTERM)  # to the script alone, as a process manager would
+        out, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == status, out[-3000:]
+    assert "Traceback" not in out and line in out
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert (run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt").exists()
+    events = [json.loads(r) for r in metrics.read_text().splitlines()]
+    assert events[-1]["event"] == "preempted" and events[-1]["checkpoint"] == tag
+    # Nothing of the job outlives the script: the launcher and both ranks are gone.
+    leftover = subprocess.run(["ps", "-o", "pid=", "-g", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert leftover == [], leftover
