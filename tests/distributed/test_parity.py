@@ -7,7 +7,8 @@ against 8 x 1 micro-batches x accumulation. Each pair must agree on the loss and
 norm at every step and on every weight at the end, within fp32 rounding (summation orders differ
 between layouts, nothing else may).
 
-What is layout-invariant by construction, and so what these runs use:
+What is layout-invariant by construction, and so what these runs use (capacity token choice is
+compared only between layouts that keep each rank's micro-batch):
 - token choice dropless top-2 (`moe=top2_dropless`) with the split-invariant balancing loss
   (`moe.aux_loss_scope=global`): the default per-micro-batch loss multiplies two batch means, so
   it changes with how the batch is split. The router z-loss is a mean over tokens: invariant.
@@ -75,6 +76,18 @@ def test_token_choice_dropless_same_at_ep_1_2_4():
     _compare("token choice ep1 (1 rank) vs ep4 (4 ranks)", ep1, RUNS.get("token_choice_ep4", 4, [*TOKEN_CHOICE, *layout(4, 4)]))
     _compare("token choice ep1 (1 rank) vs ep2 x expert-data-parallel 2 (4 ranks)", ep1,
              RUNS.get("token_choice_ep2_dp4", 4, [*TOKEN_CHOICE, *layout(4, 2)]))
+
+
+def test_token_choice_with_capacity_same_at_ep_1_and_2_on_two_ranks():
+    """Capacity mode (top-2, capacity factor 1.25, the fixed-shape all-to-all at ep 2): which
+    assignments an expert drops depends on the tokens of the rank's micro-batch, so the layouts
+    compared keep that micro-batch, two data-parallel ranks each, and differ only in where the
+    experts live. Tokens must actually be dropped, or the capacity path would go untested."""
+    capacity = ["moe=top2"]
+    ep1 = RUNS.get("capacity_ep1_dp2", 2, [*capacity, *layout(2, 1)])
+    dropped = [layer["drop_fraction"] for record in train_records(ep1) for layer in record["experts"].values()]
+    assert max(dropped) > 0, "no assignment was dropped: the capacity limit never acted"
+    _compare("capacity token choice ep1 vs ep2 (2 ranks each)", ep1, RUNS.get("capacity_ep2", 2, [*capacity, *layout(2, 2)]))
 
 
 def test_expert_choice_same_at_ep_1_2_4():
