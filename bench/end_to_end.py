@@ -27,6 +27,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -86,7 +87,9 @@ def measure(overrides: list[str], implementation: str, steps: int, warmup: int, 
 VARIANTS = ("ours", "deepspeed", "ours+compile", "deepspeed+compile")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str], list[str]]:
+    """(options, variant names, Hydra overrides), every one checked before anything is built: a typo
+    must not cost a GPU session's minutes. A bad one exits with status 2 and one `error:` line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=positive_int, default=20, help="timed steps (default 20)")
     parser.add_argument("--warmup", type=non_negative_int, default=5, help="untimed steps first (default 5)")
@@ -95,22 +98,28 @@ def main() -> None:
                         help="also run both with trainer.compile=true (warm-up steps absorb the compilation)")
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated subset of {','.join(VARIANTS)} (default: the first two, all four with --compile)")
-    args, overrides = parser.parse_known_args()
+    args, overrides = parser.parse_known_args(argv)
     names = args.variants.split(",") if args.variants else list(VARIANTS[: 4 if args.compile else 2])
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
-        print(f"error: --variants: unknown {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}", file=sys.stderr)
-        sys.exit(2)
+        _refuse(f"--variants: unknown {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
+    problem = override_problem(overrides)
+    if problem is not None:
+        _refuse(problem)
+    return args, names, overrides
+
+
+def _refuse(problem: str) -> NoReturn:
+    print(f"error: {problem}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main() -> None:
+    args, names, overrides = parse_args()
     try:
         json_path = json_destination(args.json, "end_to_end")
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    problem = override_problem(overrides)
-    if problem is not None:
-        # Before anything is built: a typo must not cost a GPU session's minutes.
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
+        _refuse(str(error))
     overrides = [*overrides, "logging.progress_bar=false"]
     if not any(o.startswith("trainer.peak_tflops=") for o in overrides):
         # One peak for both runs: on a CPU it is measured, and two measurements would differ.

@@ -1,6 +1,7 @@
 """bench/gpu_all.sh's plumbing, with a stand-in nvidia-smi: a step's failure is reported and does not
 stop the others, and where $OUT is set every finished step is packed into one archive (the device
-tool returns a few files only, and a run cut off at its limit must keep what it measured)."""
+tool returns a few files only, and a run cut off at its limit must keep what it measured); and every
+command line it runs passes the real argument parsers and config checks."""
 
 from __future__ import annotations
 
@@ -9,19 +10,26 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+
+from train.cli import CONF_DIR
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(tmp_path: Path, nvidia_smi: str, only: str) -> subprocess.CompletedProcess:
+FAILING_PYTHON = '#!/bin/sh\n[ "$1" = "-c" ] && exit 0\nexit 1\n'
+"""A stand-in interpreter: every package is "there" (`-c "import ..."` succeeds, so no wheel is
+installed), and anything it is asked to run fails."""
+
+
+def _run(tmp_path: Path, nvidia_smi: str, only: str, python_script: str = FAILING_PYTHON) -> subprocess.CompletedProcess:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     fake = bin_dir / "nvidia-smi"
     fake.write_text(f"#!/bin/sh\n{nvidia_smi}\n")
     fake.chmod(0o755)
-    # A stand-in interpreter: every package is "there" (`-c "import ..."` succeeds, so no wheel is
-    # installed), and anything it is asked to run fails.
     python = bin_dir / "python"
-    python.write_text('#!/bin/sh\n[ "$1" = "-c" ] && exit 0\nexit 1\n')
+    python.write_text(python_script)
     python.chmod(0o755)
     out = tmp_path / "out"  # created by the script, as the device tool's is not always there
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ONLY": only, "OUT": str(out),
@@ -56,3 +64,43 @@ def test_an_unknown_step_name_is_refused_before_anything_runs(tmp_path):
     assert result.returncode == 2
     assert "unknown step 'e2e_350m_acum1'" in result.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_every_command_line_of_the_script_is_valid(tmp_path, monkeypatch):
+    """What each step would run, recorded by a stand-in interpreter and then checked by the real
+    argument parsers and config composition: a mistyped flag, variant or override must show up here,
+    not on a lent GPU machine whose minutes are counted."""
+    from bench import end_to_end, moe_layer
+    from train.cli import override_problem
+    from train.config import to_run_config
+
+    record = tmp_path / "argv"
+    recorder = f'#!/bin/sh\n[ "$1" = "-c" ] && exit 0\nprintf "%s\\037" "$@" >> {record}\necho >> {record}\n'
+    result = _run(tmp_path, "echo 'NVIDIA H100'", "", python_script=recorder)
+    assert result.returncode == 0, result.stdout + result.stderr
+    commands = [line.rstrip("\x1f").split("\x1f") for line in record.read_text().splitlines()]
+    modules = [argv[1] for argv in commands]
+    assert modules == ["pytest", "bench.moe_layer", "bench.end_to_end", "bench.end_to_end", "bench.moe_layer",
+                       "bench.end_to_end", "train", "bench.end_to_end"]
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # --device cuda is asked for
+    for argv in commands:
+        module, args = argv[1], argv[2:]
+        assert argv[0] == "-m", argv
+        if module == "bench.moe_layer":
+            parsed = moe_layer.parse_args(args)
+            assert parsed.device == "cuda" and parsed.shapes == "gpu", args
+        elif module == "bench.end_to_end":
+            _, names, overrides = end_to_end.parse_args(args)
+            assert names and overrides, args
+            for name in names:
+                implementation, compiled = name.removesuffix("+compile"), name.endswith("+compile")
+                with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                    cfg = compose("config", overrides=[*overrides, f"moe.implementation={implementation}",
+                                                       f"trainer.compile={str(compiled).lower()}"])
+                to_run_config(cfg)  # the dataclasses' own checks
+        elif module == "train":
+            assert override_problem(args) is None, args
+            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                to_run_config(compose("config", overrides=args))
+        else:
+            assert args[:2] == ["-m", "gpu"] and (ROOT / args[2]).is_dir(), args
