@@ -19,11 +19,13 @@ Only rank 0 creates one (train/sinks.py). `moe/` never imports wandb.
 
 from __future__ import annotations
 
+import netrc
 import os
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import wandb
 from omegaconf import OmegaConf
@@ -33,12 +35,26 @@ RUN_ID_FILE = "wandb_run_id"
 
 
 def resolve_mode(setting: str, environ: Mapping[str, str] = os.environ) -> str:
-    """`auto`: WANDB_MODE when the user set it, else online with an API key, else offline."""
+    """`auto`: WANDB_MODE when the user set it, else online with an API key (WANDB_API_KEY, or the
+    one `wandb login` stored), else offline. Never a login prompt: a rank cannot answer one."""
     if setting != "auto":
         return setting
     if environ.get("WANDB_MODE"):
         return environ["WANDB_MODE"]
-    return "online" if environ.get("WANDB_API_KEY") else "offline"
+    return "online" if environ.get("WANDB_API_KEY") or _stored_api_key(environ) else "offline"
+
+
+def _stored_api_key(environ: Mapping[str, str]) -> bool:
+    """Whether `wandb login` left a key for the W&B server in use: it writes one to ~/.netrc (or the
+    file $NETRC names) under the server's host, which is where the README tells cluster users to keep
+    it (never in the environment the launcher forwards to every node)."""
+    host = urlparse(environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    path = environ.get("NETRC") or os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return entry is not None and bool(entry[2])
 
 
 def wandb_items(record: Mapping[str, Any]) -> dict[str, float]:

@@ -24,7 +24,25 @@ from train.wandb_sink import resolve_mode, wandb_items
     ],
 )
 def test_mode(setting, environ, mode):
-    assert resolve_mode(setting, environ) == mode
+    assert resolve_mode(setting, {"HOME": "/nonexistent", **environ}) == mode
+
+
+def test_a_key_stored_by_wandb_login_means_online(tmp_path):
+    # `wandb login` writes the key to ~/.netrc under the server's host; the README tells cluster
+    # users to keep it there rather than in the environment forwarded to every node.
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert resolve_mode("auto", {"HOME": str(tmp_path)}) == "online"
+    assert resolve_mode("auto", {"HOME": str(tmp_path), "WANDB_MODE": "offline"}) == "offline"
+    # A key for another server (a self-hosted one named by WANDB_BASE_URL) does not count.
+    assert resolve_mode("auto", {"HOME": str(tmp_path), "WANDB_BASE_URL": "https://wandb.example.com"}) == "offline"
+    other = tmp_path / "other.netrc"
+    other.write_text("machine wandb.example.com login user password " + "k" * 40 + "\n")
+    other.chmod(0o600)
+    assert resolve_mode("auto", {"HOME": str(tmp_path), "NETRC": str(other),
+                                 "WANDB_BASE_URL": "https://wandb.example.com"}) == "online"
+    (tmp_path / ".netrc").write_text("this is not a netrc file")
+    assert resolve_mode("auto", {"HOME": str(tmp_path)}) == "offline"
 
 
 def test_keys_pad_indices_to_the_last_index_and_skip_nulls():
