@@ -42,9 +42,11 @@ fi
 # the launcher runs in a process group of its own (set -m), away from the terminal's Ctrl-C, and
 # this script hands each Ctrl-C to the ranks: the first makes them checkpoint after the step and
 # exit 130 (the launcher passes that status on), a second stops them at once. SIGTERM and SIGHUP
-# (the terminal closed) reach the ranks as SIGTERM: checkpoint and exit.
+# (the terminal closed) reach the ranks as SIGTERM: checkpoint and exit; Ctrl-\ (SIGQUIT) still
+# stops the whole job at once. A process group off the terminal must not read it (it would stop
+# there, silently), so the job's stdin is /dev/null.
 set -m
-"${command[@]}" &
+"${command[@]}" </dev/null &
 runner=$!
 set +m
 
@@ -62,6 +64,7 @@ for launcher in psutil.Process(int(sys.argv[1])).children():
 }
 trap 'signal_ranks SIGINT' INT
 trap 'signal_ranks SIGTERM' TERM HUP
+trap 'kill -QUIT -- "-$runner" 2>/dev/null; trapped=1' QUIT
 while :; do
   trapped=0
   status=0
