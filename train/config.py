@@ -1,12 +1,15 @@
 """The run configuration: typed dataclasses that are both the Hydra schema and the validator.
 
 Hydra composes YAML from `conf/` onto these dataclasses (registered in its ConfigStore), so an
-unknown key fails at compose time. `OmegaConf.to_object` then builds the dataclasses, and
+unknown key fails at compose time (one added with `+key=value`, which Hydra lets through, fails in
+`to_run_config`). `OmegaConf.to_object` then builds the dataclasses, and
 each `__post_init__` rejects invalid values with a message that names the field.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
@@ -249,6 +252,10 @@ def register_schemas() -> None:
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Typed, validated RunConfig from a composed Hydra config; ConfigError on invalid values."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        # Hydra's `+key=value` adds a key even where the schema has none; it would then be ignored.
+        raise ConfigError(unknown[0])
     try:
         run = OmegaConf.to_object(cfg)
     except ValueError as error:  # raised by a __post_init__, possibly wrapped by OmegaConf
@@ -262,3 +269,23 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
 def _first_line(error: Exception) -> str:
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
+
+
+def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """One line per key of `node` that its schema dataclass does not have (added with Hydra's `+`,
+    which bypasses the schema's own check), with the nearest known key as a hint."""
+    schema = OmegaConf.get_type(node)
+    known = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    problems = []
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if known is not None and key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            section = prefix.rstrip(".") or "the config"
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; {section} has {', '.join(known)}"
+            problems.append(f"+{path}: no such setting{hint}")
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            problems.extend(unknown_keys(child, f"{path}."))
+    return problems

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -65,6 +66,9 @@ def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
             f"trainer.run_dir={run.trainer.run_dir!r} already holds a run: pass trainer.resume=true to continue it "
             "or choose another trainer.run_dir"
         )
+    problem = _unusable_directory(Path(run.trainer.run_dir) if run.trainer.run_dir else Path("runs", run.name))
+    if problem is not None:  # found now, not after the model and the engine are built
+        raise ConfigError(f"trainer.run_dir={run.trainer.run_dir!r}: {problem}" if run.trainer.run_dir else problem)
 
     # Handlers go in before the slow start-up: a scheduler's warning that arrives meanwhile is kept.
     with PreemptionWatch() as preemption:
@@ -117,6 +121,22 @@ def _holds_a_run(path: Path) -> bool:
     return (path / "checkpoints").exists() or (path / "metrics.jsonl").exists()
 
 
+def _unusable_directory(path: Path) -> str | None:
+    """Why `path` cannot be (or become) a directory this process writes into; None when it can."""
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} exists and is not a directory"
+        return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{path} cannot be created: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{path} cannot be created: {parent} is not writable"
+    return None
+
+
 def _prepared_data(run: RunConfig, world: World) -> Path:
     """Rank 0 prepares (or finds in the cache); the others wait, then find it in the cache."""
     source: str | list[str] = list(run.data.files) or "embedded"
@@ -149,8 +169,12 @@ def _resolve_run_dir(run: RunConfig, world: World) -> Path:
     if world.is_main:
         if run.trainer.run_dir:
             path = Path(run.trainer.run_dir)
-            if run.trainer.resume and checkpoint.latest_tag(path / "checkpoints") is None:
-                decided[1] = f"trainer.resume=true but {path / 'checkpoints'} holds no checkpoint"
+            if run.trainer.resume and not path.is_dir():
+                decided[1] = f"trainer.resume=true but trainer.run_dir={str(path)!r} does not exist"
+            elif run.trainer.resume and checkpoint.latest_tag(path / "checkpoints") is None:
+                inner = sorted(p.parent.parent for p in path.glob("*/checkpoints/latest"))
+                hint = f"; it holds runs, e.g. trainer.run_dir={inner[-1]}" if inner else ""
+                decided[1] = f"trainer.resume=true but {path / 'checkpoints'} holds no checkpoint{hint}"
         elif run.trainer.resume:
             candidates = sorted(p.parent.parent for p in Path("runs", run.name).glob("*/checkpoints/latest"))
             path = candidates[-1] if candidates else Path()
@@ -232,7 +256,10 @@ class Trainer:
         start_step, initial_val_loss = 0, None
         settings = OmegaConf.to_container(OmegaConf.structured(run))
         if world.is_main and not run.trainer.resume:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as error:  # what `_unusable_directory` cannot foresee (a read-only mount, /proc)
+                raise ConfigError(f"trainer.run_dir: cannot create {self.run_dir}: {error.strerror}") from None
             write_text_atomically(self.run_dir / "config.yaml", OmegaConf.to_yaml(settings))
             self._keep_tokenizer()
         dist.barrier()

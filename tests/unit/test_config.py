@@ -40,6 +40,11 @@ def test_unknown_key_fails_at_compose(compose_run):
         compose_run(["model.hiden_size=3"])
     with pytest.raises(ConfigCompositionException):
         compose_run(["moe.top_k=two"])
+    # `+key=value` gets past composition; the schema check catches it, at any depth.
+    with pytest.raises(ConfigError, match=r"^\+moe\.topk: no such setting; did you mean moe\.top_k\?$"):
+        to_run_config(compose_run(["+moe.topk=2"]))
+    with pytest.raises(ConfigError, match=r"^\+foo: no such setting; the config has name, model, moe"):
+        to_run_config(compose_run(["+foo=bar"]))
 
 
 @pytest.mark.parametrize(
@@ -109,6 +114,8 @@ def _run_cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.Complete
         (["trainer.compile=maybe"], {}, "trainer.compile: Value 'maybe' is not a valid bool"),
         (["model.hiden_size=3"], {}, "model.hiden_size: Key 'hiden_size' not in 'ModelConfig'"),
         (["moe=top3"], {}, "moe=top3: no such config; moe is one of dense, expert_choice, top1,"),
+        # Hydra's `+` adds a key the schema lacks; it would be ignored.
+        (["+trainer.max_stepz=5"], {}, "+trainer.max_stepz: no such setting; did you mean trainer.max_steps?"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path, args, env, expected):
@@ -118,3 +125,40 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path, args, env,
     assert len(error_lines) == 1 and expected in error_lines[0], result.stderr
     assert not (tmp_path / "run").exists()
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "run_dir, resume, expected",
+    [
+        ("taken", "false", "trainer.run_dir='taken': taken exists and is not a directory"),
+        ("taken/run", "false", "trainer.run_dir='taken/run': taken/run cannot be created: taken is not a directory"),
+        ("nowhere", "true", "trainer.resume=true but trainer.run_dir='nowhere' does not exist"),
+        # An experiment's folder of runs rather than a run: the message names one to pick.
+        ("runs/smoke", "true", "runs/smoke/checkpoints holds no checkpoint; it holds runs, e.g. trainer.run_dir=runs/smoke/2"),
+    ],
+)
+def test_a_run_dir_that_cannot_be_used_fails_in_one_line(tmp_path, run_dir, resume, expected):
+    (tmp_path / "taken").write_text("a file, not a directory\n")
+    for stamp in ("20261201-000000", "20261202-000000"):
+        checkpoints = tmp_path / "runs" / "smoke" / stamp / "checkpoints"
+        checkpoints.mkdir(parents=True)
+        (checkpoints / "latest").write_text("step_00000001\n")
+    result = _run_cli(["model=gpt_tiny", f"trainer.run_dir={run_dir}", f"trainer.resume={resume}",
+                       f"data.cache_dir={ROOT / '.cache' / 'data'}"], tmp_path)
+    assert result.returncode == 2, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and expected in error_lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "taken").read_text() == "a file, not a directory\n"
+
+
+def test_an_unwritable_run_dir_parent_is_named(tmp_path, monkeypatch):
+    from train.loop import _unusable_directory
+
+    # Root may write anywhere, so the check's answer is stood in for (os.access).
+    monkeypatch.setattr("os.access", lambda path, mode: Path(path) != tmp_path)
+    assert _unusable_directory(tmp_path / "a" / "b") == f"{tmp_path / 'a' / 'b'} cannot be created: {tmp_path} is not writable"
+    assert _unusable_directory(tmp_path) == f"{tmp_path} is not writable"
+    assert _unusable_directory(tmp_path / "a") is not None
+    monkeypatch.setattr("os.access", lambda path, mode: True)
+    assert _unusable_directory(tmp_path / "a" / "b") is None
