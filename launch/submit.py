@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +23,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH_SCRIPT = ROOT / "launch" / "slurm" / "train.sbatch"
+
+
+SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|UNLIMITED|INFINITE", re.IGNORECASE)
+"""sbatch --time's forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (and no limit)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("nodes", "warning_seconds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not SLURM_TIME.fullmatch(args.time):
+        parser.error(f"--time must be a Slurm time limit (minutes, H:MM:SS, D-HH, D-HH:MM:SS, ...), got {args.time!r}")
     if args.gpus_per_node < 0:
         parser.error(f"--gpus-per-node must be >= 0, got {args.gpus_per_node}")
     if args.ranks_per_node is None:
@@ -86,10 +94,11 @@ def sbatch_command(args: argparse.Namespace) -> list[str]:
     return [*command, *args.sbatch_arg, str(BATCH_SCRIPT), *args.overrides]
 
 
-def override_problem(overrides: list[str]) -> str | None:
-    """What is wrong with the overrides, in one line (None when they compose), checked here on the
-    login node: a typo must not wait in the queue for hours and then fail on the first compute
-    node. A Python without the project's packages cannot compose them; the job checks them then."""
+def override_problem(overrides: list[str], world_size: int) -> str | None:
+    """What is wrong with the overrides, in one line (None when they compose and pass the settings'
+    checks at this world size), checked here on the login node: a typo must not wait in the queue
+    for hours and then fail on the first compute node. A Python without the project's packages
+    cannot compose them; the job checks them then."""
     sys.path.insert(0, str(ROOT))
     # Composing imports DeepSpeed, which looks for a GPU and warns when it finds none (a login node
     # has none). Set for the check only: sbatch --export=ALL hands this environment to the job.
@@ -97,8 +106,9 @@ def override_problem(overrides: list[str]) -> str | None:
     os.environ["DS_ACCELERATOR"] = "cpu"
     try:
         from train.cli import override_problem as compose_problem
+        from train.cli import settings_problem
 
-        return compose_problem(overrides)
+        return compose_problem(overrides) or settings_problem(overrides, world_size)
     except ImportError as error:
         print(f"note: overrides not checked before submitting ({error}); run this with the project's "
               f"Python (.venv/bin/python) to check them here", file=sys.stderr, flush=True)
@@ -113,7 +123,7 @@ def override_problem(overrides: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    problem = override_problem(args.overrides)
+    problem = override_problem(args.overrides, args.nodes * args.ranks_per_node)
     if problem is not None:
         print(f"error: {problem} (nothing submitted)", file=sys.stderr, flush=True)
         return 2
@@ -121,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(shlex.join(command))
         return 0
+    if shutil.which("sbatch") is None:
+        print("error: sbatch not found on PATH: submit from a Slurm login node (--dry-run prints the command)",
+              file=sys.stderr, flush=True)
+        return 2
     args.output_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the log's directory
     # With --wait, sbatch prints the job id only when the job ends: read it as it comes.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)

@@ -92,6 +92,26 @@ def override_problem(args: list[str]) -> str | None:
     return None
 
 
+def settings_problem(args: list[str], world_size: int | None = None) -> str | None:
+    """What the settings' own checks reject (a value out of range, moe.ep_size not dividing
+    moe.num_experts, and with `world_size` the parallel degrees against it), in one line; None when
+    they pass. For overrides that compose (`override_problem`), checked where no rank runs yet."""
+    if any(arg.startswith("-") or arg.startswith("hydra.mode=") for arg in args):
+        return None
+    from hydra import compose, initialize_config_dir
+
+    from train.config import to_run_config
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            run = to_run_config(compose("config", overrides=args))
+        if world_size is not None:
+            run.check_world_size(world_size)
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
 def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else text
 

@@ -37,3 +37,36 @@ def test_good_overrides_go_through_to_the_batch_script(submit, capsys):
     command = capsys.readouterr().out.strip()
     assert command.startswith("sbatch ") and "--nodes=2" in command
     assert command.endswith("launch/slurm/train.sbatch moe=top2 trainer.max_steps=5")
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        # A setting's own check, and the parallel degrees against nodes x ranks per node.
+        (["--", "moe.ep_size=3"], "error: moe.num_experts=8 must be divisible by moe.ep_size=3 (nothing submitted)"),
+        (["--nodes=1", "--gpus-per-node=3", "--", "moe.ep_size=2"],
+         "error: moe.ep_size=2 must divide the world size 3 given by the launcher (nothing submitted)"),
+    ],
+)
+def test_settings_are_checked_at_the_job_world_size(submit, monkeypatch, capsys, argv, expected):
+    monkeypatch.setattr(submit.subprocess, "Popen", lambda *a, **k: pytest.fail("sbatch was called"))
+    assert submit.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [expected]
+
+
+def test_a_malformed_time_limit_is_refused(submit, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        submit.parse_args(["--time", "4h"])
+    assert exit_info.value.code == 2
+    assert "--time must be a Slurm time limit" in capsys.readouterr().err
+    for good in ("30", "4:00:00", "1-12", "1-12:30", "2-00:00:00", "UNLIMITED"):
+        assert submit.parse_args(["--time", good]).time == good
+
+
+def test_without_slurm_the_error_is_one_line(submit, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(submit.shutil, "which", lambda name: None)
+    monkeypatch.setattr(submit.subprocess, "Popen", lambda *a, **k: pytest.fail("sbatch was called"))
+    assert submit.main(["--gpus-per-node=0", f"--output-dir={tmp_path / 'out'}", "--", "model=gpt_tiny"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: sbatch not found on PATH: submit from a Slurm login node (--dry-run prints the command)"]
+    assert not (tmp_path / "out").exists()
