@@ -241,6 +241,7 @@ class Trainer:
             self.params["active_matmul"], run.model.num_layers, run.model.hidden_size, run.model.seq_len
         )
         self.peak_tflops, self.peak_source = peak_tflops(world.device, trainer.peak_tflops)
+        self._warned_mfu = False
 
     def _keep_tokenizer(self) -> None:
         """A copy of the tokenizer in the run directory: eval, generate and export then read it from
@@ -311,6 +312,12 @@ class Trainer:
                 self._log(record)
                 figures = {"loss": f"{train_loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}",
                            "mfu": f"{100 * (record['mfu'] or 0):.1f}%"}
+                if (record["mfu"] or 0) > 1 and not self._warned_mfu and run.trainer.peak_tflops is None:
+                    # Only a measured peak can be too low: a CPU busy with other work while it was timed.
+                    self._warned_mfu = True
+                    progress.print(f"warning     MFU {100 * record['mfu']:.0f}% is above 100%: the peak, "
+                                   f"{self.peak_tflops:.3g} TFLOP/s ({self.peak_source}), was measured low, likely on a "
+                                   "busy machine; MFU is not meaningful in this run (trainer.peak_tflops=X sets the peak)")
                 loss_sum.zero_()
                 aux_sum.zero_()
                 window_steps = window_applied = 0

@@ -64,6 +64,23 @@ def test_train_then_resume_continues_the_same_trajectory(compose_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_an_mfu_above_100_percent_is_flagged_once(compose_run, tmp_path, monkeypatch, capsys):
+    # A CPU peak measured while other work held the cores comes out low, and MFU above 100%.
+    monkeypatch.setattr("train.flops.measured_cpu_matmul_tflops", lambda: 1e-9)
+    train(compose_run(["model=gpt_tiny", "trainer.max_steps=3", "trainer.micro_batch_size=2", "trainer.eval_every=0",
+                       "trainer.eval_batches=1", "logging.log_every=1", "logging.progress_bar=false", "logging.plots=off",
+                       f"data.cache_dir={ROOT / '.cache' / 'data'}", f"trainer.run_dir={tmp_path / 'run'}"]))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning     MFU")]
+    assert len(warnings) == 1 and "was measured low" in warnings[0] and "trainer.peak_tflops=X" in warnings[0]
+    # A peak the user gave is theirs to answer for: no warning.
+    train(compose_run(["model=gpt_tiny", "trainer.max_steps=2", "trainer.micro_batch_size=2", "trainer.eval_every=0",
+                       "trainer.eval_batches=1", "logging.log_every=1", "logging.progress_bar=false", "logging.plots=off",
+                       "trainer.peak_tflops=1e-9", f"data.cache_dir={ROOT / '.cache' / 'data'}",
+                       f"trainer.run_dir={tmp_path / 'given'}"]))
+    assert "warning     MFU" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_existing_run_dir_is_not_overwritten(compose_run, tmp_path):
     from train.config import ConfigError
 
