@@ -72,16 +72,17 @@ class LoadedModel:
 
 
 # ---------------------------------------------------------------------- finding checkpoints
-def newest_run(root: Path, pattern: str = "*/*/checkpoints/latest") -> Path | None:
-    """The run directory under `root` whose latest checkpoint was written last, if any."""
-    candidates = [p.parent.parent for p in root.glob(pattern)]
+def newest_run(root: Path) -> Path | None:
+    """The run directory at any depth under `root` whose latest checkpoint was written last, if any:
+    runs/<name>/<time> as runs are named by default, and any trainer.run_dir placed under it."""
+    candidates = [p.parent.parent for p in root.rglob("checkpoints/latest") if p.is_file()]
     if not candidates:
         return None
     return max(candidates, key=lambda run_dir: (run_dir / "checkpoints" / "latest").stat().st_mtime)
 
 
 def default_checkpoint(runs_root: Path = Path("runs")) -> Path:
-    """The run under runs/ whose latest checkpoint is newest (what `make train` just wrote)."""
+    """The run under runs/ (at any depth) whose latest checkpoint is newest (what `make train` just wrote)."""
     run_dir = newest_run(runs_root)
     if run_dir is None:
         raise ConfigError(
@@ -111,7 +112,7 @@ def resolve_checkpoint(path: str | Path | None) -> Path:
             if not (tag_dir / NON_EXPERT_FILE).is_file():
                 raise ConfigError(f"{latest} names {tag_dir.name}, which holds no {NON_EXPERT_FILE}")
             return tag_dir
-    run_dir = newest_run(path, "*/checkpoints/latest")  # runs/<name>: its newest run
+    run_dir = newest_run(path)  # runs/<name>, or runs/ itself: its newest run
     if run_dir is not None:
         return resolve_checkpoint(run_dir)
     raise ConfigError(f"{path}: holds no checkpoint (no checkpoints/latest, no latest, no {NON_EXPERT_FILE})")

@@ -132,3 +132,30 @@ def test_each_file_is_read_once(tmp_path, monkeypatch, tensor_parallel):
     reads.clear()
     load_model(tmp_path / "whole.safetensors")
     assert reads == {"whole.safetensors": 1}
+
+
+def test_the_default_is_the_newest_run_at_any_depth_under_runs(tmp_path):
+    import os
+
+    from train.load import default_checkpoint, resolve_checkpoint
+
+    def make_run(relative: str, mtime: int) -> Path:
+        run_dir = tmp_path / "runs" / relative
+        tag = run_dir / "checkpoints" / "step_00000001"
+        tag.mkdir(parents=True)
+        (tag / "mp_rank_00_model_states.pt").write_bytes(b"")
+        latest = run_dir / "checkpoints" / "latest"
+        latest.write_text("step_00000001")
+        os.utime(latest, (mtime, mtime))
+        return run_dir
+
+    make_run("smoke/20261201-000000", 1_000)  # named by default: runs/<name>/<time>
+    moved = make_run("moved", 2_000)  # a trainer.run_dir=runs/moved
+    deep = make_run("sweeps/lr/3e-4", 3_000)
+    assert default_checkpoint(tmp_path / "runs") == deep
+    os.utime(moved / "checkpoints" / "latest", (4_000, 4_000))
+    assert default_checkpoint(tmp_path / "runs") == moved
+    # runs/ named explicitly resolves to the same newest run.
+    assert resolve_checkpoint(tmp_path / "runs") == moved / "checkpoints" / "step_00000001"
+    with pytest.raises(ConfigError, match="no run with a checkpoint under"):
+        default_checkpoint(tmp_path / "empty")
