@@ -8,9 +8,11 @@ takes seconds on a laptop. Figures per rank:
   bf16 mixed precision = 2 bytes weights + 2 bytes gradients + 12 bytes fp32 master, momentum,
   variance per parameter; fp32 = 4 + 4 + 8). Optimizer state (ZeRO-1) and gradients (ZeRO-2) are
   partitioned over the data-parallel group: all ranks for dense parameters, world / ep_size for
-  expert parameters. Activations: 34 x b x s x d bytes per layer for bf16 (Korthikanti et al.
-  2022, no recomputation, flash attention so no s^2 term), plus each MoE layer's routed copies
-  b x s x K x (2d + 3F) x 2 bytes, plus the logits b x s x V x 6 bytes;
+  expert parameters. Activations: (10 + 24 / tp) x b x s x d bytes per layer for bf16 (Korthikanti
+  et al. 2022 with tensor parallelism and no sequence parallelism, no recomputation, flash attention
+  so no s^2 term: 34 at tp 1), plus each MoE layer's routed copies b x s x K x (2d + 3F / tp) x 2
+  bytes (the hidden units split over the tensor-parallel ranks), plus the logits b x s x V x 6 bytes
+  (the output projection is whole on every rank);
 - all-to-all bytes per optimizer step: per MoE layer and micro-batch, the dispatch and the combine
   each move b x s x K (x cf in capacity mode) rows of d elements, of which (ep-1)/ep leave the
   rank, and the backward pass repeats both.
@@ -61,8 +63,10 @@ def parallel_plan(run: RunConfig, world_size: int, vocab_size: int) -> dict:
     expert_hidden = moe.expert_hidden or model_cfg.ffn_hidden
     per_token = experts_per_token(moe)
     act_elem = 2 if bf16 else 4
-    block_dense = 34 * b * s * d * act_elem / 2
-    block_moe = b * s * per_token * (2 * d + 3 * expert_hidden) * act_elem
+    # Per layer, in bytes at 2 per element: norms, block inputs and the like are whole on every
+    # tensor-parallel rank (10), attention and FFN internals split (24); Korthikanti et al. 2022, eq. 2.
+    block_dense = (10 + 24 / tp) * b * s * d * act_elem / 2
+    block_moe = b * s * per_token * (2 * d + 3 * expert_hidden / tp) * act_elem
     logits = b * s * vocab_size * (act_elem + 4)
     if trainer.activation_checkpointing:
         # Every block's input, plus one block's activations at a time while it is recomputed.

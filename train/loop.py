@@ -52,7 +52,12 @@ def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
         print_plan(plan)
         check_fits(plan, run.dry_run_device_gib)
         return plan
-    run.check_world_size(launcher_world_size())
+    launched = launcher_world_size()
+    if run.world_size is not None and run.world_size != launched:
+        # The launcher decides how many ranks there are; world_size only sizes a dry run's plan.
+        raise ConfigError(f"world_size={run.world_size} plans a dry run (dry_run=true); this run has {launched} "
+                          f"rank{'s' if launched != 1 else ''} from its launcher (launch/deepspeed_local.sh N starts N)")
+    run.check_world_size(launched)
     for path in run.data.files:
         if not Path(path).is_file():
             raise ConfigError(f"data.files: {path!r} does not exist or is not a file")

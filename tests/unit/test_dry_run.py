@@ -34,6 +34,25 @@ def test_more_expert_parallelism_means_less_memory_and_no_all_to_all_at_ep1(comp
     assert none["all_to_all_gib_per_step"] == 0
 
 
+def test_tensor_parallelism_splits_the_activations_inside_each_block(compose_run):
+    from train.model import padded_vocab_size
+
+    plans = {tp: train(compose_run([*BIG, "world_size=16", "moe.ep_size=8", f"model.tensor_parallel={tp}"]))
+             for tp in (1, 2)}
+    cfg = compose_run(BIG)
+    b, s, d, layers = cfg.trainer.micro_batch_size, cfg.model.seq_len, cfg.model.hidden_size, cfg.model.num_layers
+    k, f, vocab = 8, 704, padded_vocab_size(cfg.data.vocab_size)
+    gib = 2**30
+
+    def expected(tp: int) -> float:  # bf16: (10 + 24 / tp) bytes per b*s*d per layer, routed copies, logits
+        per_layer = (10 + 24 / tp) * b * s * d + b * s * k * (2 * d + 3 * f / tp) * 2
+        return (layers * per_layer + b * s * vocab * 6) / gib
+
+    for tp, plan in plans.items():
+        assert plan["memory_activations_gib"] == pytest.approx(expected(tp), rel=1e-12)
+    assert plans[2]["memory_activations_gib"] < plans[1]["memory_activations_gib"]
+
+
 def test_activation_checkpointing_keeps_one_input_per_block_plus_one_block(compose_run):
     plain = train(compose_run([*BIG, "world_size=8", "moe.ep_size=8"]))
     checkpointed = train(compose_run([*BIG, "world_size=8", "moe.ep_size=8", "trainer.activation_checkpointing=true"]))
