@@ -12,6 +12,8 @@ and replace only the gate and the forward pass.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 
 import torch
@@ -202,7 +204,10 @@ class MoELayer(MoE):
         return (dist.get_rank() // self.tensor_parallel_size) % self.ep_size
 
     def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
-        super()._create_process_groups(use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        # DeepSpeed prints "No existing process group found, creating a new group ..." for the first
+        # layer on every rank: expected here, not a problem to report.
+        with contextlib.redirect_stdout(io.StringIO()):
+            super()._create_process_groups(use_data_before_expert_parallel_=use_data_before_expert_parallel_)
         actual = groups._get_expert_parallel_rank(self.expert_group_name)
         if actual != self.ep_rank:
             raise RuntimeError(

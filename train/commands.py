@@ -6,18 +6,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 
 import torch
 
-# Before anything imports DeepSpeed (the model's MoE layers do): on a machine without CUDA, its CPU
-# accelerator, chosen quietly rather than after a warning that it found no GPU.
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-from train.config import ConfigError  # noqa: E402
+from train.config import ConfigError
 
 
 class ArgumentParser(argparse.ArgumentParser):

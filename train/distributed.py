@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -38,9 +39,7 @@ class World:
         statistics summed over it count every token once. None = the whole world."""
         if self.tensor_parallel == 1:
             return None
-        from megatron.core import parallel_state
-
-        return parallel_state.get_data_parallel_group()
+        return megatron_parallel_state().get_data_parallel_group()
 
 
 def _free_port() -> int:
@@ -102,6 +101,15 @@ def init_world(requested_device: str, tensor_parallel: int = 1) -> World:
     )
 
 
+def megatron_parallel_state():
+    """megatron.core.parallel_state, imported without the four warnings megatron-core prints at
+    import when Apex and Transformer Engine are absent (they are not needed here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core import parallel_state
+    return parallel_state
+
+
 def close_world() -> None:
     """Tear the process groups down before the interpreter exits. Left to interpreter shutdown,
     gloo's worker threads can be destroyed while still joinable, and the process then aborts
@@ -110,8 +118,7 @@ def close_world() -> None:
     if not torch.distributed.is_initialized():
         return
     try:
-        from megatron.core import parallel_state
-
+        parallel_state = megatron_parallel_state()
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
     except ImportError:

@@ -5,11 +5,13 @@ The one place that calls `deepspeed.initialize`.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import deepspeed
 import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import logger as ds_logger
 
 from train.config import RunConfig
 
@@ -72,10 +74,26 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
 def build_engine(model: torch.nn.Module, run: RunConfig, device: torch.device, mpu=None):
     """`mpu`: the tensor-parallel unit (train.tensor_parallel.MegatronMPU) when model.tensor_parallel > 1;
     DeepSpeed then reduces gradients over its data-parallel group and counts split weights in the norm."""
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        mpu=mpu,
-        model_parameters=optimizer_param_groups(model, run.deepspeed.weight_decay),
-        config=deepspeed_config(run, device),
-    )
+    # WarmupCosineLR asks itself for its learning rate in its own constructor and warns that it "has
+    # not started": DeepSpeed's noise, not the user's problem. That one message is dropped.
+    quiet = _WithoutMessage("Attempting to get learning rate from scheduler before it has started")
+    ds_logger.addFilter(quiet)
+    try:
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model,
+            mpu=mpu,
+            model_parameters=optimizer_param_groups(model, run.deepspeed.weight_decay),
+            config=deepspeed_config(run, device),
+        )
+    finally:
+        ds_logger.removeFilter(quiet)
     return engine, scheduler
+
+
+class _WithoutMessage(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()

@@ -147,3 +147,28 @@ def test_keep_checkpoints_leaves_the_newest_and_a_resume_continues(compose_run, 
     assert resumed["steps"] == 7 and resumed["steps_this_session"] == 2
     assert tags() == ["step_00000006", "step_00000007"]
     assert (checkpoints / "latest").read_text() == "step_00000007"
+
+
+@pytest.mark.slow
+def test_the_console_carries_no_library_noise(tmp_path):
+    """What a run prints is the run's: DeepSpeed's and megatron-core's start-up chatter (no GPU found,
+    a process group created, a scheduler asked for its rate in its own constructor, Apex absent) is
+    kept out, as the README's sample output shows."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    env = {k: v for k, v in subprocess_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1").items() if k != "DS_ACCELERATOR"}
+    result = subprocess.run(
+        [sys.executable, "-m", "train", "model=gpt_tiny", "trainer.max_steps=2", "trainer.micro_batch_size=2",
+         "trainer.eval_batches=1", "deepspeed.warmup_steps=1", "logging.progress_bar=false", "logging.plots=off",
+         f"data.cache_dir={ROOT / '.cache' / 'data'}", f"trainer.run_dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = result.stdout + result.stderr
+    for noise in ("Setting accelerator to CPU", "No existing process group found",
+                  "Attempting to get learning rate", "Transformer Engine and Apex"):
+        assert noise not in console, f"{noise!r} in:\n{console}"
+    assert "done        val loss" in result.stdout
