@@ -1,6 +1,7 @@
 """Everything that turns configs into a run: config schema, GPT model, data, DeepSpeed engine, loop."""
 
 import os
+import warnings
 
 import torch
 
@@ -9,3 +10,7 @@ import torch
 # DS_ACCELERATOR of the user's are left alone.
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+# DeepSpeed's ZeRO gathers with the collective torch renamed; torch warns on every rank of every
+# multi-rank run. Not the user's to act on.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated", category=FutureWarning)
