@@ -99,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated subset of {','.join(VARIANTS)} (default: the first two, all four with --compile)")
     args, overrides = parser.parse_known_args(argv)
+    flags = [arg for arg in overrides if arg.startswith("-")]
+    if flags:  # a mistyped option would otherwise pass as an "override" that nothing checks
+        _refuse(f"unknown option {flags[0]}; options are --steps, --warmup, --json, --compile, --variants")
     names = args.variants.split(",") if args.variants else list(VARIANTS[: 4 if args.compile else 2])
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:

@@ -42,29 +42,46 @@ fi
 # the launcher runs in a process group of its own (set -m), away from the terminal's Ctrl-C, and
 # this script hands each Ctrl-C to the ranks: the first makes them checkpoint after the step and
 # exit 130 (the launcher passes that status on), a second stops them at once. SIGTERM and SIGHUP
-# (the terminal closed) reach the ranks as SIGTERM: checkpoint and exit; Ctrl-\ (SIGQUIT) still
-# stops the whole job at once. A process group off the terminal must not read it (it would stop
-# there, silently), so the job's stdin is /dev/null.
-set -m
-"${command[@]}" </dev/null &
-runner=$!
-set +m
-
-signal_ranks() {  # SIGNAL: the launcher's grandchildren (runner -> launcher -> ranks)
+# reach the ranks as SIGTERM: checkpoint and exit. Before the ranks exist (start-up), either stops
+# the job through DeepSpeed's own handling; Ctrl-\ (SIGQUIT) stops it at once. A process group off
+# the terminal must not read it (it would stop there, silently), so the job's stdin is /dev/null;
+# and a watchdog in that group stops the job (SIGTERM, so the ranks still checkpoint) if this script
+# is killed outright, by SIGKILL or with its own process group.
+runner=""
+trapped=0
+early=""
+signal_ranks() {  # SIGNAL: the ranks, the children of DeepSpeed's per-node launcher
+  trapped=1
+  if [ -z "$runner" ]; then early=1; return 0; fi  # not started yet: stopped as soon as it is
   "${command[0]}" -c '
 import psutil, signal, sys
-for launcher in psutil.Process(int(sys.argv[1])).children():
-    for rank in launcher.children():
-        try:
-            rank.send_signal(getattr(signal, sys.argv[2]))
-        except psutil.NoSuchProcess:
-            pass
-' "$runner" "$1" 2>/dev/null || true
-  trapped=1
+sig, found = getattr(signal, sys.argv[2]), 0
+for process in psutil.Process(int(sys.argv[1])).children(recursive=True):
+    try:
+        if "deepspeed.launcher.launch" not in " ".join(process.cmdline()):
+            continue
+        for rank in process.children():
+            rank.send_signal(sig)
+            found += 1
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        pass
+sys.exit(0 if found else 1)
+' "$runner" "$1" 2>/dev/null || kill -TERM -- "-$runner" 2>/dev/null || true
 }
 trap 'signal_ranks SIGINT' INT
 trap 'signal_ranks SIGTERM' TERM HUP
-trap 'kill -QUIT -- "-$runner" 2>/dev/null; trapped=1' QUIT
+trap 'trapped=1; [ -z "$runner" ] || kill -QUIT -- "-$runner" 2>/dev/null || true' QUIT
+set -m
+"$BASH" -c '
+script=$1; shift
+# Alive: in /proc and not a zombie (a killed script stays one until its parent reads its status,
+# which a parent busy reading the job'"'"'s output may not do for a long time).
+alive() { local stat; read -r stat < "/proc/$1/stat" 2>/dev/null || return 1; stat=${stat##*) }; [ "${stat%% *}" != Z ]; }
+( while alive "$script"; do sleep 2; done; kill -TERM 0 ) </dev/null >/dev/null 2>&1 &
+exec "$@"' watchdog "$$" "${command[@]}" </dev/null &
+runner=$!
+set +m
+if [ -n "$early" ]; then kill -TERM -- "-$runner" 2>/dev/null || true; fi
 while :; do
   trapped=0
   status=0

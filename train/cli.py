@@ -107,6 +107,8 @@ def settings_problem(args: list[str], world_size: int | None = None) -> str | No
             run = to_run_config(compose("config", overrides=args))
         if world_size is not None:
             run.check_world_size(world_size)
+            if run.world_size is not None and run.world_size != world_size and not run.dry_run:
+                return f"world_size={run.world_size} plans a dry run (dry_run=true); this job has {world_size} ranks"
     except ConfigError as error:
         return str(error)
     return None

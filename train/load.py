@@ -72,10 +72,17 @@ class LoadedModel:
 
 
 # ---------------------------------------------------------------------- finding checkpoints
+RUN_SEARCH_DEPTH = 4
+"""How deep under runs/ (or a folder given in place of a run) a run directory is looked for:
+runs/<name>/<time> is 2 deep; the bound keeps a wrong path (a home directory) from a full scan."""
+
+
 def newest_run(root: Path) -> Path | None:
-    """The run directory at any depth under `root` whose latest checkpoint was written last, if any:
-    runs/<name>/<time> as runs are named by default, and any trainer.run_dir placed under it."""
-    candidates = [p.parent.parent for p in root.rglob("checkpoints/latest") if p.is_file()]
+    """The run directory under `root` (at most RUN_SEARCH_DEPTH deep) whose latest checkpoint was
+    written last, if any: runs/<name>/<time> as runs are named by default, and any
+    trainer.run_dir=runs/... of the user's."""
+    patterns = ["/".join(["*"] * depth + ["checkpoints", "latest"]) for depth in range(RUN_SEARCH_DEPTH + 1)]
+    candidates = [p.parent.parent for pattern in patterns for p in root.glob(pattern) if p.is_file()]
     if not candidates:
         return None
     return max(candidates, key=lambda run_dir: (run_dir / "checkpoints" / "latest").stat().st_mtime)

@@ -48,13 +48,18 @@ def _stored_api_key(environ: Mapping[str, str]) -> bool:
     """Whether `wandb login` left a key for the W&B server in use: it writes one to ~/.netrc (or the
     file $NETRC names) under the server's host, which is where the README tells cluster users to keep
     it (never in the environment the launcher forwards to every node)."""
-    host = urlparse(environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    url = urlparse(environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
     path = environ.get("NETRC") or os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".netrc")
     try:
-        entry = netrc.netrc(path).authenticators(host)
+        stored = netrc.netrc(path)
     except (OSError, netrc.NetrcParseError):
         return False
-    return entry is not None and bool(entry[2])
+    # wandb files a server on a port under host:port (its netloc), and a plain one under its host.
+    for machine in dict.fromkeys(m for m in (url.netloc, url.hostname) if m):
+        entry = stored.authenticators(machine)
+        if entry is not None and entry[2]:
+            return True
+    return False
 
 
 def wandb_items(record: Mapping[str, Any]) -> dict[str, float]:

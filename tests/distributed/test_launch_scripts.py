@@ -116,14 +116,21 @@ def test_two_nodes_through_pdsh_train_with_per_rank_logs_and_forwarded_environme
     assert [r["step"] for r in records if r["event"] == "train"] == [1, 2]
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize(("stop", "status", "line"),
-                         [("ctrl-c", 130, "interrupted SIGINT"), ("sigterm", 75, "preempted   SIGTERM")])
-def test_local_script_stops_its_ranks_with_a_checkpoint(tmp_path, stop, status, line):
+def _job(script: subprocess.Popen) -> list:
+    """The script's process and every process it started (the launcher runs in a group of its own)."""
+    import psutil
+
+    try:
+        root = psutil.Process(script.pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _start_local_training(tmp_path: Path, run_dir: Path) -> subprocess.Popen:
     # The script runs in a session of its own here, so that signalling its process group is what
     # Ctrl-C at a terminal does: SIGINT to every process of the foreground job.
-    run_dir = tmp_path / "run"
-    process = subprocess.Popen(
+    return subprocess.Popen(
         ["bash", str(LOCAL), "2", "model=gpt_tiny", "moe.ep_size=2", "trainer.max_steps=100000",
          "trainer.micro_batch_size=4", "trainer.checkpoint_every=0", "trainer.eval_every=0", "logging.log_every=1",
          "logging.progress_bar=false", "logging.plots=off", f"data.cache_dir={ROOT / '.cache' / 'data'}",
@@ -131,26 +138,87 @@ def test_local_script_stops_its_ranks_with_a_checkpoint(tmp_path, stop, status, 
         env=subprocess_env(PYTHON=sys.executable, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
+
+
+def _wait_for_steps(process: subprocess.Popen, metrics: Path, steps: int) -> None:
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count('"train"') >= steps):
+        assert process.poll() is None and time.monotonic() < deadline, "the ranks did not reach their first steps"
+        time.sleep(0.1)
+
+
+def _no_process_left(processes: list, seconds: float = 10) -> list:
+    """Those of `processes` still running after `seconds` (the watchdog polls every 2 s)."""
+    import psutil
+
+    def running(process) -> bool:
+        try:
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + seconds
+    while True:
+        alive = [p for p in processes if running(p)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def _kill_all(processes: list) -> None:
+    import psutil
+
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("stop", "status", "line"),
+                         [("ctrl-c", 130, "interrupted SIGINT"), ("sigterm", 75, "preempted   SIGTERM")])
+def test_local_script_stops_its_ranks_with_a_checkpoint(tmp_path, stop, status, line):
+    run_dir = tmp_path / "run"
+    process = _start_local_training(tmp_path, run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    job = []
     try:
-        metrics = run_dir / "metrics.jsonl"
-        deadline = time.monotonic() + 300
-        while not (metrics.exists() and metrics.read_text().count('"train"') >= 2):
-            assert process.poll() is None and time.monotonic() < deadline, "the ranks did not reach their first steps"
-            time.sleep(0.1)
+        _wait_for_steps(process, metrics, 2)
+        job = _job(process)
         if stop == "ctrl-c":
             os.killpg(process.pid, signal.SIGINT)
         else:
             process.send_signal(signal.SIGTERM)  # to the script alone, as a process manager would
         out, _ = process.communicate(timeout=120)
+        left = _no_process_left(job)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        _kill_all(_job(process) or job)  # only what a failure left running
     assert process.returncode == status, out[-3000:]
     assert "Traceback" not in out and line in out
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert (run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt").exists()
     events = [json.loads(r) for r in metrics.read_text().splitlines()]
     assert events[-1]["event"] == "preempted" and events[-1]["checkpoint"] == tag
-    # Nothing of the job outlives the script: the launcher and both ranks are gone.
-    leftover = subprocess.run(["ps", "-o", "pid=", "-g", str(process.pid)], capture_output=True, text=True).stdout.split()
-    assert leftover == [], leftover
+    # Nothing of the job outlives the script: the runner, the launcher, both ranks, the watchdog.
+    assert len(job) >= 5 and left == [], left
+
+
+@pytest.mark.distributed
+def test_a_killed_script_takes_its_job_with_it(tmp_path):
+    """SIGKILL to the script leaves nobody to forward signals: the watchdog in the launcher's group
+    stops the job with SIGTERM, so the ranks still checkpoint."""
+    run_dir = tmp_path / "run"
+    process = _start_local_training(tmp_path, run_dir)
+    job = []
+    try:
+        _wait_for_steps(process, run_dir / "metrics.jsonl", 2)
+        job = _job(process)
+        process.kill()
+        process.communicate(timeout=30)
+        left = _no_process_left(job, seconds=60)
+    finally:
+        _kill_all(job)  # only what a failure left running
+    assert len(job) >= 5 and left == [], left
+    events = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "preempted" and events[-1]["signal"] == "SIGTERM"

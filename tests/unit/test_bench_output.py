@@ -46,3 +46,13 @@ def test_only_takes_short_names_table_names_and_lists():
         "top-2, split-invariant balancing loss", "expert choice c=2"]
     with pytest.raises(ValueError, match="unknown top3"):
         chosen_variants(["top3"])
+
+
+def test_end_to_end_refuses_a_mistyped_option_before_anything_runs(capsys):
+    from bench import end_to_end
+
+    with pytest.raises(SystemExit) as exit_info:
+        end_to_end.parse_args(["--stpes", "3", "model=gpt_tiny"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: unknown option --stpes; options are --steps, --warmup, --json, --compile, --variants")

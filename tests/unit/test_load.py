@@ -152,6 +152,7 @@ def test_the_default_is_the_newest_run_at_any_depth_under_runs(tmp_path):
     make_run("smoke/20261201-000000", 1_000)  # named by default: runs/<name>/<time>
     moved = make_run("moved", 2_000)  # a trainer.run_dir=runs/moved
     deep = make_run("sweeps/lr/3e-4", 3_000)
+    make_run("a/b/c/d/e", 9_000)  # deeper than RUN_SEARCH_DEPTH: not searched
     assert default_checkpoint(tmp_path / "runs") == deep
     os.utime(moved / "checkpoints" / "latest", (4_000, 4_000))
     assert default_checkpoint(tmp_path / "runs") == moved

@@ -41,6 +41,10 @@ def test_a_key_stored_by_wandb_login_means_online(tmp_path):
     other.chmod(0o600)
     assert resolve_mode("auto", {"HOME": str(tmp_path), "NETRC": str(other),
                                  "WANDB_BASE_URL": "https://wandb.example.com"}) == "online"
+    # A self-hosted server on a port: wandb files its key under host:port.
+    other.write_text("machine localhost:8080 login user password " + "k" * 40 + "\n")
+    assert resolve_mode("auto", {"HOME": str(tmp_path), "NETRC": str(other),
+                                 "WANDB_BASE_URL": "http://localhost:8080"}) == "online"
     (tmp_path / ".netrc").write_text("this is not a netrc file")
     assert resolve_mode("auto", {"HOME": str(tmp_path)}) == "offline"
 
