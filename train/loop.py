@@ -73,7 +73,8 @@ def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
         )
     problem = _unusable_directory(Path(run.trainer.run_dir) if run.trainer.run_dir else Path("runs", run.name))
     if problem is not None:  # found now, not after the model and the engine are built
-        raise ConfigError(f"trainer.run_dir={run.trainer.run_dir!r}: {problem}" if run.trainer.run_dir else problem)
+        raise ConfigError(f"trainer.run_dir={run.trainer.run_dir!r}: {problem}" if run.trainer.run_dir
+                          else f"{problem} (runs go under runs/<name>/ by default: set trainer.run_dir=DIR)")
 
     # Handlers go in before the slow start-up: a scheduler's warning that arrives meanwhile is kept.
     with PreemptionWatch() as preemption:
