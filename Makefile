@@ -7,6 +7,10 @@ ARGS      ?=
 # a machine with an NVIDIA driver gets PyPI's CUDA build.
 TORCH_CPU ?= torch==2.13.0
 TORCH_GPU ?= torch>=2.4,<2.15
+# Where torch comes from. Empty: the configured index (PyPI), whose Linux torch is a CUDA build of
+# several GB even on a CPU-only machine; TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the
+# CPU build instead.
+TORCH_INDEX ?=
 HAS_GPU   := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 .PHONY: help install train test test-fast lint prepare bench bench-routing bench-gpu clean eval generate export consolidate docker lint-docker test-slurm
@@ -19,7 +23,7 @@ install: $(STAMP)  ## create .venv and install the project (CPU or CUDA torch)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(if $(HAS_GPU),$(TORCH_GPU),$(TORCH_CPU))"
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(if $(HAS_GPU),$(TORCH_GPU),$(TORCH_CPU))"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
