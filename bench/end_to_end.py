@@ -51,15 +51,21 @@ def measure(overrides: list[str], implementation: str, steps: int, warmup: int, 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(run, world, lambda: Path(tmp))
         times = []
-        for step in range(warmup + steps):
-            if world.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            trainer.train_step(step)
-            if world.device.type == "cuda":
-                torch.cuda.synchronize()
-            if step >= warmup:
-                times.append(time.perf_counter() - start)
+        try:
+            for step in range(warmup + steps):
+                if world.device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                trainer.train_step(step)
+                if world.device.type == "cuda":
+                    torch.cuda.synchronize()
+                if step >= warmup:
+                    times.append(time.perf_counter() - start)
+        except BaseException:
+            # Out of memory, say: let the engine go before the next variant is built (the traceback
+            # keeps this frame, and with it `trainer`, alive for a while yet).
+            trainer.engine.destroy()
+            raise
     median = statistics.median(times)
     tokens_per_s = trainer.tokens_per_step / median
     result = {
@@ -76,12 +82,20 @@ def measure(overrides: list[str], implementation: str, steps: int, warmup: int, 
         "tokens_per_step": trainer.tokens_per_step,
         "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if world.device.type == "cuda" else None,
     }
+    trainer.engine.destroy()
     del trainer
+    _release_memory()
+    return result
+
+
+def _release_memory() -> None:
+    """What one variant held, freed before the next is built: engines hold reference cycles, and
+    compiled graphs of a model that is gone stay cached until dynamo is reset."""
     gc.collect()
-    if world.device.type == "cuda":
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    return result
 
 
 VARIANTS = ("ours", "deepspeed", "ours+compile", "deepspeed+compile")
@@ -161,11 +175,12 @@ def _measure_or_error(overrides: list[str], implementation: str, steps: int, war
         return measure(overrides, implementation, steps, warmup, compiled)
     except Exception as exc:  # noqa: BLE001 - reported in the table and the exit status
         traceback.print_exc()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         name = implementation + ("+compile" if compiled else "")
-        return {"implementation": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+        failed = {"implementation": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+    # Here, past the except clause, the exception and its traceback (which held the failed run's
+    # frames, its model and engine among them) are gone: now the memory can be given back.
+    _release_memory()
+    return failed
 
 
 if __name__ == "__main__":

@@ -428,6 +428,10 @@ def run_shape(s: Shape, variants: list[str], device: torch.device, warmup: int, 
     the order rotated by one per round so that no variant always runs first (or right after the same
     neighbour). A variant that fails (to build, to warm up, or in a round: OOM, an upstream assert)
     keeps its error and leaves the rounds; the others go on."""
+    # A shape of its own for the compiled variants: left over from the previous shape, dynamo's
+    # cache would recompile them with symbolic sizes (automatic dynamic shapes), which training,
+    # whose shapes never change, does not run.
+    torch._dynamo.reset()
     x_TD, grad_TD = _inputs(s, device)
     print(f"[bench] {s.label} on {device.type}: {len(variants)} variants, {repeats} interleaved rounds", file=sys.stderr)
     results = [Result(s, name) for name in variants]

@@ -133,12 +133,13 @@ class ExpertChoiceRouter(StepStatefulRouter):
         return self.pending_threshold.double()
 
     def apply_statistics(self, summed: torch.Tensor) -> None:
-        groups = float(summed[-1])
-        if groups > 0:
-            observed_E = (summed[:-1] / groups).float()
-            if float(self.threshold_ready) == 0.0:
-                self.threshold.copy_(observed_E)
-                self.threshold_ready.fill_(1.0)
-            else:
-                self.threshold.lerp_(observed_E, self.config.ec_threshold_momentum)
+        # Decided on the device (torch.where), not with `if` on a device value: no wait for the GPU
+        # once per layer and step. A step with no groups keeps the threshold as it was.
+        groups = summed[-1]
+        observed_E = (summed[:-1] / groups.clamp_min(1)).float()
+        first = self.threshold_ready == 0.0  # the first observation is taken as it is
+        updated_E = torch.where(first, observed_E, torch.lerp(self.threshold, observed_E, self.config.ec_threshold_momentum))
+        seen = groups > 0
+        self.threshold.copy_(torch.where(seen, updated_E, self.threshold))
+        self.threshold_ready.copy_(torch.where(seen, torch.ones_like(self.threshold_ready), self.threshold_ready))
         self.pending_threshold.zero_()

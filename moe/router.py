@@ -92,11 +92,13 @@ class TokenChoiceRouter(StepStatefulRouter):
         return self.pending_routed.double()
 
     def apply_statistics(self, summed: torch.Tensor) -> None:
+        # No `if total > 0` on a device tensor: that would wait for the GPU once per layer and step.
         routed = summed.float()
         total = routed.sum()
-        if total > 0:
-            self.balance_fraction.copy_(routed / total)
-            if self.config.bias_update_rate > 0:
-                # DeepSeek-V3: b_e += u * sign(mean load - load_e): underloaded experts rise.
-                self.selection_bias += self.config.bias_update_rate * torch.sign(routed.mean() - routed)
+        # A step that routed nothing keeps the previous fractions.
+        self.balance_fraction.copy_(torch.where(total > 0, routed / total.clamp_min(1), self.balance_fraction))
+        if self.config.bias_update_rate > 0:
+            # DeepSeek-V3: b_e += u * sign(mean load - load_e): underloaded experts rise. (All loads
+            # zero: every sign is zero, the bias stays.)
+            self.selection_bias += self.config.bias_update_rate * torch.sign(routed.mean() - routed)
         self.pending_routed.zero_()

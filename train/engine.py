@@ -10,6 +10,7 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import logger as ds_logger
 
@@ -57,9 +58,34 @@ def deepspeed_config(run: RunConfig, device: torch.device) -> dict[str, Any]:
     }
 
 
-def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+DEEPSPEED_EXPERT_GROUP_CAP = 178_956_971
+"""DeepSpeed's default cap on the elements of one expert parameter group (2^31 bytes of the 12-byte
+fp32 master weight and Adam moments per element)."""
+
+
+def expert_group_cap(model: torch.nn.Module, cap: int = DEEPSPEED_EXPERT_GROUP_CAP) -> int:
+    """The largest whole number of MoE layers' expert parameters within `cap` elements, as the size
+    at which DeepSpeed splits the expert parameters into optimizer groups.
+
+    ZeRO flattens each group into a buffer of its own. Split at DeepSpeed's plain cap, a group ends
+    in the middle of a layer (at 350M, 9 of 24 layers), whose experts then lie in two buffers: their
+    stacked weights can no longer be a view (moe/expert_storage.py) and are copied on every forward.
+    Every MoE layer of a model has the same experts; where not, the plain cap."""
+    sizes = {sum(p.numel() for p in layer.deepspeed_moe.experts.parameters())
+             for layer in model.modules() if isinstance(layer, MoE)}
+    if len(sizes) != 1:
+        return cap
+    per_layer = sizes.pop()
+    if not 0 < per_layer <= cap:
+        return cap
+    return cap // per_layer * per_layer
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float,
+                           expert_cap: int = DEEPSPEED_EXPERT_GROUP_CAP) -> list[dict[str, Any]]:
     """Decay for matrices, none for norms; then DeepSpeed's split of expert parameters into
-    their own groups, which ZeRO reduces over the expert-data-parallel group."""
+    their own groups, which ZeRO reduces over the expert-data-parallel group, each holding whole
+    MoE layers (`expert_group_cap`)."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -68,7 +94,7 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
-    return split_params_into_different_moe_groups_for_optimizer(groups)
+    return split_params_into_different_moe_groups_for_optimizer(groups, max_group_size=expert_group_cap(model, expert_cap))
 
 
 def build_engine(model: torch.nn.Module, run: RunConfig, device: torch.device, mpu=None):

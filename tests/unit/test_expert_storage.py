@@ -77,3 +77,39 @@ def test_view_stack_matches_the_module_loop_forward_and_backward(layout):
         torch.testing.assert_close(got[1], results[2][1], **tol)
         for g, want in zip(got[2], results[2][2], strict=True):
             torch.testing.assert_close(g, want, **tol)
+
+
+def test_expert_optimizer_groups_hold_whole_layers():
+    """ZeRO flattens each optimizer group into its own buffer: a layer whose experts straddle two
+    groups could not be stacked as a view. DeepSpeed's split at its plain cap cuts layers; ours does not."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    from moe import MoEConfig
+    from train.engine import expert_group_cap, optimizer_param_groups
+    from train.model import GPT, ModelConfig
+
+    model = GPT(ModelConfig(seq_len=16, num_layers=5, hidden_size=32, num_heads=4, ffn_hidden=48),
+                MoEConfig(num_experts=4, top_k=2), 64, seed=0)
+    layers = [list(block.ffn.deepspeed_moe.experts.parameters()) for block in model.blocks]
+    per_layer = sum(p.numel() for p in layers[0])
+    cap = int(2.5 * per_layer)  # a stand-in for DeepSpeed's 178,956,971 elements at a real size
+    assert expert_group_cap(model, cap) == 2 * per_layer
+
+    def expert_groups(groups):
+        return [g["params"] for g in groups if g.get("moe")]
+
+    def layer_of(param):
+        return next(i for i, layer in enumerate(layers) if any(param is p for p in layer))
+
+    ours = expert_groups(optimizer_param_groups(model, 0.1, expert_cap=cap))
+    assert [sorted({layer_of(p) for p in group}) for group in ours] == [[0, 1], [2, 3], [4]]
+    assert [len(group) for group in ours] == [2 * len(layers[0]), 2 * len(layers[0]), len(layers[0])]
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    plain = expert_groups(split_params_into_different_moe_groups_for_optimizer(
+        [{"name": "decay", "params": decay, "weight_decay": 0.1}], max_group_size=cap))
+
+    def groups_holding(groups, layer: int) -> set[int]:
+        return {index for index, group in enumerate(groups) for p in group if layer_of(p) == layer}
+
+    assert all(len(groups_holding(ours, layer)) == 1 for layer in range(5))
+    assert any(len(groups_holding(plain, layer)) > 1 for layer in range(5)), "the plain cap should cut a layer"
