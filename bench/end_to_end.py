@@ -61,11 +61,10 @@ def measure(overrides: list[str], implementation: str, steps: int, warmup: int, 
                     torch.cuda.synchronize()
                 if step >= warmup:
                     times.append(time.perf_counter() - start)
-        except BaseException:
-            # Out of memory, say: let the engine go before the next variant is built (the traceback
-            # keeps this frame, and with it `trainer`, alive for a while yet).
+        finally:
+            # Measured or failed (out of memory, say), the engine goes before the next variant is
+            # built: a traceback keeps this frame, and with it `trainer`, alive for a while yet.
             trainer.engine.destroy()
-            raise
     median = statistics.median(times)
     tokens_per_s = trainer.tokens_per_step / median
     result = {
@@ -82,7 +81,6 @@ def measure(overrides: list[str], implementation: str, steps: int, warmup: int, 
         "tokens_per_step": trainer.tokens_per_step,
         "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if world.device.type == "cuda" else None,
     }
-    trainer.engine.destroy()
     del trainer
     _release_memory()
     return result

@@ -105,10 +105,9 @@ def override_problem(overrides: list[str], world_size: int) -> str | None:
     accelerator = os.environ.get("DS_ACCELERATOR")
     os.environ["DS_ACCELERATOR"] = "cpu"
     try:
-        from train.cli import override_problem as compose_problem
         from train.cli import settings_problem
 
-        return compose_problem(overrides) or settings_problem(overrides, world_size)
+        return settings_problem(overrides, world_size)
     except ImportError as error:
         print(f"note: overrides not checked before submitting ({error}); run this with the project's "
               f"Python (.venv/bin/python) to check them here", file=sys.stderr, flush=True)

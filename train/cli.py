@@ -51,7 +51,13 @@ def main() -> None:
 
 
 def override_problem(args: list[str]) -> str | None:
-    """What is wrong with the command line's overrides, in one line; None when they compose.
+    """What is wrong with the command line's overrides, in one line; None when they compose
+    (`composed_overrides`)."""
+    return composed_overrides(args)[1]
+
+
+def composed_overrides(args: list[str]) -> tuple[DictConfig | None, str | None]:
+    """(the composed config, None), or (None, what is wrong with the overrides in one line).
 
     Hydra reports a bad override (a typo in a key, a value of the wrong type, an unknown config
     group option) in several lines of OmegaConf detail and exits 1; composing the same overrides
@@ -60,7 +66,7 @@ def override_problem(args: list[str]) -> str | None:
     sweeps and other primary configs do not compose here.
     """
     if any(arg.startswith("-") or arg.startswith("hydra.mode=") for arg in args):
-        return None
+        return None, None
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException, MissingConfigException, OverrideParseException
@@ -68,43 +74,41 @@ def override_problem(args: list[str]) -> str | None:
 
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            compose("config", overrides=args)
+            return compose("config", overrides=args), None
     except MissingConfigException as error:
         missing, options = error.missing_cfg_file or "", error.options
         for arg in args:
             group, _, name = arg.lstrip("+~").partition("=")
             if name and missing == f"{group}/{name}":
-                return f"{arg}: no such config" + (f"; {group} is one of {', '.join(options)}" if options else "")
-        return _one_line(str(error))
+                return None, f"{arg}: no such config" + (f"; {group} is one of {', '.join(options)}" if options else "")
+        return None, _one_line(str(error))
     except OverrideParseException as error:
         parser = OverridesParser.create()
         for arg in args:
             try:
                 parser.parse_overrides([arg])
             except OverrideParseException as parse_error:
-                return f"{arg!r} is not a valid override: {_first_line(str(parse_error))}"
-        return _one_line(str(error))
+                return None, f"{arg!r} is not a valid override: {_first_line(str(parse_error))}"
+        return None, _one_line(str(error))
     except (HydraException, OmegaConfBaseException) as error:
         cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
         full_key = getattr(cause, "full_key", None)
         message = _first_line(getattr(cause, "msg", None) or str(cause))
-        return f"{full_key}: {message}" if full_key else _one_line(str(error))
-    return None
+        return None, f"{full_key}: {message}" if full_key else _one_line(str(error))
 
 
 def settings_problem(args: list[str], world_size: int | None = None) -> str | None:
-    """What the settings' own checks reject (a value out of range, moe.ep_size not dividing
-    moe.num_experts, and with `world_size` the parallel degrees against it), in one line; None when
-    they pass. For overrides that compose (`override_problem`), checked where no rank runs yet."""
-    if any(arg.startswith("-") or arg.startswith("hydra.mode=") for arg in args):
-        return None
-    from hydra import compose, initialize_config_dir
-
+    """What is wrong with the overrides (`override_problem`) or what the settings' own checks reject
+    (a value out of range, moe.ep_size not dividing moe.num_experts, and with `world_size` the
+    parallel degrees against it), in one line; None when they pass. Composed once, checked where no
+    rank runs yet."""
     from train.config import to_run_config
 
+    cfg, problem = composed_overrides(args)
+    if cfg is None:
+        return problem
     try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            run = to_run_config(compose("config", overrides=args))
+        run = to_run_config(cfg)
         if world_size is not None:
             run.check_world_size(world_size)
             if run.world_size is not None and run.world_size != world_size and not run.dry_run:

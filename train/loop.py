@@ -29,6 +29,7 @@ from train.engine import build_engine
 from train.evaluate import mean_token_loss
 from train.flops import flops_per_token, peak_tflops
 from train.host_memory import keep_freed_memory
+from train.load import newest_run
 from train.metrics import ExpertCounts, MetricsFile, Progress, figures_per_layer, finite_or_none, mean_over_ranks
 from train.model import GPT, expert_choice_layers, padded_vocab_size
 from train.nonfinite import NonFiniteLossStop, NonFiniteStreak, discard_routing_statistics, poison_if_nonfinite
@@ -178,8 +179,8 @@ def _resolve_run_dir(run: RunConfig, world: World) -> Path:
             if run.trainer.resume and not path.is_dir():
                 decided[1] = f"trainer.resume=true but trainer.run_dir={str(path)!r} does not exist"
             elif run.trainer.resume and checkpoint.latest_tag(path / "checkpoints") is None:
-                inner = sorted(p.parent.parent for p in path.glob("*/checkpoints/latest"))
-                hint = f"; it holds runs, e.g. trainer.run_dir={inner[-1]}" if inner else ""
+                inner = newest_run(path)
+                hint = f"; it holds runs, e.g. trainer.run_dir={inner}" if inner is not None else ""
                 decided[1] = f"trainer.resume=true but {path / 'checkpoints'} holds no checkpoint{hint}"
         elif run.trainer.resume:
             candidates = sorted(p.parent.parent for p in Path("runs", run.name).glob("*/checkpoints/latest"))
