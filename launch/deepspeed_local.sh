@@ -31,6 +31,9 @@ if [ -n "${DRY_RUN:-}" ]; then
   echo
   exit 0
 fi
+# The overrides, composed and checked against NUM_RANKS once here: one error line, not one per rank.
+"${command[0]}" -c 'import sys; from train.cli import launch_check; sys.exit(launch_check(sys.argv[1:]))' \
+  "$ranks" "given by NUM_RANKS" "$@" </dev/null
 if [ -n "$log_dir" ]; then
   mkdir -p "$log_dir"
   echo "per-rank logs: $log_dir/<date-time>_rank<N>.log"

@@ -72,6 +72,21 @@ if [ -n "${DRY_RUN:-}" ]; then
   echo
   exit 0
 fi
+# The overrides, composed and checked against the job's world size once here: one error line in
+# this terminal, not one per rank in the per-rank logs. The world size is the slots (or GPUS_PER_NODE)
+# of the first NUM_NODES hosts; a hostfile line without slots=N is left for DeepSpeed to refuse.
+world_size="$(awk -v nodes="${NUM_NODES:-0}" -v per_node="${GPUS_PER_NODE:-}" '
+  /^[[:space:]]*(#|$)/ { next }
+  nodes > 0 && hosts >= nodes { next }
+  { hosts++; slots = per_node }
+  slots == "" { for (i = 2; i <= NF; i++) if ($i ~ /^slots=[0-9]+$/) slots = substr($i, 7) }
+  slots == "" { unknown = 1 }
+  { total += slots }
+  END { if (!unknown) print total }' "$hostfile")"
+if [ -n "$world_size" ]; then
+  "${command[0]}" -c 'import sys; from train.cli import launch_check; sys.exit(launch_check(sys.argv[1:]))' \
+    "$world_size" "given by the hostfile's slots (GPUS_PER_NODE, NUM_NODES)" "$@" </dev/null
+fi
 if [ "$log_dir" != none ]; then
   mkdir -p "$log_dir"
   echo "per-rank logs: $log_dir/<date-time>_rank<N>.log"

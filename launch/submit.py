@@ -107,7 +107,7 @@ def override_problem(overrides: list[str], world_size: int) -> str | None:
     try:
         from train.cli import settings_problem
 
-        return settings_problem(overrides, world_size)
+        return settings_problem(overrides, world_size, "given by --nodes x --ranks-per-node")
     except ImportError as error:
         print(f"note: overrides not checked before submitting ({error}); run this with the project's "
               f"Python (.venv/bin/python) to check them here", file=sys.stderr, flush=True)

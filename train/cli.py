@@ -50,6 +50,19 @@ def main() -> None:
     _hydra_train()
 
 
+def launch_check(argv: list[str]) -> int:
+    """The launch scripts' check before DeepSpeed starts a rank (`WORLD_SIZE SOURCE OVERRIDE...`):
+    `settings_problem` with the start-up checks. 0, or 2 after one `error:` line. Left to the ranks,
+    each would print the same error after its seconds of start-up, under DeepSpeed's own lines (and
+    a multi-node job's into its log files, away from the terminal)."""
+    world_size, source, *overrides = argv
+    problem = settings_problem(overrides, int(world_size), source, before_start=True)
+    if problem is None:
+        return 0
+    print(f"error: {problem}", file=sys.stderr, flush=True)
+    return 2
+
+
 def override_problem(args: list[str]) -> str | None:
     """What is wrong with the command line's overrides, in one line; None when they compose
     (`composed_overrides`)."""
@@ -97,11 +110,14 @@ def composed_overrides(args: list[str]) -> tuple[DictConfig | None, str | None]:
         return None, f"{full_key}: {message}" if full_key else _one_line(str(error))
 
 
-def settings_problem(args: list[str], world_size: int | None = None) -> str | None:
+def settings_problem(args: list[str], world_size: int | None = None, source: str = "given by the launcher",
+                     before_start: bool = False) -> str | None:
     """What is wrong with the overrides (`override_problem`) or what the settings' own checks reject
     (a value out of range, moe.ep_size not dividing moe.num_experts, and with `world_size` the
-    parallel degrees against it), in one line; None when they pass. Composed once, checked where no
-    rank runs yet."""
+    parallel degrees against it; `source` says where that number comes from), in one line; None
+    when they pass. With `before_start`, on the machine that runs the job, also what a rank checks
+    at start-up: the data files and the run directory (`train.loop.checked_for_start`). Composed
+    once, checked where no rank runs yet."""
     from train.config import to_run_config
 
     cfg, problem = composed_overrides(args)
@@ -109,10 +125,14 @@ def settings_problem(args: list[str], world_size: int | None = None) -> str | No
         return problem
     try:
         run = to_run_config(cfg)
-        if world_size is not None:
-            run.check_world_size(world_size)
-            if run.world_size is not None and run.world_size != world_size and not run.dry_run:
-                return f"world_size={run.world_size} plans a dry run (dry_run=true); this job has {world_size} ranks"
+        if world_size is None or run.dry_run:  # a dry run plans for its own world_size and starts nothing
+            return None
+        if before_start:
+            from train.loop import checked_for_start
+
+            checked_for_start(run, world_size, source)
+        else:
+            run.check_world_size(world_size, source)
     except ConfigError as error:
         return str(error)
     return None

@@ -226,16 +226,21 @@ class RunConfig:
     def run_dir(self) -> str:
         return self.trainer.run_dir or f"runs/{self.name}"
 
-    def check_world_size(self, world_size: int) -> None:
-        """Parallel degrees live in config, the world size comes from the launcher: they must fit."""
+    def check_world_size(self, world_size: int, source: str = "given by the launcher") -> None:
+        """Parallel degrees live in config, the world size comes from the launcher (or, for a job
+        still to be submitted, from its node and rank counts, named by `source`): they must fit."""
+        if self.world_size is not None and self.world_size != world_size and not self.dry_run:
+            # world_size only sizes a dry run's plan; a real run's ranks are the launcher's to decide.
+            raise ConfigError(f"world_size={self.world_size} plans a dry run (dry_run=true); "
+                              f"this run's world size is {world_size}, {source}")
         tp, ep = self.model.tensor_parallel, self.moe.ep_size
         if world_size % tp != 0:
             raise ConfigError(
-                f"model.tensor_parallel={tp} must divide the world size {world_size} given by the launcher"
+                f"model.tensor_parallel={tp} must divide the world size {world_size} {source}"
             )
         if (world_size // tp) % ep != 0:
             raise ConfigError(
-                f"moe.ep_size={ep} must divide the world size {world_size} given by the launcher"
+                f"moe.ep_size={ep} must divide the world size {world_size} {source}"
                 + (f" divided by model.tensor_parallel={tp}" if tp > 1 else "")
             )
         if tp > 1 and self.moe.implementation == "deepspeed":

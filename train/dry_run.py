@@ -33,7 +33,7 @@ def parallel_plan(run: RunConfig, world_size: int, vocab_size: int) -> dict:
     """Figures for one rank of a `world_size`-rank job (every rank holds the same amounts)."""
     if world_size < 1:
         raise ConfigError(f"world_size must be >= 1, got {world_size}")
-    run.check_world_size(world_size)
+    run.check_world_size(world_size, "given by world_size")
     moe, model_cfg, trainer = run.moe, run.model, run.trainer
     ep, tp = moe.ep_size, model_cfg.tensor_parallel
     data_parallel = world_size // tp

@@ -4,8 +4,9 @@
 
 Writes DIR/config.json, DIR/model.safetensors (fp32) and the tokenizer (tokenizer.json +
 tokenizer_config.json, and generation_config.json, which stops at end-of-text and suppresses the
-padded vocabulary ids), which `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and
-`AutoTokenizer.from_pretrained(DIR)` load offline. Weights use the Hub's Mixtral names
+padded vocabulary ids; without the tokenizer, the ids from the run's data.vocab_size up), which
+`transformers.AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` load
+offline. Weights use the Hub's Mixtral names
 (`block_sparse_moe.experts.{e}.w1/w2/w3`), which transformers 4.x loads as they are and 5.x
 converts on load into its fused expert tensors.
 
@@ -148,10 +149,12 @@ def mixtral_config(model: torch.nn.Module, eot_id: int | None) -> dict:
     }
 
 
-def export_mixtral(model: torch.nn.Module, out: Path, tokenizer_file: Path | None = None) -> None:
+def export_mixtral(model: torch.nn.Module, out: Path, tokenizer_file: Path | None = None,
+                   vocab_size: int | None = None) -> None:
     """Write a Mixtral checkpoint of `model` (a train.model.GPT) to directory `out`, replacing a
     previous export there; ConfigError when the model has something Mixtral cannot represent or
-    `out` holds something else."""
+    `out` holds something else. Without `tokenizer_file`, `vocab_size` (the run's data.vocab_size,
+    which bounds its tokenizer's) still lets generation_config.json keep the padded rows out."""
     # Checked here rather than in the command, so API callers are refused too, before any file is written.
     problems = unsupported_features(model)
     if problems:
@@ -176,7 +179,7 @@ def export_mixtral(model: torch.nn.Module, out: Path, tokenizer_file: Path | Non
     shutil.rmtree(partial, ignore_errors=True)  # left by an export that was killed
     partial.mkdir(parents=True)
     try:
-        _write_checkpoint(model, partial, eot_id, tokenizer)
+        _write_checkpoint(model, partial, eot_id, tokenizer, vocab_size)
         for path in partial.iterdir():
             fsync_path(path)
         fsync_path(partial)
@@ -222,7 +225,7 @@ def _check_replaceable(out: Path) -> None:
                           "remove them or choose another directory")
 
 
-def _write_checkpoint(model: torch.nn.Module, out: Path, eot_id: int | None, tokenizer) -> None:
+def _write_checkpoint(model: torch.nn.Module, out: Path, eot_id: int | None, tokenizer, vocab_size: int | None) -> None:
     """The checkpoint's files, in the (empty) directory `out`."""
 
     from train.data import EOT
@@ -246,18 +249,18 @@ def _write_checkpoint(model: torch.nn.Module, out: Path, eot_id: int | None, tok
             "clean_up_tokenization_spaces": False,
         }
         (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
+        vocab_size = tokenizer.get_vocab_size()
+    if vocab_size is not None:
         (out / "generation_config.json").write_text(
-            json.dumps(generation_config(model, eot_id, tokenizer.get_vocab_size()), indent=2) + "\n", encoding="utf-8")
+            json.dumps(generation_config(model, eot_id, vocab_size), indent=2) + "\n", encoding="utf-8")
 
 
 def generation_config(model: torch.nn.Module, eot_id: int | None, tokenizer_vocab: int) -> dict:
-    """transformers' generation defaults for the export: stop at end-of-text, and never produce the
-    padded vocabulary rows (ids the tokenizer cannot decode), as moe-generate never does."""
-    return {
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
-        "suppress_tokens": list(range(tokenizer_vocab, int(model.embed.weight.shape[0]))),
-    }
+    """transformers' generation defaults for the export: stop at end-of-text (when the tokenizer
+    names it), and never produce the padded vocabulary rows (ids the tokenizer cannot decode), as
+    moe-generate never does."""
+    stops = {"bos_token_id": eot_id, "eos_token_id": eot_id} if eot_id is not None else {}
+    return {**stops, "suppress_tokens": list(range(tokenizer_vocab, int(model.embed.weight.shape[0])))}
 
 
 def _move_into_place(partial: Path, out: Path) -> None:
@@ -294,7 +297,7 @@ def _main(argv: Sequence[str] | None) -> int:
         tokenizer_file = loaded.tokenizer_path()
     except ConfigError as error:
         note, tokenizer_file = f"note: no tokenizer exported ({error})", None
-    export_mixtral(loaded.model, args.out, tokenizer_file)
+    export_mixtral(loaded.model, args.out, tokenizer_file, vocab_size=loaded.run.data.vocab_size)
     if note is not None:  # after the export, so a refused model's error stays the only line
         print(note, file=sys.stderr)
     print(f"exported {loaded.source} (step {loaded.step}) as Mixtral -> {args.out} "

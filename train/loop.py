@@ -53,12 +53,29 @@ def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
         print_plan(plan)
         check_fits(plan, run.dry_run_device_gib)
         return plan
-    launched = launcher_world_size()
-    if run.world_size is not None and run.world_size != launched:
-        # The launcher decides how many ranks there are; world_size only sizes a dry run's plan.
-        raise ConfigError(f"world_size={run.world_size} plans a dry run (dry_run=true); this run has {launched} "
-                          f"rank{'s' if launched != 1 else ''} from its launcher (launch/deepspeed_local.sh N starts N)")
-    run.check_world_size(launched)
+    run = checked_for_start(run, launcher_world_size(), "given by the launcher (launch/deepspeed_local.sh N starts N ranks)")
+
+    # Handlers go in before the slow start-up: a scheduler's warning that arrives meanwhile is kept.
+    with PreemptionWatch() as preemption:
+        try:
+            world = init_world(run.trainer.device, run.model.tensor_parallel)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        try:
+            trainer = build_trainer(run, world, lambda: _resolve_run_dir(run, world))
+        except RunComplete as complete:
+            if world.is_main:
+                print(f"resume      {complete}", flush=True)
+            return {"run_dir": str(complete.run_dir), "already_complete": True, "checkpoint": complete.tag}
+        return trainer.fit(preemption)
+
+
+def checked_for_start(run: RunConfig, world_size: int, source: str) -> RunConfig:
+    """What a run must pass before a rank starts (ConfigError otherwise): the parallel degrees against
+    `world_size` (`source` says where it comes from), the data files, and a run directory that can
+    hold this run. Returns `run` with trainer.resume decided (trainer.auto_resume). The launch
+    scripts call it too, once, before DeepSpeed starts the ranks (train.cli.launch_check)."""
+    run.check_world_size(world_size, source)
     for path in run.data.files:
         if not Path(path).is_file():
             raise ConfigError(f"data.files: {path!r} does not exist or is not a file")
@@ -76,20 +93,7 @@ def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
     if problem is not None:  # found now, not after the model and the engine are built
         raise ConfigError(f"trainer.run_dir={run.trainer.run_dir!r}: {problem}" if run.trainer.run_dir
                           else f"{problem} (runs go under runs/<name>/ by default: set trainer.run_dir=DIR)")
-
-    # Handlers go in before the slow start-up: a scheduler's warning that arrives meanwhile is kept.
-    with PreemptionWatch() as preemption:
-        try:
-            world = init_world(run.trainer.device, run.model.tensor_parallel)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        try:
-            trainer = build_trainer(run, world, lambda: _resolve_run_dir(run, world))
-        except RunComplete as complete:
-            if world.is_main:
-                print(f"resume      {complete}", flush=True)
-            return {"run_dir": str(complete.run_dir), "already_complete": True, "checkpoint": complete.tag}
-        return trainer.fit(preemption)
+    return run
 
 
 def build_trainer(run: RunConfig, world: World, run_dir: Callable[[], Path]) -> Trainer:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from train.durable import replace_durably
 from train.metrics import read_metrics
 
 
@@ -109,8 +110,12 @@ def plot_layer(layer: str, series: LayerSeries, path: Path, title_suffix: str = 
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)  # a reader never sees half a file
+    try:
+        fig.savefig(tmp, dpi=110)
+        replace_durably(tmp, path)  # a reader, or the file after a crash, never holds half a plot
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -78,6 +78,30 @@ def test_multinode_dry_run_names_the_master_and_forwards_the_environment(tmp_pat
     assert empty.returncode == 2 and "names no host" in empty.stderr
 
 
+def test_bad_overrides_are_one_line_before_any_rank_starts(tmp_path):
+    logs = tmp_path / "logs"
+    local = _run(LOCAL, "3", "model=gpt_tiny", "moe.ep_size=2", PYTHON=sys.executable, LOG_DIR=str(logs))
+    assert local.returncode == 2
+    assert local.stderr.strip() == "error: moe.ep_size=2 must divide the world size 3 given by NUM_RANKS"
+    assert "spawned" not in local.stdout + local.stderr and not logs.exists()
+    # What a rank would find at start-up is found here too: a missing data file, an unusable run directory.
+    (tmp_path / "file").write_text("")
+    for overrides, expected in ((["data=files", f"data.files=[{tmp_path / 'nope.txt'}]"], "error: data.files: '"),
+                                ([f"trainer.run_dir={tmp_path / 'file' / 'run'}"], f"error: trainer.run_dir='{tmp_path}")):
+        found = _run(LOCAL, "2", *overrides, PYTHON=sys.executable)
+        assert found.returncode == 2 and found.stderr.count("\n") == 1 and found.stderr.startswith(expected), found.stderr
+    # Multi-node: the world size is the slots of the hosts used (here 2 of 3 hosts, 1 slot each).
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# three nodes\nnode-a slots=2\n\nnode-b slots=2\nnode-c slots=2\n")
+    multinode = _run(MULTINODE, str(hostfile), "moe.ep_size=4", NUM_NODES="2", GPUS_PER_NODE="1",
+                     PYTHON=sys.executable, LOG_DIR=str(logs))
+    assert multinode.returncode == 2
+    assert multinode.stderr.strip().startswith("error: moe.ep_size=4 must divide the world size 2 given by the hostfile")
+    typo = _run(MULTINODE, str(hostfile), "model.hiden_size=3", PYTHON=sys.executable, LOG_DIR=str(logs))
+    assert (typo.returncode, typo.stderr.strip()) == (2, "error: model.hiden_size: Key 'hiden_size' not in 'ModelConfig'")
+    assert not logs.exists()
+
+
 @pytest.mark.distributed
 def test_two_nodes_through_pdsh_train_with_per_rank_logs_and_forwarded_environment(tmp_path):
     bin_dir = tmp_path / "bin"

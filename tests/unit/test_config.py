@@ -117,7 +117,7 @@ def _run_cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.Complete
         # Hydra's `+` adds a key the schema lacks; it would be ignored.
         (["+trainer.max_stepz=5"], {}, "+trainer.max_stepz: no such setting; did you mean trainer.max_steps?"),
         # The launcher sets the number of ranks; world_size only sizes a dry run.
-        (["world_size=4"], {}, "world_size=4 plans a dry run (dry_run=true); this run has 1 rank from its launcher"),
+        (["world_size=4"], {}, "world_size=4 plans a dry run (dry_run=true); this run's world size is 1, given by the launcher"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path, args, env, expected):

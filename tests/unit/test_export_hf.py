@@ -18,7 +18,7 @@ from train.routing_modes import RoutingMode, moe_layers, routing
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 320  # not a multiple of 64 on purpose: rows padded as training pads them
+VOCAB = 300  # not a multiple of 64 on purpose: rows padded as training pads them
 
 
 def _model(tie: bool = True, **moe_overrides) -> GPT:
@@ -160,6 +160,20 @@ def test_an_existing_export_is_replaced_as_a_whole(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert '"model_type": "mixtral"' in (out / "config.json").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_without_a_tokenizer_the_padded_rows_are_still_never_generated(tmp_path):
+    model = _model()
+    export_mixtral(model, tmp_path / "hf", vocab_size=VOCAB)
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "generation_config.json",
+                                                                  "model.safetensors"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.generation_config.eos_token_id is None  # no tokenizer names the end-of-text id: none is made up
+    tokens = torch.randint(0, VOCAB, (1, 4), generator=torch.Generator().manual_seed(1))
+    generated = hf.generate(tokens, max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    assert model.embed.weight.shape[0] > VOCAB
+    assert all(torch.isneginf(scores[:, VOCAB:]).all() and torch.isfinite(scores[:, :VOCAB]).any()
+               for scores in generated.scores)
 
 
 def _assert_a_failed_export_changes_nothing(out: Path, monkeypatch) -> None:

@@ -56,6 +56,24 @@ def test_writes_one_valid_png_per_layer_from_metrics(tmp_path):
     assert (np.abs(pixels - no_tokens).max(axis=-1) < 0.02).sum() > 1000
 
 
+def test_a_failed_redraw_keeps_the_previous_plot_whole(tmp_path, monkeypatch):
+    metrics = tmp_path / "metrics.jsonl"
+    _write_metrics(metrics, [10, 20])
+    paths = write_expert_plots(metrics, tmp_path / "plots")
+    before = {p: p.read_bytes() for p in paths}
+
+    def half_written(fig, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", half_written)
+    _write_metrics(metrics, [10, 20, 30])
+    with pytest.raises(OSError, match="disk full"):
+        write_expert_plots(metrics, tmp_path / "plots")
+    assert {p: p.read_bytes() for p in paths} == before
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(p.name for p in paths)  # no temp file left
+
+
 def test_series_follow_the_records_in_step_order(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     _write_metrics(metrics, [5, 10, 12])

@@ -45,9 +45,10 @@ def test_good_overrides_go_through_to_the_batch_script(submit, capsys):
         # A setting's own check, and the parallel degrees against nodes x ranks per node.
         (["--", "moe.ep_size=3"], "error: moe.num_experts=8 must be divisible by moe.ep_size=3 (nothing submitted)"),
         (["--nodes=1", "--gpus-per-node=3", "--", "moe.ep_size=2"],
-         "error: moe.ep_size=2 must divide the world size 3 given by the launcher (nothing submitted)"),
+         "error: moe.ep_size=2 must divide the world size 3 given by --nodes x --ranks-per-node (nothing submitted)"),
         (["--nodes=2", "--gpus-per-node=2", "--", "world_size=8"],
-         "error: world_size=8 plans a dry run (dry_run=true); this job has 4 ranks (nothing submitted)"),
+         "error: world_size=8 plans a dry run (dry_run=true); this run's world size is 4, given by --nodes x "
+         "--ranks-per-node (nothing submitted)"),
     ],
 )
 def test_settings_are_checked_at_the_job_world_size(submit, monkeypatch, capsys, argv, expected):
