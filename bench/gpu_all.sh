@@ -5,7 +5,7 @@
 #   bash bench/gpu_all.sh            # PYTHON=... to pick the interpreter
 #   ONLY="gpu_tests layer_gpu" bash bench/gpu_all.sh   # some steps only (where one command may run
 #                                    # 10 minutes at most, split the run: the steps are independent)
-# Steps ($STEPS below). A failing step does not stop the
+# Steps: the `step` lines of run_steps below. A failing step does not stop the
 # others; the exit status is 1 when any failed.
 #
 # On a machine that cannot install packages (the lent GPU machine): run bench/gpu_kit.sh where PyPI is
@@ -16,25 +16,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 RESULTS_DIR="${RESULTS_DIR:-bench/out}"
-STEPS="device gpu_tests layer_gpu e2e_350m e2e_350m_accum1 layer_gpu_compiled e2e_gpt2_small smoke e2e_350m_ckpt"
-for name in ${ONLY:-}; do
-  # A mistyped name would run nothing and report success: a wasted call on a lent machine.
-  if [[ " $STEPS " != *" $name "* ]]; then echo "error: ONLY: unknown step '$name'; the steps are: $STEPS" >&2; exit 2; fi
-done
-mkdir -p "$RESULTS_DIR"
-if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; fi
-if [ -d .whl ] && ! "$PY" -c "import deepspeed, hydra, webdataset" >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-# DeepSpeed's op builder cannot parse "9.0a" (some images set it); its JIT builds need plain 9.0.
-if [[ "${TORCH_CUDA_ARCH_LIST:-}" == *a* ]]; then export TORCH_CUDA_ARCH_LIST="9.0"; fi
-export PYTHONUNBUFFERED=1
 failed=()
+listing=""  # set while run_steps only lists the step names
+names=()
 # Each step runs whatever happened before it: a failing GPU test must not cost the benchmarks
 # (the device time is short). The exit status says whether every step passed.
 step() {
   local name="$1"; shift
+  if [ -n "$listing" ]; then names+=("$name"); return; fi
   if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   echo "== $name: $*"
   if ! "$@" 2>&1 | tee "$RESULTS_DIR/$name.log"; then
@@ -51,22 +40,41 @@ pack() {
      -not -path '*/checkpoints/*' -size -8192k -print0 | tar czf - --null -T -) > "$OUT/gpu_results.tar.gz.partial" \
     && mv "$OUT/gpu_results.tar.gz.partial" "$OUT/gpu_results.tar.gz"  # (set -e is off inside `pack || ...`)
 }
-step device nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-step gpu_tests "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
-step layer_gpu "$PY" -m bench.moe_layer --device cuda --shapes gpu --json "$RESULTS_DIR/layer_gpu.json"
-# The 350M preset takes 65,536 tokens per optimizer step (4 micro-batches), so fewer timed steps do.
-step e2e_350m "$PY" -m bench.end_to_end --compile --steps 8 --warmup 3 experiment=h100_350m --json "$RESULTS_DIR/e2e_350m.json"
-# What one micro-batch per optimizer step would give: the AdamW step's share of the preset's step.
-step e2e_350m_accum1 "$PY" -m bench.end_to_end --variants ours+compile --steps 10 --warmup 3 experiment=h100_350m \
-  trainer.grad_accum=1 --json "$RESULTS_DIR/e2e_350m_accum1.json"
-# The layer compiled as trainer.compile compiles it, against the compiled dense FFN (9 compilations).
-step layer_gpu_compiled "$PY" -m bench.moe_layer --device cuda --shapes gpu \
-  --variants dense,dense+compile,ours-dropless+compile,ours-expert-choice+compile --json "$RESULTS_DIR/layer_gpu_compiled.json"
-step e2e_gpt2_small "$PY" -m bench.end_to_end --steps 10 --warmup 3 experiment=h100_gpt2_small --json "$RESULTS_DIR/e2e_gpt2_small.json"
-step smoke "$PY" -m train experiment=smoke logging.progress_bar=false "trainer.run_dir=$RESULTS_DIR/smoke"
-# Last, as the least needed: what activation checkpointing costs in tokens/s (and saves in memory).
-step e2e_350m_ckpt "$PY" -m bench.end_to_end --variants ours,ours+compile --steps 6 --warmup 2 experiment=h100_350m \
-  trainer.activation_checkpointing=true --json "$RESULTS_DIR/e2e_350m_ckpt.json"
+# The steps, in order; run once with `listing` set to learn their names.
+run_steps() {
+  step device nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  step gpu_tests "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
+  step layer_gpu "$PY" -m bench.moe_layer --device cuda --shapes gpu --json "$RESULTS_DIR/layer_gpu.json"
+  # The 350M preset takes 65,536 tokens per optimizer step (4 micro-batches), so fewer timed steps do.
+  step e2e_350m "$PY" -m bench.end_to_end --compile --steps 8 --warmup 3 experiment=h100_350m --json "$RESULTS_DIR/e2e_350m.json"
+  # What one micro-batch per optimizer step would give: the AdamW step's share of the preset's step.
+  step e2e_350m_accum1 "$PY" -m bench.end_to_end --variants ours+compile --steps 10 --warmup 3 experiment=h100_350m \
+    trainer.grad_accum=1 --json "$RESULTS_DIR/e2e_350m_accum1.json"
+  # The layer compiled as trainer.compile compiles it, against the compiled dense FFN (9 compilations).
+  step layer_gpu_compiled "$PY" -m bench.moe_layer --device cuda --shapes gpu \
+    --variants dense,dense+compile,ours-dropless+compile,ours-expert-choice+compile --json "$RESULTS_DIR/layer_gpu_compiled.json"
+  step e2e_gpt2_small "$PY" -m bench.end_to_end --steps 10 --warmup 3 experiment=h100_gpt2_small --json "$RESULTS_DIR/e2e_gpt2_small.json"
+  step smoke "$PY" -m train experiment=smoke logging.progress_bar=false "trainer.run_dir=$RESULTS_DIR/smoke"
+  # Last, as the least needed: what activation checkpointing costs in tokens/s (and saves in memory).
+  step e2e_350m_ckpt "$PY" -m bench.end_to_end --variants ours,ours+compile --steps 6 --warmup 2 experiment=h100_350m \
+    trainer.activation_checkpointing=true --json "$RESULTS_DIR/e2e_350m_ckpt.json"
+}
+
+listing=1 run_steps
+for name in ${ONLY:-}; do
+  # A mistyped name would run nothing and report success: a wasted call on a lent machine.
+  if [[ " ${names[*]} " != *" $name "* ]]; then echo "error: ONLY: unknown step '$name'; the steps are: ${names[*]}" >&2; exit 2; fi
+done
+mkdir -p "$RESULTS_DIR"
+if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; fi
+if [ -d .whl ] && ! "$PY" -c "import deepspeed, hydra, webdataset" >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# DeepSpeed's op builder cannot parse "9.0a" (some images set it); its JIT builds need plain 9.0.
+if [[ "${TORCH_CUDA_ARCH_LIST:-}" == *a* ]]; then export TORCH_CUDA_ARCH_LIST="9.0"; fi
+export PYTHONUNBUFFERED=1
+run_steps
 if [ "${#failed[@]}" -gt 0 ]; then
   echo "failed steps: ${failed[*]}"
   exit 1
