@@ -107,7 +107,9 @@ class TrainerConfig:
     eval_every: int = 50
     """Validate every N steps (and at the end); 0 = only at the end."""
     eval_batches: int = 8
-    """Validation micro-batches per evaluation (the same windows every time)."""
+    """Validation micro-batches per evaluation: the first eval_batches x micro_batch_size windows of the
+    validation split, the same every time (so a run's val losses compare across runs with the same
+    two settings; moe-eval --windows N picks a count of its own)."""
     checkpoint_every: int = 100
     """Save every N steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 0
