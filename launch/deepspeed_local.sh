@@ -16,12 +16,9 @@ shift
 log_dir="${LOG_DIR:+$(realpath -m "$LOG_DIR")}"
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$here"
-if ! command -v nvidia-smi >/dev/null 2>&1; then
-  # CPU ranks: one thread each, or two ranks fight over the same cores.
-  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-fi
+# DeepSpeed's launcher logs every command and rank it starts at INFO; warnings and failures are kept.
 command=("${PYTHON:-.venv/bin/python}" -m deepspeed.launcher.runner --num_gpus "$ranks" --no_local_rank
-  --master_port "${MASTER_PORT:-29500}")
+  --master_port "${MASTER_PORT:-29500}" --log_level "${DS_LOG_LEVEL:-warning}")
 if [ -n "$log_dir" ]; then
   command+=(--enable_each_rank_log "$log_dir")
 fi
@@ -32,8 +29,14 @@ if [ -n "${DRY_RUN:-}" ]; then
   exit 0
 fi
 # The overrides, composed and checked against NUM_RANKS once here: one error line, not one per rank.
-"${command[0]}" -c 'import sys; from train.cli import launch_check; sys.exit(launch_check(sys.argv[1:]))' \
-  "$ranks" "given by NUM_RANKS" "$@" </dev/null
+# It prints the device the ranks will train on (cuda or cpu).
+device="$("${command[0]}" -c 'import sys; from train.cli import launch_check; sys.exit(launch_check(sys.argv[1:]))' \
+  "$ranks" "given by NUM_RANKS" "$@" </dev/null)"
+if [ "$device" = cpu ]; then
+  # CPU ranks: one thread each, or two ranks fight over the same cores; and DeepSpeed told so, rather
+  # than warning in every process that it found no GPU.
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+fi
 if [ -n "$log_dir" ]; then
   mkdir -p "$log_dir"
   echo "per-rank logs: $log_dir/<date-time>_rank<N>.log"

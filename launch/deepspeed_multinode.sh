@@ -55,7 +55,7 @@ while IFS= read -r name; do
 done < <(compgen -e | grep -E "$forward" || true)
 
 command=("${PYTHON:-.venv/bin/python}" -m deepspeed.launcher.runner --hostfile "$hostfile"
-  --master_addr "$master_addr" --master_port "$master_port" --no_local_rank)
+  --master_addr "$master_addr" --master_port "$master_port" --no_local_rank --log_level "${DS_LOG_LEVEL:-warning}")
 [ -n "${NUM_NODES:-}" ] && command+=(--num_nodes "$NUM_NODES")
 [ -n "${GPUS_PER_NODE:-}" ] && command+=(--num_gpus "$GPUS_PER_NODE")
 if [ "$log_dir" != none ]; then
@@ -85,7 +85,7 @@ world_size="$(awk -v nodes="${NUM_NODES:-0}" -v per_node="${GPUS_PER_NODE:-}" '
   END { if (!unknown) print total }' "$hostfile")"
 if [ -n "$world_size" ]; then
   "${command[0]}" -c 'import sys; from train.cli import launch_check; sys.exit(launch_check(sys.argv[1:]))' \
-    "$world_size" "given by the hostfile's slots (GPUS_PER_NODE, NUM_NODES)" "$@" </dev/null
+    "$world_size" "given by the hostfile's slots (GPUS_PER_NODE, NUM_NODES)" "$@" </dev/null >/dev/null
 fi
 if [ "$log_dir" != none ]; then
   mkdir -p "$log_dir"

@@ -52,12 +52,16 @@ def main() -> None:
 
 def launch_check(argv: list[str]) -> int:
     """The launch scripts' check before DeepSpeed starts a rank (`WORLD_SIZE SOURCE OVERRIDE...`):
-    `settings_problem` with the start-up checks. 0, or 2 after one `error:` line. Left to the ranks,
-    each would print the same error after its seconds of start-up, under DeepSpeed's own lines (and
-    a multi-node job's into its log files, away from the terminal)."""
+    `settings_problem` with the start-up checks. 0 after printing the device type this machine's
+    ranks will train on (cuda or cpu), or 2 after one `error:` line. Left to the ranks, each would
+    print the same error after its seconds of start-up, under DeepSpeed's own lines (and a
+    multi-node job's into its log files, away from the terminal)."""
     world_size, source, *overrides = argv
     problem = settings_problem(overrides, int(world_size), source, before_start=True)
     if problem is None:
+        import torch
+
+        print("cuda" if torch.cuda.is_available() else "cpu", flush=True)
         return 0
     print(f"error: {problem}", file=sys.stderr, flush=True)
     return 2

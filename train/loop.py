@@ -169,7 +169,7 @@ def _prepared_data(run: RunConfig, world: World) -> Path:
     if shared[0] is not None:
         raise ConfigError(f"data: {shared[0]}")
     if not world.is_main:
-        data_dir = prepare_dataset(source, **kwargs)
+        data_dir = prepare_dataset(source, **kwargs, announce_cached=False)
     assert data_dir is not None
     return data_dir
 

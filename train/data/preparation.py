@@ -49,6 +49,7 @@ def prepare_dataset(
     text_field: str = "text",
     seed: int = 0,
     samples_per_shard: int = 64,
+    announce_cached: bool = True,
 ) -> Path:
     """Tokenize `source` ("embedded", or a list of .txt/.jsonl files) into `cache_dir/<fingerprint[:16]>`
     and return that directory.
@@ -65,7 +66,8 @@ def prepare_dataset(
     cache_root = Path(cache_dir)
     target = cache_root / fingerprint[:16]
     if _is_complete(target, fingerprint):
-        _progress(f"cached dataset {target}")
+        if announce_cached:  # (off for the ranks that find what rank 0 just prepared or announced)
+            _progress(f"cached dataset {target}")
         return target
 
     cache_root.mkdir(parents=True, exist_ok=True)
