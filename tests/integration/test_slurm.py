@@ -104,6 +104,18 @@ def test_smoke_job_through_the_sbatch_script_finishes_with_a_checkpoint(slurm, t
         assert (checkpoints / tag / "mp_rank_00_model_states.pt").exists()
 
 
+def test_a_job_whose_data_is_missing_stops_with_one_line_before_any_rank(slurm, tmp_path):
+    # launch/submit.py checks the overrides on the login node; a data file is looked for where the job runs.
+    output_dir = tmp_path / "runs"
+    submission = _submit(slurm, output_dir, nodes=2, overrides=["data=files", f"data.files=[{tmp_path / 'gone.txt'}]"])
+    job_id = _job_id(submission)
+    output = _finish(submission)
+    assert submission.returncode == 2, output
+    log = (output_dir / f"moe-gpt-{job_id}.out").read_text()
+    assert log.count("error: ") == 1 and f"error: data.files: '{tmp_path / 'gone.txt'}' does not exist" in log, log
+    assert "[slurm] not started" in log and "start 1" not in log, log
+
+
 def test_preempted_two_node_job_checkpoints_requeues_and_resumes_on_the_same_trajectory(slurm, tmp_path):
     """Two ranks on two emulated nodes get the time-limit warning mid-run; the job saves, requeues
     itself, resumes from the checkpoint and ends at max_steps with the metrics of an uninterrupted
