@@ -41,7 +41,9 @@ class MoEConfig:
     score_func: str = "softmax"
     """Router scores: softmax over experts (Switch, Mixtral) or per-expert sigmoid (DeepSeek-V3)."""
     normalize_topk: bool = True
-    """Token choice: renormalise the K selected scores to sum to one (Mixtral, GShard top-2)."""
+    """Token choice: renormalise the K selected scores to sum to one (Mixtral, GShard top-2). Not at
+    K = 1, where the weight stays the router's score (softmax or sigmoid): renormalised it would be
+    1, and the router would learn nothing from the language-model loss."""
     drop_policy: str = "position"
     """Token choice, when an expert is full: position (all first choices before second choices,
     earlier tokens first; GShard) or probability (highest router weight first)."""

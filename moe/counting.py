@@ -10,6 +10,8 @@ depend on the order of the atomic adds: deterministic on every device.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -22,3 +24,10 @@ def count_per_bin(index: torch.Tensor, num_bins: int, where: torch.Tensor | None
     index = index.reshape(-1)
     ones = torch.ones_like(index, dtype=torch.int64) if where is None else where.reshape(-1).to(torch.int64)
     return torch.zeros(num_bins, dtype=torch.int64, device=index.device).scatter_add_(0, index.to(torch.int64), ones)
+
+
+def ceil_slots(slots: float) -> int:
+    """ceil of a slot count computed in floating point, where a whole number can come out a hair
+    above itself (1 x 100 x 1.1 / 11 = 10.000000000000002): rounded to 9 decimals first, so the
+    capacity is the one the capacity factor as written gives (10, not 11)."""
+    return math.ceil(round(slots, 9))

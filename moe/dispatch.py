@@ -14,18 +14,16 @@ whenever it can.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from deepspeed.moe.sharded_moe import _AllToAll
 
-from moe.counting import count_per_bin
+from moe.counting import ceil_slots, count_per_bin
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
     """C = ceil(K * T * cf / E), at least `min_capacity`, at most T (an expert can take a token once)."""
-    capacity = math.ceil(top_k * num_tokens * capacity_factor / num_experts)
+    capacity = ceil_slots(top_k * num_tokens * capacity_factor / num_experts)
     return max(1, min(num_tokens, max(capacity, min_capacity)))
 
 

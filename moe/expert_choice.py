@@ -13,13 +13,12 @@ looks at the token alone.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from moe.config import MoEConfig
-from moe.counting import count_per_bin
+from moe.counting import ceil_slots, count_per_bin
 from moe.losses import router_z_loss
 from moe.router import router_logits
 from moe.router_state import StepStatefulRouter
@@ -43,7 +42,7 @@ class Assignments:
 
 def group_capacity(group_size: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
     """C = ceil(S * cf / E) tokens per expert and group, at least min_capacity, at most S."""
-    return max(1, min(group_size, max(math.ceil(group_size * capacity_factor / num_experts), min_capacity)))
+    return max(1, min(group_size, max(ceil_slots(group_size * capacity_factor / num_experts), min_capacity)))
 
 
 def cap_experts_per_token(token_A: torch.Tensor, weight_A: torch.Tensor, num_tokens: int, cap: int) -> torch.Tensor:

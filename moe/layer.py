@@ -97,7 +97,14 @@ class _Plan:
 
 
 class MoELayer(MoE):
-    """Token-choice or expert-choice MoE FFN on DeepSpeed-MoE's expert-parallel machinery."""
+    """Token-choice or expert-choice MoE FFN on DeepSpeed-MoE's expert-parallel machinery.
+
+    Input [..., D] with at least one token. Under expert parallelism every rank of an expert-parallel
+    group calls the layer together; in the capacity modes (token choice with a capacity factor,
+    expert choice) each with the same number of tokens, as training's equal micro-batches give,
+    because the fixed-size all-to-all's slots per expert come from the rank's own count. Dropless
+    token choice exchanges counts first (all-to-all-v) and takes any.
+    """
 
     def __init__(
         self,
@@ -242,6 +249,8 @@ class MoELayer(MoE):
         shape = hidden_states.shape
         x_TD = hidden_states.reshape(-1, shape[-1])
         num_tokens = x_TD.shape[0]
+        if num_tokens == 0:
+            raise ValueError(f"MoELayer: the input {tuple(shape)} holds no tokens (at least one is needed)")
         if self.config.router == "token_choice":
             plan = self._plan_token_choice(x_TD)
         else:

@@ -36,7 +36,7 @@ def reference_token_choice(
         ranking = scores.detach() + (selection_bias_E if selection_bias_E is not None else 0.0)
         indices = sorted(range(num_experts), key=lambda e: (-float(ranking[e]), e))[:top_k]
         values = torch.stack([scores[e] for e in indices])
-        if normalize_topk and (top_k > 1 or score_func == "sigmoid"):
+        if normalize_topk and top_k > 1:  # one renormalised weight would be 1, with no gradient
             values = values / values.sum()
         chosen.append([(indices[k], values[k]) for k in range(top_k)])
 

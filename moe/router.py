@@ -69,9 +69,12 @@ class TokenChoiceRouter(StepStatefulRouter):
             topk_idx_TK = torch.topk(scores_TE.detach() + self.selection_bias, cfg.top_k, dim=-1).indices
             topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
         else:
-            # torch.topk breaks ties by lowest index on CPU and GPU alike: eval is deterministic.
+            # Among exact ties torch.topk's pick is fixed for a given input and device (not always the
+            # lowest index): eval is deterministic, and the references avoid ties in their inputs.
             topk_weight_TK, topk_idx_TK = torch.topk(scores_TE, cfg.top_k, dim=-1)
-        if cfg.normalize_topk and (cfg.top_k > 1 or cfg.score_func == "sigmoid"):
+        # Not at K = 1: one renormalised weight is always 1, and the router would get no gradient
+        # from the language-model loss (only from the auxiliary losses).
+        if cfg.normalize_topk and cfg.top_k > 1:
             topk_weight_TK = topk_weight_TK / topk_weight_TK.sum(dim=-1, keepdim=True)
         return RoutingDecision(topk_idx_TK, topk_weight_TK, probs_TE, logits_TE)
 

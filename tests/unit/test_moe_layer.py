@@ -162,10 +162,24 @@ def test_dropless_drops_nothing_and_eval_is_deterministic():
     assert torch.equal(y1, y2)
 
 
+def test_an_input_without_tokens_is_refused_by_name():
+    for overrides in ({"capacity_factor": None}, {"capacity_factor": 1.0}, {"router": "expert_choice", "capacity_factor": 2.0}):
+        layer = MoELayer(HIDDEN, EXPERT_HIDDEN, MoEConfig(num_experts=4, top_k=2, **overrides), seed=1)
+        with pytest.raises(ValueError, match=r"MoELayer: the input \(2, 0, 16\) holds no tokens"):
+            layer(torch.randn(2, 0, HIDDEN))
+
+
 def test_capacity_formula():
     assert expert_capacity(100, 8, 2, 1.25, 4) == 32  # ceil(2 * 100 * 1.25 / 8) = 31.25 -> 32
     assert expert_capacity(10, 8, 1, 1.0, 4) == 4  # min_capacity wins
     assert expert_capacity(3, 2, 2, 4.0, 0) == 3  # never more than T
+    # Whole numbers computed in floating point: 1 x 100 x 1.1 / 11 is 10.000000000000002, and the
+    # capacity factor as written gives 10 slots, not 11.
+    assert expert_capacity(100, 11, 1, 1.1, 0) == 10 and expert_capacity(1000, 7, 1, 0.7, 0) == 100
+    from moe.expert_choice import group_capacity
+
+    assert group_capacity(100, 11, 1.1, 0) == 10 and group_capacity(64, 8, 2.0, 0) == 16
+    assert group_capacity(100, 8, 1.25, 0) == 16  # 15.625 -> 16
 
 
 def test_packed_experts_stack_as_a_view_and_stay_live():

@@ -64,6 +64,27 @@ def test_token_choice_variants_equal_reference(score_func, drop_policy, with_bia
         bias if with_bias else None, drop_policy)[0])
 
 
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("normalize_topk", [True, False])
+def test_top1_router_learns_from_the_output(score_func, normalize_topk):
+    """At K = 1 the combine weight is the router's score, normalize_topk or not: renormalised it would
+    be exactly 1 and the router would get no gradient from the language-model loss."""
+    layer = _layer(top_k=1, capacity_factor=None, score_func=score_func, normalize_topk=normalize_topk,
+                   aux_loss_coef=0.0, z_loss_coef=0.0)
+    x = torch.randn(2, 10, HIDDEN, dtype=torch.float64)
+    y, aux = layer(x)
+    (y.square().sum() + aux.loss).backward()  # (the auxiliary losses are off: 0)
+    router_grad = layer.router.weight.grad
+    # ~1e-6 here; with the weight renormalised to 1 it is round-off (~1e-13).
+    assert router_grad is not None and router_grad.abs().max() > 1e-9
+    # And the layer equals the per-token reference (which keeps the score as the weight too).
+    layer = _layer(top_k=1, capacity_factor=0.75, score_func=score_func, normalize_topk=normalize_topk)
+    x = torch.randn(2, 10, HIDDEN, dtype=torch.float64, requires_grad=True)
+    capacity = expert_capacity(20, EXPERTS, 1, 0.75, 0)
+    _compare(layer, x, lambda x_TD: reference_token_choice(
+        x_TD, layer.router.weight, list(layer.local_experts), 1, capacity, normalize_topk, score_func)[0])
+
+
 def test_jitter_only_in_training():
     layer = _layer(top_k=2, capacity_factor=None, eval_capacity_factor=None, jitter_eps=0.2)
     x = torch.randn(30, HIDDEN, dtype=torch.float64)
