@@ -171,7 +171,7 @@ def test_global_balancing_loss_is_split_invariant_in_value_and_gradient():
     torch.testing.assert_close(split, whole, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(split_grad, whole_grad, rtol=1e-12, atol=1e-12)
 
-    # The paper's per-micro-batch form is not split-invariant: that is why "global" is the default.
+    # The paper's per-micro-batch form (the default) is not split-invariant: "global" is.
     idx = logits.topk(2, dim=-1).indices
     per_micro = sum(load_balancing_loss(c.softmax(-1), i) for c, i in zip(logits.split(12), idx.split(12))) / 4
     assert not torch.isclose(per_micro, load_balancing_loss(logits.softmax(-1), idx))
