@@ -94,6 +94,13 @@ class MoEConfig:
             raise ValueError("moe.capacity_factor must be set for expert choice (C = T * cf / E; 2 is typical)")
         if self.router == "expert_choice" and self.score_func != "softmax":
             raise ValueError("moe.score_func must be softmax for expert choice (weights are the softmax over experts)")
+        # A setting of the other router would be silently ignored: refused, when set off its default.
+        other_router = TOKEN_CHOICE_ONLY if self.router == "expert_choice" else EXPERT_CHOICE_ONLY
+        for name, default in other_router.items():
+            if getattr(self, name) != default:
+                raise ValueError(f"moe.{name}={getattr(self, name)!r} applies to "
+                                 f"{'token' if self.router == 'expert_choice' else 'expert'} choice only; "
+                                 f"this is moe.router={self.router} (leave it at {default!r})")
         if not 0 <= self.jitter_eps < 1:
             raise ValueError(f"moe.jitter_eps must be in [0, 1), got {self.jitter_eps}")
         if self.bias_update_rate < 0:
@@ -132,3 +139,11 @@ class MoEConfig:
             raise ValueError(
                 f"moe.num_experts={self.num_experts} must be divisible by moe.ep_size={self.ep_size}"
             )
+
+
+TOKEN_CHOICE_ONLY = {"drop_policy": "position", "normalize_topk": True, "bias_update_rate": 0.0,
+                     "aux_loss_scope": "micro_batch"}
+"""Settings only token choice reads, with their defaults."""
+EXPERT_CHOICE_ONLY = {"ec_group": "batch", "ec_max_experts_per_token": None, "ec_eval_mode": "causal",
+                      "ec_threshold_momentum": 0.05}
+"""Settings only expert choice reads, with their defaults."""

@@ -54,6 +54,9 @@ def test_unknown_key_fails_at_compose(compose_run):
         (["moe.num_experts=6", "moe.ep_size=4"], "moe.ep_size"),
         (["moe.capacity_factor=0"], "moe.capacity_factor"),
         (["moe.eval_capacity_factor=-1"], "moe.eval_capacity_factor"),
+        # A setting the chosen router never reads would be silently ignored.
+        (["moe=expert_choice", "moe.bias_update_rate=0.001"], "moe.bias_update_rate=0.001 applies to token choice only"),
+        (["moe=top2", "moe.ec_group=sequence"], "moe.ec_group='sequence' applies to expert choice only"),
         (["model.hidden_size=100", "model.num_heads=3"], "model.num_heads"),
         (["deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
         (["deepspeed.zero_stage=0"], "wrong gradient norm under expert parallelism"),
