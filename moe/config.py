@@ -94,6 +94,11 @@ class MoEConfig:
             raise ValueError("moe.capacity_factor must be set for expert choice (C = T * cf / E; 2 is typical)")
         if self.router == "expert_choice" and self.score_func != "softmax":
             raise ValueError("moe.score_func must be softmax for expert choice (weights are the softmax over experts)")
+        if self.implementation == "deepspeed":
+            unsupported = stock_gate_lacks(self)
+            if unsupported:
+                raise ValueError(f"moe.implementation=deepspeed (DeepSpeed's own gate) has no {'; no '.join(unsupported)}: "
+                                 "use moe.implementation=ours")
         # A setting of the other router would be silently ignored: refused, when set off its default.
         other_router = TOKEN_CHOICE_ONLY if self.router == "expert_choice" else EXPERT_CHOICE_ONLY
         for name, default in other_router.items():
@@ -147,3 +152,24 @@ TOKEN_CHOICE_ONLY = {"drop_policy": "position", "normalize_topk": True, "bias_up
 EXPERT_CHOICE_ONLY = {"ec_group": "batch", "ec_max_experts_per_token": None, "ec_eval_mode": "causal",
                       "ec_threshold_momentum": 0.05}
 """Settings only expert choice reads, with their defaults."""
+
+
+def stock_gate_lacks(config: MoEConfig) -> list[str]:
+    """Settings that change the model which DeepSpeed's gate cannot follow, named with their values
+    (it would run without them). Its z-loss (none: reported as 0) and its dropping at eval when
+    eval_capacity_factor is null (capacity factor 1.0 then) are accepted, so that a preset's model
+    can be measured on both implementations."""
+    problems = []
+    if config.score_func != "softmax":
+        problems.append(f"moe.score_func={config.score_func} (softmax only)")
+    if config.bias_update_rate > 0:
+        problems.append(f"moe.bias_update_rate={config.bias_update_rate:g} (selection bias)")
+    if config.shared_expert_hidden is not None:
+        problems.append(f"moe.shared_expert_hidden={config.shared_expert_hidden} (shared expert)")
+    if config.drop_policy != "position":
+        problems.append(f"moe.drop_policy={config.drop_policy}")
+    if config.jitter_eps > 0:
+        problems.append(f"moe.jitter_eps={config.jitter_eps:g} (router jitter)")
+    if not config.normalize_topk and config.top_k > 1:
+        problems.append("moe.normalize_topk=false (unnormalised top-k weights)")
+    return problems

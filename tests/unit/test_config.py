@@ -57,6 +57,9 @@ def test_unknown_key_fails_at_compose(compose_run):
         # A setting the chosen router never reads would be silently ignored.
         (["moe=expert_choice", "moe.bias_update_rate=0.001"], "moe.bias_update_rate=0.001 applies to token choice only"),
         (["moe=top2", "moe.ec_group=sequence"], "moe.ec_group='sequence' applies to expert choice only"),
+        # Nor does the stock DeepSpeed baseline run a model its gate cannot follow.
+        (["moe=top2_auxfree", "moe.implementation=deepspeed"],
+         "moe.implementation=deepspeed (DeepSpeed's own gate) has no moe.bias_update_rate=0.001"),
         (["model.hidden_size=100", "model.num_heads=3"], "model.num_heads"),
         (["deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
         (["deepspeed.zero_stage=0"], "wrong gradient norm under expert parallelism"),
