@@ -34,8 +34,10 @@ class MoEConfig:
     """Training capacity factor. Token choice: C = ceil(K * T * cf / E) slots per expert for T
     local tokens; None = dropless (capacity grows to the busiest expert's load). Expert choice:
     C = ceil(T * cf / E) tokens per expert (the paper's c, typically 2); must be set."""
-    eval_capacity_factor: float | None = 2.0
-    """Capacity factor in eval mode (None = dropless at eval; expert choice: None = training's)."""
+    eval_capacity_factor: float | None = None
+    """Capacity factor in eval mode (None = dropless at eval; expert choice: None = training's).
+    Dropless by default: with a capacity, whether a token keeps its expert depends on the other
+    tokens of the batch (later ones included), so a decoder's eval and generation would not be causal."""
     min_capacity: int = 4
     """Lower bound on C, so tiny batches still route something to every expert."""
     score_func: str = "softmax"
