@@ -89,6 +89,16 @@ def checked_for_start(run: RunConfig, world_size: int, source: str) -> RunConfig
             f"trainer.run_dir={run.trainer.run_dir!r} already holds a run: pass trainer.resume=true to continue it "
             "or choose another trainer.run_dir"
         )
+    if run.trainer.resume:
+        _, problem = _run_to_resume(run)
+        if problem is not None:
+            raise ConfigError(problem)
+    if run.logging.wandb:
+        from train.wandb_mode import online_without_key
+
+        problem = online_without_key(run.logging.wandb_mode)
+        if problem is not None:
+            raise ConfigError(problem)
     problem = _unusable_directory(Path(run.trainer.run_dir) if run.trainer.run_dir else Path("runs", run.name))
     if problem is not None:  # found now, not after the model and the engine are built
         raise ConfigError(f"trainer.run_dir={run.trainer.run_dir!r}: {problem}" if run.trainer.run_dir
@@ -178,19 +188,10 @@ def _resolve_run_dir(run: RunConfig, world: World) -> Path:
     """The run directory, agreed by all ranks (rank 0 decides: timestamps differ between processes)."""
     decided: list[Any] = [None, None, None]
     if world.is_main:
-        if run.trainer.run_dir:
+        if run.trainer.resume:
+            path, decided[1] = _run_to_resume(run)
+        elif run.trainer.run_dir:
             path = Path(run.trainer.run_dir)
-            if run.trainer.resume and not path.is_dir():
-                decided[1] = f"trainer.resume=true but trainer.run_dir={str(path)!r} does not exist"
-            elif run.trainer.resume and checkpoint.latest_tag(path / "checkpoints") is None:
-                inner = newest_run(path)
-                hint = f"; it holds runs, e.g. trainer.run_dir={inner}" if inner is not None else ""
-                decided[1] = f"trainer.resume=true but {path / 'checkpoints'} holds no checkpoint{hint}"
-        elif run.trainer.resume:
-            candidates = sorted(p.parent.parent for p in Path("runs", run.name).glob("*/checkpoints/latest"))
-            path = candidates[-1] if candidates else Path()
-            if not candidates:
-                decided[1] = f"trainer.resume=true but no run of {run.name!r} under runs/{run.name} has a checkpoint"
         else:
             path = Path("runs", run.name, datetime.now().strftime("%Y%m%d-%H%M%S"))
         decided[0] = str(path)
@@ -202,6 +203,24 @@ def _resolve_run_dir(run: RunConfig, world: World) -> Path:
     if decided[2] is not None:
         raise RunComplete(Path(decided[0]), decided[2])
     return Path(decided[0])
+
+
+def _run_to_resume(run: RunConfig) -> tuple[Path, str | None]:
+    """(the run directory trainer.resume=true continues, None), or (_, why there is none): the given
+    trainer.run_dir, else the newest run of this name under runs/<name>/."""
+    if run.trainer.run_dir:
+        path = Path(run.trainer.run_dir)
+        if not path.is_dir():
+            return path, f"trainer.resume=true but trainer.run_dir={str(path)!r} does not exist"
+        if checkpoint.latest_tag(path / "checkpoints") is None:
+            inner = newest_run(path)
+            hint = f"; it holds runs, e.g. trainer.run_dir={inner}" if inner is not None else ""
+            return path, f"trainer.resume=true but {path / 'checkpoints'} holds no checkpoint{hint}"
+        return path, None
+    candidates = sorted(p.parent.parent for p in Path("runs", run.name).glob("*/checkpoints/latest"))
+    if not candidates:
+        return Path(), f"trainer.resume=true but no run of {run.name!r} under runs/{run.name} has a checkpoint"
+    return candidates[-1], None
 
 
 class RunComplete(Exception):

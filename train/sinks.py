@@ -26,7 +26,8 @@ def open_sinks(run, is_main: bool, run_dir: Path) -> list[Sink]:
     sinks: list[Sink] = []
     wandb_sink = None
     if run.logging.wandb:
-        from train.wandb_sink import WandbSink, resolve_mode  # wandb is imported only when asked for
+        from train.wandb_mode import resolve_mode
+        from train.wandb_sink import WandbSink  # wandb is imported only when asked for
 
         if resolve_mode(run.logging.wandb_mode) != "disabled":
             wandb_sink = WandbSink(run, run_dir)

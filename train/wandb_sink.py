@@ -19,47 +19,19 @@ Only rank 0 creates one (train/sinks.py). `moe/` never imports wandb.
 
 from __future__ import annotations
 
-import netrc
 import os
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import wandb
 from omegaconf import OmegaConf
 
+from train.wandb_mode import resolve_mode
+
 RUN_ID_FILE = "wandb_run_id"
 """In the run directory: a resumed run continues the same W&B run."""
-
-
-def resolve_mode(setting: str, environ: Mapping[str, str] = os.environ) -> str:
-    """`auto`: WANDB_MODE when the user set it, else online with an API key (WANDB_API_KEY, or the
-    one `wandb login` stored), else offline. Never a login prompt: a rank cannot answer one."""
-    if setting != "auto":
-        return setting
-    if environ.get("WANDB_MODE"):
-        return environ["WANDB_MODE"]
-    return "online" if environ.get("WANDB_API_KEY") or _stored_api_key(environ) else "offline"
-
-
-def _stored_api_key(environ: Mapping[str, str]) -> bool:
-    """Whether `wandb login` left a key for the W&B server in use: it writes one to ~/.netrc (or the
-    file $NETRC names) under the server's host, which is where the README tells cluster users to keep
-    it (never in the environment the launcher forwards to every node)."""
-    url = urlparse(environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
-    path = environ.get("NETRC") or os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".netrc")
-    try:
-        stored = netrc.netrc(path)
-    except (OSError, netrc.NetrcParseError):
-        return False
-    # wandb files a server on a port under host:port (its netloc), and a plain one under its host.
-    for machine in dict.fromkeys(m for m in (url.netloc, url.hostname) if m):
-        entry = stored.authenticators(machine)
-        if entry is not None and entry[2]:
-            return True
-    return False
 
 
 def wandb_items(record: Mapping[str, Any]) -> dict[str, float]:

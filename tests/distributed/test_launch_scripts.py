@@ -88,7 +88,9 @@ def test_bad_overrides_are_one_line_before_any_rank_starts(tmp_path):
     # What a rank would find at start-up is found here too: a missing data file, an unusable run directory.
     (tmp_path / "file").write_text("")
     for overrides, expected in ((["data=files", f"data.files=[{tmp_path / 'nope.txt'}]"], "error: data.files: '"),
-                                ([f"trainer.run_dir={tmp_path / 'file' / 'run'}"], f"error: trainer.run_dir='{tmp_path}")):
+                                ([f"trainer.run_dir={tmp_path / 'file' / 'run'}"], f"error: trainer.run_dir='{tmp_path}"),
+                                (["trainer.resume=true", f"trainer.run_dir={tmp_path / 'gone'}"],
+                                 "error: trainer.resume=true but trainer.run_dir=")):
         found = _run(LOCAL, "2", *overrides, PYTHON=sys.executable)
         assert found.returncode == 2 and found.stderr.count("\n") == 1 and found.stderr.startswith(expected), found.stderr
     # Multi-node: the world size is the slots of the hosts used (here 2 of 3 hosts, 1 slot each).

@@ -1,4 +1,4 @@
-"""W&B sink pieces that need no run: mode choice, key mapping, rank gating, config errors
+"""W&B sink pieces that need no run: key mapping, rank gating, config errors (the mode: test_wandb_mode.py)
 (the whole path, read back with wandb's reader, is tests/integration/test_wandb.py)."""
 
 from __future__ import annotations
@@ -11,44 +11,7 @@ pytest.importorskip("wandb")  # a required dependency, but absent where only the
 
 from train.config import ConfigError, to_run_config  # noqa: E402
 from train.sinks import open_sinks  # noqa: E402
-from train.wandb_sink import resolve_mode, wandb_items  # noqa: E402
-
-
-@pytest.mark.parametrize(
-    "setting, environ, mode",
-    [
-        ("auto", {}, "offline"),
-        ("auto", {"WANDB_API_KEY": "k" * 40}, "online"),
-        ("auto", {"WANDB_API_KEY": ""}, "offline"),
-        ("auto", {"WANDB_API_KEY": "k" * 40, "WANDB_MODE": "offline"}, "offline"),
-        ("offline", {"WANDB_API_KEY": "k" * 40}, "offline"),
-        ("disabled", {}, "disabled"),
-    ],
-)
-def test_mode(setting, environ, mode):
-    assert resolve_mode(setting, {"HOME": "/nonexistent", **environ}) == mode
-
-
-def test_a_key_stored_by_wandb_login_means_online(tmp_path):
-    # `wandb login` writes the key to ~/.netrc under the server's host; the README tells cluster
-    # users to keep it there rather than in the environment forwarded to every node.
-    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
-    (tmp_path / ".netrc").chmod(0o600)
-    assert resolve_mode("auto", {"HOME": str(tmp_path)}) == "online"
-    assert resolve_mode("auto", {"HOME": str(tmp_path), "WANDB_MODE": "offline"}) == "offline"
-    # A key for another server (a self-hosted one named by WANDB_BASE_URL) does not count.
-    assert resolve_mode("auto", {"HOME": str(tmp_path), "WANDB_BASE_URL": "https://wandb.example.com"}) == "offline"
-    other = tmp_path / "other.netrc"
-    other.write_text("machine wandb.example.com login user password " + "k" * 40 + "\n")
-    other.chmod(0o600)
-    assert resolve_mode("auto", {"HOME": str(tmp_path), "NETRC": str(other),
-                                 "WANDB_BASE_URL": "https://wandb.example.com"}) == "online"
-    # A self-hosted server on a port: wandb files its key under host:port.
-    other.write_text("machine localhost:8080 login user password " + "k" * 40 + "\n")
-    assert resolve_mode("auto", {"HOME": str(tmp_path), "NETRC": str(other),
-                                 "WANDB_BASE_URL": "http://localhost:8080"}) == "online"
-    (tmp_path / ".netrc").write_text("this is not a netrc file")
-    assert resolve_mode("auto", {"HOME": str(tmp_path)}) == "offline"
+from train.wandb_sink import wandb_items  # noqa: E402
 
 
 def test_keys_pad_indices_to_the_last_index_and_skip_nulls():
