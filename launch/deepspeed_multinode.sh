@@ -30,6 +30,15 @@ set -euo pipefail
 hostfile="${1:?usage: $0 HOSTFILE [hydra overrides...]}"
 shift
 [ -f "$hostfile" ] || { echo "error: hostfile $hostfile does not exist" >&2; exit 2; }
+for name in NUM_NODES GPUS_PER_NODE; do
+  value="${!name:-}"
+  if [ -n "$value" ] && ! [[ "$value" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: $name must be a positive integer, got '$value'" >&2; exit 2
+  fi
+done
+if [ -n "${NODE_RANK:-}" ] && ! [[ "$NODE_RANK" =~ ^[0-9]+$ ]]; then
+  echo "error: NODE_RANK must be a node index (0, 1, ...), got '$NODE_RANK'" >&2; exit 2
+fi
 # Paths given by the caller are relative to where they ran this, not to the checkout.
 hostfile="$(realpath "$hostfile")"
 log_dir="${LOG_DIR:-}"

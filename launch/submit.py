@@ -64,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.ranks_per_node = args.gpus_per_node or 1
     if args.ranks_per_node < 1:
         parser.error(f"--ranks-per-node must be >= 1, got {args.ranks_per_node}")
+    if 0 < args.gpus_per_node < args.ranks_per_node:
+        # Each rank takes the GPU of its local rank: the ranks past the last GPU would find none.
+        parser.error(f"--ranks-per-node={args.ranks_per_node} is more than --gpus-per-node={args.gpus_per_node} "
+                     "(one rank per GPU)")
     return args
 
 
@@ -107,7 +111,7 @@ def override_problem(overrides: list[str], world_size: int) -> str | None:
     try:
         from train.cli import settings_problem
 
-        return settings_problem(overrides, world_size, "given by --nodes x --ranks-per-node")
+        return settings_problem(overrides, world_size, "given by --nodes x --ranks-per-node", also=_check_resume)
     except ImportError as error:
         print(f"note: overrides not checked before submitting ({error}); run this with the project's "
               f"Python (.venv/bin/python) to check them here", file=sys.stderr, flush=True)
@@ -118,6 +122,17 @@ def override_problem(overrides: list[str], world_size: int) -> str | None:
             del os.environ["DS_ACCELERATOR"]
         else:
             os.environ["DS_ACCELERATOR"] = accelerator
+
+
+def _check_resume(run) -> None:
+    """The job trains in a run directory of its own, new at its first start, unless the overrides
+    name one: trainer.resume=true alone would find nothing there."""
+    from train.config import ConfigError
+
+    if run.trainer.resume and not run.trainer.run_dir:
+        raise ConfigError("trainer.resume=true: the job's run directory (--output-dir/<job name>-<job id>) is new, "
+                          "with nothing to resume; add trainer.run_dir=<the run to continue> (a requeued job "
+                          "resumes by itself: the job sets trainer.auto_resume=true)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from train.config import ConfigError, register_schemas
+from train.config import ConfigError, RunConfig, register_schemas
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -115,13 +116,14 @@ def composed_overrides(args: list[str]) -> tuple[DictConfig | None, str | None]:
 
 
 def settings_problem(args: list[str], world_size: int | None = None, source: str = "given by the launcher",
-                     before_start: bool = False) -> str | None:
+                     before_start: bool = False, also: Callable[[RunConfig], None] | None = None) -> str | None:
     """What is wrong with the overrides (`override_problem`) or what the settings' own checks reject
     (a value out of range, moe.ep_size not dividing moe.num_experts, and with `world_size` the
     parallel degrees against it; `source` says where that number comes from), in one line; None
     when they pass. With `before_start`, on the machine that runs the job, also what a rank checks
-    at start-up: the data files and the run directory (`train.loop.checked_for_start`). Composed
-    once, checked where no rank runs yet."""
+    at start-up: the data files and the run directory (`train.loop.checked_for_start`). `also`: a
+    caller's own check of the settings (raising ConfigError). Composed once, checked where no rank
+    runs yet."""
     from train.config import to_run_config
 
     cfg, problem = composed_overrides(args)
@@ -129,6 +131,8 @@ def settings_problem(args: list[str], world_size: int | None = None, source: str
         return problem
     try:
         run = to_run_config(cfg)
+        if also is not None:
+            also(run)
         if world_size is None or run.dry_run:  # a dry run plans for its own world_size and starts nothing
             return None
         if before_start:

@@ -242,8 +242,10 @@ class RunConfig:
             )
         if (world_size // tp) % ep != 0:
             raise ConfigError(
-                f"moe.ep_size={ep} must divide the world size {world_size} {source}"
-                + (f" divided by model.tensor_parallel={tp}" if tp > 1 else "")
+                f"moe.ep_size={ep} must divide the world size {world_size} {source}" if tp == 1 else
+                f"moe.ep_size={ep} must divide the {world_size // tp} rank{'s' if world_size // tp != 1 else ''} "
+                "of each tensor-parallel rank's slice "
+                f"(the world size {world_size} {source}, divided by model.tensor_parallel={tp})"
             )
         if tp > 1 and self.moe.implementation == "deepspeed":
             raise ConfigError(

@@ -74,6 +74,9 @@ def test_multinode_dry_run_names_the_master_and_forwards_the_environment(tmp_pat
     ]
     missing = _run(MULTINODE, str(tmp_path / "nope"), DRY_RUN="1")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+    for name, value in (("GPUS_PER_NODE", "abc"), ("NUM_NODES", "0"), ("NODE_RANK", "-1")):
+        bad = _run(MULTINODE, str(hostfile), DRY_RUN="1", **{name: value})
+        assert bad.returncode == 2 and bad.stderr.startswith(f"error: {name} must be"), bad.stderr
     hostfile.write_text("# nothing\n")
     empty = _run(MULTINODE, str(hostfile), DRY_RUN="1")
     assert empty.returncode == 2 and "names no host" in empty.stderr

@@ -49,12 +49,24 @@ def test_good_overrides_go_through_to_the_batch_script(submit, capsys):
         (["--nodes=2", "--gpus-per-node=2", "--", "world_size=8"],
          "error: world_size=8 plans a dry run (dry_run=true); this run's world size is 4, given by --nodes x "
          "--ranks-per-node (nothing submitted)"),
+        # The job's run directory is new: resume=true alone would find nothing to continue.
+        (["--", "trainer.resume=true"],
+         "error: trainer.resume=true: the job's run directory (--output-dir/<job name>-<job id>) is new, with nothing "
+         "to resume; add trainer.run_dir=<the run to continue> (a requeued job resumes by itself: the job sets "
+         "trainer.auto_resume=true) (nothing submitted)"),
     ],
 )
 def test_settings_are_checked_at_the_job_world_size(submit, monkeypatch, capsys, argv, expected):
     monkeypatch.setattr(submit.subprocess, "Popen", lambda *a, **k: pytest.fail("sbatch was called"))
     assert submit.main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines() == [expected]
+
+
+def test_more_ranks_than_gpus_on_a_node_are_refused(submit, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        submit.parse_args(["--gpus-per-node", "2", "--ranks-per-node", "3"])
+    assert exit_info.value.code == 2 and "--ranks-per-node=3 is more than --gpus-per-node=2" in capsys.readouterr().err
+    assert submit.parse_args(["--gpus-per-node", "0", "--ranks-per-node", "3"]).ranks_per_node == 3  # CPU ranks
 
 
 def test_a_malformed_time_limit_is_refused(submit, capsys):

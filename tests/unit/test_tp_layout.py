@@ -54,7 +54,8 @@ def test_tensor_parallel_must_divide_heads_ffn_and_world(compose_run):
     with pytest.raises(ConfigError, match="model.tensor_parallel=3"):
         to_run_config(compose_run(["model=gpt_tiny", "model.tensor_parallel=3"]))
     run = to_run_config(compose_run(["model=gpt_tiny", "model.tensor_parallel=2", "moe.ep_size=2"]))
-    with pytest.raises(ConfigError, match="moe.ep_size=2 must divide the world size 2 .* model.tensor_parallel=2"):
+    with pytest.raises(ConfigError, match=r"moe.ep_size=2 must divide the 1 rank of each tensor-parallel rank's slice "
+                                          r"\(the world size 2 given by the launcher, divided by model.tensor_parallel=2\)"):
         run.check_world_size(2)
     run.check_world_size(4)
     with pytest.raises(ConfigError, match="model.tensor_parallel=2 must divide the world size 3"):
