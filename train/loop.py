@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -223,6 +224,22 @@ def _run_to_resume(run: RunConfig) -> tuple[Path, str | None]:
     return candidates[-1], None
 
 
+RUN_SELECTION = ("trainer.resume", "trainer.run_dir", "trainer.auto_resume")
+
+
+def continue_overrides(run_dir: Path) -> str:
+    """The overrides that continue this run: the command line's own (Hydra's record of them), with the
+    run selected instead of the ones that chose it. Without Hydra (the API), the caller's overrides
+    are unknown and the hint says so."""
+    from hydra.core.hydra_config import HydraConfig
+
+    selection = ["trainer.resume=true", f"trainer.run_dir={run_dir}"]
+    if not HydraConfig.initialized():
+        return "your overrides and " + " ".join(selection)
+    given = [o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].lstrip("+~") not in RUN_SELECTION]
+    return " ".join(shlex.quote(o) for o in [*given, *selection])
+
+
 class RunComplete(Exception):
     """The run to resume has already trained trainer.max_steps steps: nothing to do (exit status 0,
     so a requeued job that finished meanwhile ends quietly)."""
@@ -417,7 +434,7 @@ class Trainer:
             tag = checkpoint.latest_tag(self.checkpoint_dir)
             if stop.interrupted:
                 print(f"interrupted {received} at step {done}: checkpoint {tag} saved; continue with "
-                      f"trainer.resume=true trainer.run_dir={self.run_dir}", flush=True)
+                      f"{continue_overrides(self.run_dir)}", flush=True)
             else:
                 print(f"preempted   {received} at step {done}: checkpoint {tag} saved, exiting with status "
                       f"{PREEMPTED_EXIT_STATUS} (trainer.auto_resume=true continues from it)", flush=True)

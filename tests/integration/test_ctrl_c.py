@@ -17,12 +17,16 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def _start(run_dir: Path, cwd: Path) -> subprocess.Popen:
-    command = [
-        sys.executable, "-m", "train", "model=gpt_tiny", "trainer.max_steps=100000", "trainer.micro_batch_size=4",
+def _overrides(run_dir: Path) -> list[str]:
+    return [
+        "model=gpt_tiny", "trainer.max_steps=100000", "trainer.micro_batch_size=4",
         "trainer.checkpoint_every=0", "trainer.eval_every=0", "logging.log_every=1", "logging.progress_bar=false",
         "logging.plots=off", f"data.cache_dir={ROOT / '.cache' / 'data'}", f"trainer.run_dir={run_dir}",
     ]
+
+
+def _start(run_dir: Path, cwd: Path, overrides: list[str] | None = None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "train", *(overrides or _overrides(run_dir))]
     return subprocess.Popen(command, cwd=cwd, env=subprocess_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -48,8 +52,16 @@ def test_first_ctrl_c_checkpoints_and_exits_130(tmp_path):
     assert "Ctrl-C again stops at once" in err
     line = next(line for line in out.splitlines() if line.startswith("interrupted"))
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()
-    assert f"checkpoint {tag} saved" in line and f"trainer.resume=true trainer.run_dir={run_dir}" in line
+    # The hint is the command line's own overrides with this run selected: pasted, it continues the run.
+    continued = [*_overrides(run_dir)[:-1], "trainer.resume=true", f"trainer.run_dir={run_dir}"]
+    assert f"checkpoint {tag} saved" in line and line.endswith("continue with " + " ".join(continued)), line
     assert (run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt").exists()
+    steps_before = int(tag.rsplit("_", 1)[1])
+    again = _start(run_dir, tmp_path, continued)
+    _wait_for_steps(run_dir, steps_before + 2)
+    again.send_signal(signal.SIGINT)
+    _, err = again.communicate(timeout=120)
+    assert again.returncode == 130 and "error:" not in err, err[-3000:]
 
 
 def test_second_ctrl_c_stops_at_once_in_one_line(compose_run, tmp_path, monkeypatch, capsys):
