@@ -29,9 +29,12 @@ if [ -n "${DRY_RUN:-}" ]; then
   exit 0
 fi
 # The overrides, composed and checked against NUM_RANKS once here: one error line, not one per rank.
-# It prints the device the ranks will train on (cuda or cpu).
-device="$("${command[0]}" -c 'import sys; from train.cli import launch_check; sys.exit(launch_check(sys.argv[1:]))' \
+# Its last line is the device the ranks will train on (cuda or cpu), or "planned" after a dry run's
+# plan, which it prints once (every rank would print it).
+checked="$("${command[0]}" -c 'import sys; from train.cli import launch_check; sys.exit(launch_check(sys.argv[1:]))' \
   "$ranks" "given by NUM_RANKS" "$@" </dev/null)"
+device="${checked##*$'\n'}"
+if [ "$device" = planned ]; then printf '%s\n' "${checked%$'\n'*}"; exit 0; fi
 if [ "$device" = cpu ]; then
   # CPU ranks: one thread each, or two ranks fight over the same cores; and DeepSpeed told so, rather
   # than warning in every process that it found no GPU.

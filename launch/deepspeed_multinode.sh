@@ -93,8 +93,10 @@ world_size="$(awk -v nodes="${NUM_NODES:-0}" -v per_node="${GPUS_PER_NODE:-}" '
   { total += slots }
   END { if (!unknown) print total }' "$hostfile")"
 if [ -n "$world_size" ]; then
-  "${command[0]}" -c 'import sys; from train.cli import launch_check; sys.exit(launch_check(sys.argv[1:]))' \
-    "$world_size" "given by the hostfile's slots (GPUS_PER_NODE, NUM_NODES)" "$@" </dev/null >/dev/null
+  checked="$("${command[0]}" -c 'import sys; from train.cli import launch_check; sys.exit(launch_check(sys.argv[1:]))' \
+    "$world_size" "given by the hostfile's slots (GPUS_PER_NODE, NUM_NODES)" "$@" </dev/null)"
+  # A dry run's plan, printed once here: the job is done.
+  if [ "${checked##*$'\n'}" = planned ]; then printf '%s\n' "${checked%$'\n'*}"; exit 0; fi
 fi
 if [ "$log_dir" != none ]; then
   mkdir -p "$log_dir"

@@ -53,12 +53,24 @@ def main() -> None:
 
 def launch_check(argv: list[str]) -> int:
     """The launch scripts' check before DeepSpeed starts a rank (`WORLD_SIZE SOURCE OVERRIDE...`):
-    `settings_problem` with the start-up checks. 0 after printing the device type this machine's
-    ranks will train on (cuda or cpu), or 2 after one `error:` line. Left to the ranks, each would
+    `settings_problem` with the start-up checks. 0 after printing, as the last line, the device type
+    this machine's ranks will train on (cuda or cpu), or `planned` after a dry run's plan (the job is
+    then done: nothing to start); or 2 after one `error:` line. Left to the ranks, each would
     print the same error after its seconds of start-up, under DeepSpeed's own lines (and a
     multi-node job's into its log files, away from the terminal)."""
     world_size, source, *overrides = argv
     problem = settings_problem(overrides, int(world_size), source, before_start=True)
+    cfg = composed_overrides(overrides)[0] if problem is None else None
+    if cfg is not None and cfg.dry_run:  # the plan, printed here once rather than by every rank
+        from train.loop import train
+
+        try:
+            train(cfg)
+        except ConfigError as error:
+            problem = str(error)
+        else:
+            print("planned", flush=True)
+            return 0
     if problem is None:
         import torch
 

@@ -120,8 +120,9 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.add_argument("--capacity-factor", type=positive_float, action="append", default=None,
                         help="add the mode 'cf=X' (token choice) / 'batch cf=X' (expert choice); repeatable (default 1.0)")
     parser.add_argument("--batch-sizes", help="comma-separated (default: 1, the run's micro-batch size, 64)")
-    parser.add_argument("--windows", type=positive_int, help="validation windows (default: what training validates on)")
-    parser.add_argument("--all-windows", action="store_true", help="the whole validation split")
+    how_many = parser.add_mutually_exclusive_group()
+    how_many.add_argument("--windows", type=positive_int, help="validation windows (default: what training validates on)")
+    how_many.add_argument("--all-windows", action="store_true", help="the whole validation split")
     parser.add_argument("--json", type=Path, help="write the results here (default: <run dir>/eval.json)")
     parser.add_argument("--device", type=inference_device, default="cpu", help="cpu (default), cuda or cuda:N")
     args = parser.parse_args(argv)

@@ -224,6 +224,15 @@ def _run_to_resume(run: RunConfig) -> tuple[Path, str | None]:
     return candidates[-1], None
 
 
+def _moe_description(moe, moe_layers: int) -> str:
+    """The header's words for the MoE layers: how many, how many experts, how tokens are routed."""
+    if moe_layers == 0:
+        return "dense (no MoE layer)"
+    routing = (f"expert choice, c={moe.capacity_factor:g}" if moe.router == "expert_choice"
+               else f"top-{moe.top_k}" + (", dropless" if moe.capacity_factor is None else ""))
+    return f"{moe_layers} MoE layer{'s' if moe_layers != 1 else ''} x {moe.num_experts} experts ({routing})"
+
+
 RUN_SELECTION = ("trainer.resume", "trainer.run_dir", "trainer.auto_resume")
 
 
@@ -557,7 +566,7 @@ class Trainer:
             f"{'bf16' if self.engine.bfloat16_enabled() else 'fp32'}, ZeRO-{run.deepspeed.zero_stage}, "
             f"ep_size {run.moe.ep_size}" + (f", tensor_parallel {tp}" if (tp := self.world.tensor_parallel) > 1 else ""),
             f"model       {p['total'] / 1e6:.2f}M parameters, {p['active'] / 1e6:.2f}M active per token, "
-            f"{p['moe_layers']} MoE layers x {run.moe.num_experts} experts (top-{run.moe.top_k})",
+            + _moe_description(run.moe, p["moe_layers"]),
             f"batch       {self.global_batch} x {run.model.seq_len} tokens per step, {run.trainer.max_steps} steps",
             f"MFU against {self.peak_tflops:.2f} TFLOP/s per device ({self.peak_source})",
         ]

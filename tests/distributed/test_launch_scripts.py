@@ -108,6 +108,13 @@ def test_bad_overrides_are_one_line_before_any_rank_starts(tmp_path):
     assert not logs.exists()
 
 
+def test_a_dry_run_through_the_local_script_plans_once_and_starts_nothing(tmp_path):
+    result = _run(LOCAL, "2", "dry_run=true", "world_size=16", "moe.ep_size=8", PYTHON=sys.executable)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("dry run: 16 ranks, expert parallel 8") == 1 and "spawned" not in result.stdout
+    assert result.stdout.rstrip().splitlines()[-1].startswith("checkpoint:")  # the plan's last line, not "planned"
+
+
 @pytest.mark.distributed
 def test_two_nodes_through_pdsh_train_with_per_rank_logs_and_forwarded_environment(tmp_path):
     bin_dir = tmp_path / "bin"

@@ -158,6 +158,7 @@ def test_export_of_a_trained_run_loads_in_transformers(token_choice_run, tmp_pat
         ("evaluate", ["{tc}", "--modes", "causal"], "does not apply"),
         ("evaluate", ["{tc}", "--text", "/nonexistent.txt"], "no such file"),
         ("evaluate", ["{tc}", "--batch-sizes", "0"], "--batch-sizes"),
+        ("evaluate", ["{tc}", "--windows", "5", "--all-windows"], "not allowed with argument --windows"),
         ("export_hf", ["{ec}", "--out", "{tmp}/hf"], "moe.router=expert_choice"),
         ("consolidate", ["{tmp}"], "holds no checkpoint"),
     ],
