@@ -55,9 +55,16 @@ class LoadedModel:
         return self.data_dir
 
     def tokenizer_path(self) -> Path:
+        """The run's own tokenizer.json, else the one of its prepared dataset (prepared again from
+        the data config when not in the cache); ConfigError naming both when neither can be had."""
         if self.tokenizer_file is not None and self.tokenizer_file.is_file():
             return self.tokenizer_file
-        return self.validation_data_dir() / "tokenizer.json"
+        try:
+            return self.validation_data_dir() / "tokenizer.json"
+        except ConfigError as error:
+            if self.tokenizer_file is None:
+                raise
+            raise ConfigError(f"no tokenizer: {self.tokenizer_file} is missing, and {error}") from None
 
     def tokenizer(self):
         """(the run's tokenizer, its end-of-text id); ConfigError when it cannot be found or has none."""
@@ -313,7 +320,7 @@ def load_model(path: str | Path | None, device: str | torch.device = "cpu", pack
         # Runs keep a copy of their tokenizer (train/loop.py); older ones find it in the data cache.
         run_tokenizer = source.parent.parent / "tokenizer.json"
         loaded = LoadedModel(model, run, source, client.get("step"),
-                             tokenizer_file=run_tokenizer if run_tokenizer.is_file() else None)
+                             tokenizer_file=run_tokenizer)
     if loaded.run.moe.implementation == "deepspeed" and loaded.run.moe.capacity_factor is None:
         _world_of_one()
     loaded.model.to(device).eval()

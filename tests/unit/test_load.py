@@ -80,6 +80,16 @@ def test_checkpoint_files_give_back_the_whole_model(tmp_path, tensor_parallel):
         assert torch.equal(again[key], expected[key]), key
 
 
+def test_a_run_without_its_tokenizer_or_its_data_names_both(tmp_path):
+    run, whole = _whole_model(1)
+    run.data.files = [str(tmp_path / "gone.jsonl")]
+    _write_checkpoint(tmp_path / "run", run, whole, 1)
+    loaded = load_model(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"^no tokenizer: .*run/tokenizer.json is missing, and the run's data: "
+                                          r".*gone.jsonl: no such file"):
+        loaded.tokenizer_path()
+
+
 def test_a_missing_expert_file_is_named(tmp_path):
     run, whole = _whole_model(1)
     _write_checkpoint(tmp_path / "run", run, whole, 1, drop="layer_1_expert_2_mp_rank_00_model_states.pt")
