@@ -24,6 +24,14 @@ if [ -n "$log_dir" ]; then
 fi
 command+=(--module train "$@")
 if [ -n "${DRY_RUN:-}" ]; then
+  # The overrides are checked as for a launch (one error line, status 2), where this Python has the
+  # project's packages; without them, a note says they were not.
+  "${command[0]}" -c 'import sys
+try:
+    from train.cli import launch_check
+except ImportError as error:
+    sys.exit(print(f"note: overrides not checked ({error})", file=sys.stderr))
+sys.exit(launch_check(sys.argv[1:]))' "$ranks" "given by NUM_RANKS" "$@" </dev/null >/dev/null || exit 2
   printf '%q ' "${command[@]}"
   echo
   exit 0

@@ -105,6 +105,11 @@ def test_bad_overrides_are_one_line_before_any_rank_starts(tmp_path):
     assert multinode.stderr.strip().startswith("error: moe.ep_size=4 must divide the world size 2 given by the hostfile")
     typo = _run(MULTINODE, str(hostfile), "model.hiden_size=3", PYTHON=sys.executable, LOG_DIR=str(logs))
     assert (typo.returncode, typo.stderr.strip()) == (2, "error: model.hiden_size: Key 'hiden_size' not in 'ModelConfig'")
+    # DRY_RUN previews a launch: the same check, before the command is printed.
+    for script, target in ((LOCAL, "2"), (MULTINODE, str(hostfile))):
+        preview = _run(script, target, "model.hiden_size=3", DRY_RUN="1", PYTHON=sys.executable)
+        assert (preview.returncode, preview.stderr.strip(), preview.stdout) == (
+            2, "error: model.hiden_size: Key 'hiden_size' not in 'ModelConfig'", "")
     assert not logs.exists()
 
 
