@@ -298,6 +298,11 @@ class Trainer:
         )
         self.peak_tflops, self.peak_source = peak_tflops(world.device, trainer.peak_tflops)
         self._warned_mfu = False
+        # The validation windows and batches (train.data.TokenDataset.eval_batches): what the initial
+        # val loss was measured on, carried in checkpoints, so that a resume with other windows says so.
+        self.validation_set = {"eval_batches": trainer.eval_batches, "micro_batch_size": trainer.micro_batch_size,
+                               "seq_len": run.model.seq_len}
+        self.initial_validation_set: dict | None = self.validation_set
 
     def _keep_tokenizer(self) -> None:
         """A copy of the tokenizer in the run directory: eval, generate and export then read it from
@@ -331,6 +336,8 @@ class Trainer:
                 write_text_atomically(self.run_dir / "config.yaml", OmegaConf.to_yaml(settings))
                 self._keep_tokenizer()  # the data's, as config.yaml is the settings', of the run as it goes on
             start_step, initial_val_loss = state["step"], state.get("initial_val_loss")
+            # None in checkpoints written before it was saved: then not known to differ.
+            self.initial_validation_set = state.get("initial_validation_set")
             # (Absent from checkpoints written before the counts were saved: then they start here.)
             self.expert_counts.restore(state.get("expert_counts"))
             self.metrics.truncate_after(start_step)
@@ -423,10 +430,14 @@ class Trainer:
         policy = self.run.trainer.portable_checkpoint
         return policy == "always" or (policy == "final" and ends_run)
 
+    def _initial_on_other_windows(self) -> bool:
+        """Whether the initial val loss was measured on other windows or batches than the final one."""
+        return self.initial_validation_set is not None and self.initial_validation_set != self.validation_set
+
     def _client_state(self, done: int, initial_val_loss: float) -> dict[str, Any]:
         """What a checkpoint carries besides the engine's state. Collective (the expert counts)."""
         return {"step": done, "tokens": done * self.tokens_per_step, "initial_val_loss": initial_val_loss,
-                "expert_counts": self.expert_counts.through_now()}
+                "initial_validation_set": self.initial_validation_set, "expert_counts": self.expert_counts.through_now()}
 
     def _stop_for_preemption(self, received: str, done: int, saved: bool, initial_val_loss: float, progress) -> None:
         """Checkpoint this step (unless the loop just did, or the step was skipped and `latest` is
@@ -585,6 +596,7 @@ class Trainer:
             "final_train_loss": finite_or_none(train_loss),
             "skipped_nonfinite": self.engine.skipped_steps,
             "initial_val_loss": initial_val_loss,
+            "initial_val_loss_on_other_windows": self._initial_on_other_windows(),
             "final_val_loss": val_loss,
             "final_val_ppl": math.exp(val_loss),
             **{f"final_{k}": v for k, v in final_evaluation.items() if k.startswith("val_loss_")},
@@ -603,8 +615,10 @@ class Trainer:
             for sink in self.sinks:
                 sink.finish(summary)
             mfu = "n/a" if summary["mfu"] is None else f"{100 * summary['mfu']:.1f}%"
+            other = (" (measured on other validation windows: trainer.micro_batch_size, eval_batches or "
+                     "model.seq_len changed since)") if summary["initial_val_loss_on_other_windows"] else ""
             print(
-                f"done        val loss {initial_val_loss:.3f} -> {val_loss:.3f} (perplexity {math.exp(val_loss):.1f}), "
+                f"done        val loss {initial_val_loss:.3f}{other} -> {val_loss:.3f} (perplexity {math.exp(val_loss):.1f}), "
                 f"{tokens_per_s:.0f} tokens/s, MFU {mfu}, {wall:.0f} s\n"
                 f"summary     {self.run_dir / 'summary.json'}",
                 flush=True,

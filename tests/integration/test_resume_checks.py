@@ -51,7 +51,7 @@ def test_resume_keeps_whole_run_figures_leaves_a_finished_run_and_refuses_what_c
             train(compose_run(_overrides(run_dir, 6)))
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003"
     resumed = train(compose_run(_overrides(run_dir, 6, "trainer.resume=true")))
-    assert resumed["steps_this_session"] == 3
+    assert resumed["steps_this_session"] == 3 and resumed["initial_val_loss_on_other_windows"] is False
     # Steps 1-3 were counted in the first session only, and never logged there.
     assert resumed["experts"] == reference["experts"]
     routed = sum(resumed["experts"]["moe_layer_0"]["routed"])
@@ -83,3 +83,9 @@ def test_resume_keeps_whole_run_figures_leaves_a_finished_run_and_refuses_what_c
     assert "settings changed since the last save: deepspeed.lr 0.003 -> 0.001, trainer.max_steps 6 -> 8" in out
     assert "max_steps: 8" in (run_dir / "config.yaml").read_text()
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
+    assert "measured on other validation windows" not in out
+
+    # Validated on other windows than at the start: the closing line says its first figure is not comparable.
+    other = train(compose_run(_overrides(run_dir, 9, "trainer.resume=true", "deepspeed.lr=0.001", "trainer.eval_batches=2")))
+    assert other["initial_val_loss_on_other_windows"] is True
+    assert "measured on other validation windows" in capsys.readouterr().out
