@@ -145,8 +145,12 @@ def run_config_from_dict(values: dict[str, Any], where: str) -> RunConfig:
         raise ConfigError(f"{where}: {error}") from None
 
 
-def read_run_config(run_dir: Path) -> RunConfig:
-    path = run_dir / "config.yaml"
+def read_run_config(tag_dir: Path) -> RunConfig:
+    """The settings a checkpoint tag was trained with: its own config.yaml, or (tags written before
+    they held one) its run directory's."""
+    path = tag_dir / "config.yaml"
+    if not path.is_file():
+        path = tag_dir.parent.parent / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path}: missing; a checkpoint is read with the config.yaml of its run directory")
     return run_config_from_dict(OmegaConf.to_container(OmegaConf.load(path)), str(path))
@@ -307,7 +311,7 @@ def load_model(path: str | Path | None, device: str | torch.device = "cpu", pack
         tokenizer = source.with_name(source.stem + ".tokenizer.json")
         loaded = LoadedModel(model, run, source, header.get("step"), data_dir, tokenizer if tokenizer.is_file() else None)
     else:
-        run = read_run_config(source.parent.parent)
+        run = read_run_config(source)
         tensor_parallel = run.model.tensor_parallel
         run = single_process_layout(run)
         # Read once, for the vocabulary size and then the weights: the file can be GBs.

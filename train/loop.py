@@ -317,23 +317,25 @@ class Trainer:
         run, world = self.run, self.world
         start_step, initial_val_loss = 0, None
         settings = OmegaConf.to_container(OmegaConf.structured(run))
+        self.settings_yaml = OmegaConf.to_yaml(settings)  # into every checkpoint this session saves
         if world.is_main and not run.trainer.resume:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as error:  # what `_unusable_directory` cannot foresee (a read-only mount, /proc)
                 raise ConfigError(f"trainer.run_dir: cannot create {self.run_dir}: {error.strerror}") from None
-            write_text_atomically(self.run_dir / "config.yaml", OmegaConf.to_yaml(settings))
+            write_text_atomically(self.run_dir / "config.yaml", self.settings_yaml)
             self._keep_tokenizer()
         dist.barrier()
         if run.trainer.resume:
-            # config.yaml is replaced only once the checkpoint has loaded: a resume that fails must
-            # leave the run as eval, generate and export read it.
+            # Compared with the settings the checkpoint was saved with (its own config.yaml). The run
+            # directory's is replaced only once the checkpoint has loaded, so a resume that fails
+            # leaves the run as eval, generate and export read it; they read a tag's own first.
             changes = changed_settings(saved_settings(self.run_dir), settings)
             state = self._load_checkpoint(changes)
             if world.is_main:
                 if changes:
                     print(f"resume      settings changed since the last save: {describe(changes)}", flush=True)
-                write_text_atomically(self.run_dir / "config.yaml", OmegaConf.to_yaml(settings))
+                write_text_atomically(self.run_dir / "config.yaml", self.settings_yaml)
                 self._keep_tokenizer()  # the data's, as config.yaml is the settings', of the run as it goes on
             start_step, initial_val_loss = state["step"], state.get("initial_val_loss")
             # None in checkpoints written before it was saved: then not known to differ.
@@ -397,7 +399,7 @@ class Trainer:
             if due and not self.last_step_skipped:  # only after an applied update: `latest` is always a good state
                 checkpoint.save(self.engine, self.checkpoint_dir, done, self._client_state(done, initial_val_loss), world.rank,
                                 self._portable(ends_run=done == run.trainer.max_steps or bool(received)),
-                                run.trainer.keep_checkpoints)
+                                run.trainer.keep_checkpoints, self.settings_yaml)
             if received:
                 self._stop_for_preemption(received, done, bool(due), initial_val_loss, progress)
             if figures:
@@ -444,7 +446,8 @@ class Trainer:
         the last good state), record the stop in metrics.jsonl, and leave with Preempted."""
         if not saved and not self.last_step_skipped:
             checkpoint.save(self.engine, self.checkpoint_dir, done, self._client_state(done, initial_val_loss),
-                            self.world.rank, self._portable(ends_run=True), self.run.trainer.keep_checkpoints)
+                            self.world.rank, self._portable(ends_run=True), self.run.trainer.keep_checkpoints,
+                            self.settings_yaml)
         self._log({"event": "preempted", "step": done, "tokens": done * self.tokens_per_step, "signal": received,
                    "checkpoint": checkpoint.latest_tag(self.checkpoint_dir)})
         self._finish_sinks_early(f"preempted by {received}", done)

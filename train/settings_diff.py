@@ -23,9 +23,16 @@ SHAPE_SECTIONS = ("model.", "moe.", "data.vocab_size")
 
 
 def saved_settings(run_dir: Path) -> dict[str, Any] | None:
-    """The run directory's config.yaml as a plain dict; None when it is missing or unreadable (a
+    """The settings of the checkpoint `latest` names (its own config.yaml; the run directory's for
+    checkpoints written before tags held one) as a plain dict; None when missing or unreadable (a
     resume then reports no changes rather than failing on a file it does not need)."""
     path = run_dir / "config.yaml"
+    try:
+        tag_settings = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip() / "config.yaml"
+        if tag_settings.is_file():
+            path = tag_settings
+    except OSError:
+        pass
     try:
         loaded = OmegaConf.to_container(OmegaConf.load(path))
     except (OSError, yaml.YAMLError, OmegaConfBaseException):

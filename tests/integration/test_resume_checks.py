@@ -89,3 +89,34 @@ def test_resume_keeps_whole_run_figures_leaves_a_finished_run_and_refuses_what_c
     other = train(compose_run(_overrides(run_dir, 9, "trainer.resume=true", "deepspeed.lr=0.001", "trainer.eval_batches=2")))
     assert other["initial_val_loss_on_other_windows"] is True
     assert "measured on other validation windows" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_resume_killed_before_its_first_save_leaves_the_checkpoints_settings_in_charge(
+    compose_run, tmp_path, monkeypatch, capsys
+):
+    """The run directory's config.yaml follows a resumed run from its start; each checkpoint keeps the
+    settings it was trained with, and readers (a later resume, eval, generate, export) take those."""
+    from train import checkpoint
+    from train.load import load_model
+
+    run_dir = tmp_path / "run"
+    train(compose_run(_overrides(run_dir, 3)))  # step_00000003, top-2
+    original_save = checkpoint.save
+
+    def killed_saving_step_6(*args, **kwargs):
+        if args[2] == 6:
+            raise _Crash()
+        return original_save(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save", killed_saving_step_6)
+        with pytest.raises(_Crash):
+            train(compose_run(_overrides(run_dir, 6, "trainer.resume=true", "moe.top_k=1")))
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003"
+    assert "top_k: 1" in (run_dir / "config.yaml").read_text()  # ahead of `latest`: the session had started
+    assert load_model(run_dir).run.moe.top_k == 2  # the weights' own settings
+    capsys.readouterr()
+    train(compose_run(_overrides(run_dir, 4, "trainer.resume=true")))
+    assert "settings changed since the last save: trainer.max_steps 3 -> 4" in capsys.readouterr().out
+    assert "top_k: 2" in (run_dir / "checkpoints" / "step_00000004" / "config.yaml").read_text()
