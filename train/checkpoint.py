@@ -62,9 +62,16 @@ def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], 
     tag = tag_for(step)
     tag_dir = checkpoint_dir / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_states(), tag_dir / f"rng_rank{rank:05d}.pt")
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
-    portable_state.save(engine, tag_dir, with_tensors=portable)
+    try:
+        torch.save(rng_states(), tag_dir / f"rng_rank{rank:05d}.pt")
+        engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+        portable_state.save(engine, tag_dir, with_tensors=portable)
+    except Exception:
+        # A failed save (a full disk) leaves `latest` where it was; its part-written tag would hold
+        # the space the next save needs.
+        if rank == 0 and latest_tag(checkpoint_dir) != tag:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        raise
     # DeepSpeed's save and ours end with a barrier: every rank's files are closed here.
     if rank == 0:
         if settings_yaml is not None:
@@ -82,7 +89,7 @@ def prune(checkpoint_dir: Path, keep: int) -> list[Path]:
 
     Called only after `latest` has moved to a complete checkpoint, which is always kept, so a kill
     in the middle leaves at worst part of an older tag, removed by the next prune. Tags newer than
-    `latest` (a save that was killed) are left alone: a resumed run writes them again."""
+    `latest` (a save that was killed) are left alone here: a resume removes them (`unfinished_tags`)."""
     latest = latest_tag(checkpoint_dir)
     if keep < 1 or latest is None:
         return []
@@ -93,6 +100,14 @@ def prune(checkpoint_dir: Path, keep: int) -> list[Path]:
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+def unfinished_tags(checkpoint_dir: Path) -> list[Path]:
+    """Tag directories newer than the one `latest` names: saves that did not finish (killed)."""
+    latest = latest_tag(checkpoint_dir)
+    newest = step_of(latest) if latest is not None else -1
+    return sorted(path for path in checkpoint_dir.glob("step_*")
+                  if path.is_dir() and (step := step_of(path.name)) is not None and step > newest)
 
 
 def step_of(tag: str) -> int | None:

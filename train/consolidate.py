@@ -54,6 +54,10 @@ def consolidate(source: str | Path | None, out: Path, with_tokenizer: bool = Tru
         print(f"note: tokenizer not copied ({error})", file=sys.stderr)
     header = {**header_for(loaded), "weights": weights}
     out.parent.mkdir(parents=True, exist_ok=True)
+    # A previous file's tokenizer goes first, so that at no moment (a kill included) does a new
+    # weights file sit beside another model's tokenizer: without one, readers take the run data's.
+    tokenizer_out = out.with_name(out.stem + ".tokenizer.json")
+    tokenizer_out.unlink(missing_ok=True)
     # Written beside and renamed into place: an interrupted run never leaves a truncated file under
     # the name eval and generate would load.
     partial = out.with_name(out.name + ".partial")
@@ -61,7 +65,9 @@ def consolidate(source: str | Path | None, out: Path, with_tokenizer: bool = Tru
     replace_durably(partial, out)
     write_text_atomically(out.with_suffix(".json"), json.dumps(header, indent=2) + "\n")
     if tokenizer is not None and tokenizer.is_file():
-        shutil.copyfile(tokenizer, out.with_name(out.stem + ".tokenizer.json"))
+        copied = tokenizer_out.with_name(tokenizer_out.name + ".partial")
+        shutil.copyfile(tokenizer, copied)
+        replace_durably(copied, tokenizer_out)
     return header
 
 

@@ -118,6 +118,13 @@ def resolve_checkpoint(path: str | Path | None) -> Path:
     if not path.is_dir():
         raise ConfigError(f"{path}: no such checkpoint (expected a run directory, a checkpoint directory or a .safetensors file)")
     if (path / NON_EXPERT_FILE).is_file():
+        from train.checkpoint import latest_tag, unfinished_tags
+
+        # Beside a `latest` (a tag copied elsewhere has none), a newer tag is a save that did not finish.
+        latest = latest_tag(path.parent)
+        if latest is not None and path.resolve() in {tag.resolve() for tag in unfinished_tags(path.parent)}:
+            raise ConfigError(f"{path}: a save that did not finish (newer than latest, {latest}); "
+                              "pass the run directory or the tag latest names")
         return path
     for checkpoints in (path / "checkpoints", path):
         latest = checkpoints / "latest"

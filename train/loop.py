@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -335,6 +336,9 @@ class Trainer:
             if world.is_main:
                 if changes:
                     print(f"resume      settings changed since the last save: {describe(changes)}", flush=True)
+                for unfinished in checkpoint.unfinished_tags(self.checkpoint_dir):  # killed mid-save: its space back
+                    shutil.rmtree(unfinished, ignore_errors=True)
+                    print(f"resume      removed {unfinished.name}, a save that did not finish", flush=True)
                 write_text_atomically(self.run_dir / "config.yaml", self.settings_yaml)
                 self._keep_tokenizer()  # the data's, as config.yaml is the settings', of the run as it goes on
             start_step, initial_val_loss = state["step"], state.get("initial_val_loss")

@@ -105,7 +105,9 @@ def test_a_resume_killed_before_its_first_save_leaves_the_checkpoints_settings_i
     original_save = checkpoint.save
 
     def killed_saving_step_6(*args, **kwargs):
-        if args[2] == 6:
+        if args[2] == 6:  # as a SIGKILL mid-save leaves it: part of the tag written, no cleanup
+            (args[1] / "step_00000006").mkdir()
+            (args[1] / "step_00000006" / "mp_rank_00_model_states.pt").write_bytes(b"half")
             raise _Crash()
         return original_save(*args, **kwargs)
 
@@ -118,5 +120,7 @@ def test_a_resume_killed_before_its_first_save_leaves_the_checkpoints_settings_i
     assert load_model(run_dir).run.moe.top_k == 2  # the weights' own settings
     capsys.readouterr()
     train(compose_run(_overrides(run_dir, 4, "trainer.resume=true")))
-    assert "settings changed since the last save: trainer.max_steps 3 -> 4" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "settings changed since the last save: trainer.max_steps 3 -> 4" in out
+    assert "removed step_00000006, a save that did not finish" in out and not (run_dir / "checkpoints" / "step_00000006").exists()
     assert "top_k: 2" in (run_dir / "checkpoints" / "step_00000004" / "config.yaml").read_text()

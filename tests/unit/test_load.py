@@ -74,10 +74,14 @@ def test_checkpoint_files_give_back_the_whole_model(tmp_path, tensor_parallel):
         assert torch.equal(got[key], expected[key]), key
 
     # Consolidated once, the file loads to the same model (no tokenizer: that would prepare the dataset).
+    # Another model's tokenizer left under the name (an earlier file's) is not paired with it.
+    (tmp_path / "whole.tokenizer.json").write_text('{"another": "model"}')
     consolidate(tmp_path / "run", tmp_path / "whole.safetensors", with_tokenizer=False)
-    again = load_model(tmp_path / "whole.safetensors").model.state_dict()
+    assert not (tmp_path / "whole.tokenizer.json").exists()
+    again = load_model(tmp_path / "whole.safetensors")
+    assert again.tokenizer_file is None
     for key in expected:
-        assert torch.equal(again[key], expected[key]), key
+        assert torch.equal(again.model.state_dict()[key], expected[key]), key
 
 
 def test_a_run_without_its_tokenizer_or_its_data_names_both(tmp_path):
