@@ -28,6 +28,7 @@ from typing import Any
 import wandb
 from omegaconf import OmegaConf
 
+from train.durable import write_text_atomically
 from train.wandb_mode import resolve_mode
 
 RUN_ID_FILE = "wandb_run_id"
@@ -71,7 +72,7 @@ class WandbSink:
         wandb_dir.mkdir(parents=True, exist_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file = run_dir / RUN_ID_FILE
-        run_id = id_file.read_text(encoding="utf-8").strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        run_id = (id_file.read_text(encoding="utf-8").strip() if id_file.exists() else "") or uuid.uuid4().hex[:12]
         self.run = wandb.init(
             project=settings.wandb_project,
             entity=settings.wandb_entity,
@@ -86,7 +87,7 @@ class WandbSink:
             # quiet: no history/summary dump on the console at the end (metrics.jsonl has it all).
             settings=wandb.Settings(quiet=True),
         )
-        id_file.write_text(run_id, encoding="utf-8")
+        write_text_atomically(id_file, run_id)  # a kill mid-write must not leave an empty id
         # The expert view's best-of figures in the runs table.
         self.run.define_metric("eval/val_loss", summary="min")
         self.step = 0
