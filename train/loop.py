@@ -95,7 +95,7 @@ def checked_for_start(run: RunConfig, world_size: int, source: str) -> RunConfig
         _, problem = _run_to_resume(run)
         if problem is not None:
             raise ConfigError(problem)
-    if run.logging.wandb:
+    if run.logging.wandb and os.environ.get("RANK", "0") == "0":  # rank 0 alone logs to W&B (its node's key)
         from train.wandb_mode import online_without_key
 
         problem = online_without_key(run.logging.wandb_mode)
