@@ -47,18 +47,15 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-SETTINGS_FILE = "config.yaml"
-"""In each tag: the settings its weights were trained with (the run directory's config.yaml follows
-the run as it goes on, so a resume killed before its first save would leave it ahead of `latest`)."""
-
-
 def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], rank: int,
-         portable: bool = True, keep: int = 0, settings_yaml: str | None = None) -> None:
+         portable: bool = True, keep: int = 0, tag_files: dict[str, str] | None = None) -> None:
     """Collective: every rank calls it. RNG states go in a per-rank file inside the tag,
     written before DeepSpeed moves `latest`, so a tag that `latest` names is complete.
     `portable=False` skips the layout-free optimizer copy (train/portable_state.py). `keep` >= 1:
     afterwards, only the newest `keep` checkpoints stay (`prune`); 0 keeps them all.
-    `settings_yaml`: written into the tag as SETTINGS_FILE, before `latest` moves."""
+    `tag_files`: name -> text, written into the tag by rank 0 before `latest` moves: the settings
+    and tokenizer the weights go with (the run directory's copies follow the run from the start of a
+    session, so a resume killed before its first save would leave them ahead of `latest`)."""
     tag = tag_for(step)
     tag_dir = checkpoint_dir / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
@@ -74,8 +71,8 @@ def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], 
         raise
     # DeepSpeed's save and ours end with a barrier: every rank's files are closed here.
     if rank == 0:
-        if settings_yaml is not None:
-            (tag_dir / SETTINGS_FILE).write_text(settings_yaml, encoding="utf-8")  # made durable just below
+        for name, text in (tag_files or {}).items():
+            (tag_dir / name).write_text(text, encoding="utf-8")  # made durable just below
         for path in sorted(tag_dir.rglob("*"), reverse=True):  # files before the folders holding them
             fsync_path(path)
         fsync_path(tag_dir)

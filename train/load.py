@@ -328,8 +328,11 @@ def load_model(path: str | Path | None, device: str | torch.device = "cpu", pack
         state, client = read_deepspeed_weights(source, model, tensor_parallel, rank0=non_expert)
         del non_expert  # bf16 weights: their fp32 copies are in `state`, these need not stay alive
         load_state_strictly(model, state, str(source))
-        # Runs keep a copy of their tokenizer (train/loop.py); older ones find it in the data cache.
-        run_tokenizer = source.parent.parent / "tokenizer.json"
+        # Tags keep the tokenizer their weights go with, runs a copy of theirs (train/loop.py); older
+        # ones find it in the data cache.
+        run_tokenizer = source / "tokenizer.json"
+        if not run_tokenizer.is_file():
+            run_tokenizer = source.parent.parent / "tokenizer.json"
         loaded = LoadedModel(model, run, source, client.get("step"),
                              tokenizer_file=run_tokenizer)
     if loaded.run.moe.implementation == "deepspeed" and loaded.run.moe.capacity_factor is None:

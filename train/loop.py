@@ -308,8 +308,7 @@ class Trainer:
     def _keep_tokenizer(self) -> None:
         """A copy of the tokenizer in the run directory: eval, generate and export then read it from
         there, not from a data cache that may have been cleared or lie relative to another cwd."""
-        source = self.train_data.data_dir / "tokenizer.json"
-        write_text_atomically(self.run_dir / "tokenizer.json", source.read_text(encoding="utf-8"))
+        write_text_atomically(self.run_dir / "tokenizer.json", self.tag_files["tokenizer.json"])
 
     # ------------------------------------------------------------------ the job
     def fit(self, preemption: PreemptionWatch | None = None) -> dict[str, Any]:
@@ -318,7 +317,10 @@ class Trainer:
         run, world = self.run, self.world
         start_step, initial_val_loss = 0, None
         settings = OmegaConf.to_container(OmegaConf.structured(run))
-        self.settings_yaml = OmegaConf.to_yaml(settings)  # into every checkpoint this session saves
+        self.settings_yaml = OmegaConf.to_yaml(settings)
+        # Into every checkpoint this session saves: what its weights go with (train/checkpoint.py save).
+        self.tag_files = {"config.yaml": self.settings_yaml,
+                          "tokenizer.json": (self.train_data.data_dir / "tokenizer.json").read_text(encoding="utf-8")}
         if world.is_main and not run.trainer.resume:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -403,7 +405,7 @@ class Trainer:
             if due and not self.last_step_skipped:  # only after an applied update: `latest` is always a good state
                 checkpoint.save(self.engine, self.checkpoint_dir, done, self._client_state(done, initial_val_loss), world.rank,
                                 self._portable(ends_run=done == run.trainer.max_steps or bool(received)),
-                                run.trainer.keep_checkpoints, self.settings_yaml)
+                                run.trainer.keep_checkpoints, self.tag_files)
             if received:
                 self._stop_for_preemption(received, done, bool(due), initial_val_loss, progress)
             if figures:
@@ -451,7 +453,7 @@ class Trainer:
         if not saved and not self.last_step_skipped:
             checkpoint.save(self.engine, self.checkpoint_dir, done, self._client_state(done, initial_val_loss),
                             self.world.rank, self._portable(ends_run=True), self.run.trainer.keep_checkpoints,
-                            self.settings_yaml)
+                            self.tag_files)
         self._log({"event": "preempted", "step": done, "tokens": done * self.tokens_per_step, "signal": received,
                    "checkpoint": checkpoint.latest_tag(self.checkpoint_dir)})
         self._finish_sinks_early(f"preempted by {received}", done)

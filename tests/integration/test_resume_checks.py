@@ -124,3 +124,6 @@ def test_a_resume_killed_before_its_first_save_leaves_the_checkpoints_settings_i
     assert "settings changed since the last save: trainer.max_steps 3 -> 4" in out
     assert "removed step_00000006, a save that did not finish" in out and not (run_dir / "checkpoints" / "step_00000006").exists()
     assert "top_k: 2" in (run_dir / "checkpoints" / "step_00000004" / "config.yaml").read_text()
+    # The tokenizer the weights go with is in the tag too, and is the one readers take.
+    assert load_model(run_dir).tokenizer_file == run_dir / "checkpoints" / "step_00000004" / "tokenizer.json"
+    assert load_model(run_dir).tokenizer_file.read_text() == (run_dir / "tokenizer.json").read_text()
