@@ -16,6 +16,7 @@ shift
 log_dir="${LOG_DIR:+$(realpath -m "$LOG_DIR")}"
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$here"
+source launch/preflight.sh
 # DeepSpeed's launcher logs every command and rank it starts at INFO; warnings and failures are kept.
 command=("${PYTHON:-.venv/bin/python}" -m deepspeed.launcher.runner --num_gpus "$ranks" --no_local_rank
   --master_port "${MASTER_PORT:-29500}" --log_level "${DS_LOG_LEVEL:-warning}")
@@ -26,24 +27,16 @@ command+=(--module train "$@")
 if [ -n "${DRY_RUN:-}" ]; then
   # The overrides are checked as for a launch (one error line, status 2), where this Python has the
   # project's packages; without them, a note says they were not.
-  "${command[0]}" -c 'import sys
-try:
-    from train.cli import launch_check
-except ImportError as error:
-    sys.exit(print(f"note: overrides not checked ({error})", file=sys.stderr))
-sys.exit(launch_check(sys.argv[1:]))' "$ranks" "given by NUM_RANKS" "$@" </dev/null >/dev/null || exit 2
+  preflight "${command[0]}" "$ranks" "given by NUM_RANKS" "$@" >/dev/null || exit 2
   printf '%q ' "${command[@]}"
   echo
   exit 0
 fi
-# The overrides, composed and checked against NUM_RANKS once here: one error line, not one per rank.
-# Its last line is the device the ranks will train on (cuda or cpu), or "planned" after a dry run's
-# plan, which it prints once (every rank would print it).
-checked="$("${command[0]}" -c 'import sys; from train.cli import launch_check; sys.exit(launch_check(sys.argv[1:]))' \
-  "$ranks" "given by NUM_RANKS" "$@" </dev/null)"
-device="${checked##*$'\n'}"
-if [ "$device" = planned ]; then printf '%s\n' "${checked%$'\n'*}"; exit 0; fi
-if [ "$device" = cpu ]; then
+# The overrides, composed and checked against NUM_RANKS once here: one error line, not one per rank
+# (and a dry run's plan printed once).
+preflight "${command[0]}" "$ranks" "given by NUM_RANKS" "$@"
+if [ "$preflight_device" = planned ]; then exit 0; fi
+if [ "$preflight_device" = cpu ]; then
   # CPU ranks: one thread each, or two ranks fight over the same cores; and DeepSpeed told so, rather
   # than warning in every process that it found no GPU.
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"

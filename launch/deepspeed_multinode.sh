@@ -45,6 +45,7 @@ log_dir="${LOG_DIR:-}"
 [ -n "$log_dir" ] && [ "$log_dir" != none ] && log_dir="$(realpath -m "$log_dir")"
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$here"
+source launch/preflight.sh
 
 first_host="$(awk '!/^[[:space:]]*(#|$)/ {print $1; exit}' "$hostfile")"
 [ -n "$first_host" ] || { echo "error: hostfile $hostfile names no host (expected lines like 'worker-0 slots=8')" >&2; exit 2; }
@@ -85,19 +86,9 @@ world_size="$(awk -v nodes="${NUM_NODES:-0}" -v per_node="${GPUS_PER_NODE:-}" '
   slots == "" { unknown = 1 }
   { total += slots }
   END { if (!unknown) print total }' "$hostfile")"
-# With DRY_RUN, a Python without the project's packages skips the check with a note.
 if [ -n "$world_size" ]; then
-  checked="$("${command[0]}" -c 'import os, sys
-try:
-    from train.cli import launch_check
-except ImportError as error:
-    if not os.environ.get("DRY_RUN"):
-        raise
-    sys.exit(print(f"note: overrides not checked ({error})", file=sys.stderr))
-sys.exit(launch_check(sys.argv[1:]))' \
-    "$world_size" "given by the hostfile's slots (GPUS_PER_NODE, NUM_NODES)" "$@" </dev/null)"
-  # A dry run's plan (dry_run=true), printed once here: the job is done.
-  if [ "${checked##*$'\n'}" = planned ]; then printf '%s\n' "${checked%$'\n'*}"; exit 0; fi
+  preflight "${command[0]}" "$world_size" "given by the hostfile's slots (GPUS_PER_NODE, NUM_NODES)" "$@"
+  if [ "$preflight_device" = planned ]; then exit 0; fi  # a dry run's plan (dry_run=true): the job is done
 fi
 if [ -n "${DRY_RUN:-}" ]; then
   echo "forwarded to every node (through a DS_ENV_FILE written at launch):"

@@ -7,7 +7,7 @@ every field below is also a config key (`moe.<field>`). Validation happens in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass
@@ -103,8 +103,9 @@ class MoEConfig:
                                  "use moe.implementation=ours")
         # A setting of the other router would be silently ignored: refused, when set off its default.
         other_router = TOKEN_CHOICE_ONLY if self.router == "expert_choice" else EXPERT_CHOICE_ONLY
-        for name, default in other_router.items():
-            if getattr(self, name) != default:
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in other_router:
+            if getattr(self, name) != (default := defaults[name]):
                 raise ValueError(f"moe.{name}={getattr(self, name)!r} applies to "
                                  f"{'token' if self.router == 'expert_choice' else 'expert'} choice only; "
                                  f"this is moe.router={self.router} (leave it at {default!r})")
@@ -148,12 +149,10 @@ class MoEConfig:
             )
 
 
-TOKEN_CHOICE_ONLY = {"drop_policy": "position", "normalize_topk": True, "bias_update_rate": 0.0,
-                     "aux_loss_scope": "micro_batch"}
-"""Settings only token choice reads, with their defaults."""
-EXPERT_CHOICE_ONLY = {"ec_group": "batch", "ec_max_experts_per_token": None, "ec_eval_mode": "causal",
-                      "ec_threshold_momentum": 0.05}
-"""Settings only expert choice reads, with their defaults."""
+TOKEN_CHOICE_ONLY = ("drop_policy", "normalize_topk", "bias_update_rate", "aux_loss_scope")
+"""Settings only token choice reads."""
+EXPERT_CHOICE_ONLY = ("ec_group", "ec_max_experts_per_token", "ec_eval_mode", "ec_threshold_momentum")
+"""Settings only expert choice reads."""
 
 
 def stock_gate_lacks(config: MoEConfig) -> list[str]:

@@ -99,6 +99,13 @@ def prune(checkpoint_dir: Path, keep: int) -> list[Path]:
     return doomed
 
 
+def tag_or_run_file(tag_dir: Path, name: str) -> Path:
+    """A tag's own copy of `name` (config.yaml, tokenizer.json: what its weights go with, see `save`),
+    or, for tags written before they held one, its run directory's."""
+    own = tag_dir / name
+    return own if own.is_file() else tag_dir.parent.parent / name
+
+
 def unfinished_tags(checkpoint_dir: Path) -> list[Path]:
     """Tag directories newer than the one `latest` names: saves that did not finish (killed)."""
     latest = latest_tag(checkpoint_dir)

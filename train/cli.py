@@ -59,9 +59,10 @@ def launch_check(argv: list[str]) -> int:
     print the same error after its seconds of start-up, under DeepSpeed's own lines (and a
     multi-node job's into its log files, away from the terminal)."""
     world_size, source, *overrides = argv
-    problem = settings_problem(overrides, int(world_size), source, before_start=True)
-    cfg = composed_overrides(overrides)[0] if problem is None else None
-    if cfg is not None and cfg.dry_run:  # the plan, printed here once rather than by every rank
+    cfg, problem = composed_overrides(overrides)
+    if cfg is not None:
+        problem = _settings_problem(cfg, int(world_size), source, before_start=True)
+    if problem is None and cfg is not None and cfg.dry_run:  # the plan, printed here once rather than by every rank
         from train.loop import train
 
         try:
@@ -136,11 +137,15 @@ def settings_problem(args: list[str], world_size: int | None = None, source: str
     at start-up: the data files and the run directory (`train.loop.checked_for_start`). `also`: a
     caller's own check of the settings (raising ConfigError). Composed once, checked where no rank
     runs yet."""
+    cfg, problem = composed_overrides(args)
+    return problem if cfg is None else _settings_problem(cfg, world_size, source, before_start, also)
+
+
+def _settings_problem(cfg: DictConfig, world_size: int | None, source: str, before_start: bool = False,
+                      also: Callable[[RunConfig], None] | None = None) -> str | None:
+    """`settings_problem` of an already composed config."""
     from train.config import to_run_config
 
-    cfg, problem = composed_overrides(args)
-    if cfg is None:
-        return problem
     try:
         run = to_run_config(cfg)
         if also is not None:

@@ -118,11 +118,11 @@ def resolve_checkpoint(path: str | Path | None) -> Path:
     if not path.is_dir():
         raise ConfigError(f"{path}: no such checkpoint (expected a run directory, a checkpoint directory or a .safetensors file)")
     if (path / NON_EXPERT_FILE).is_file():
-        from train.checkpoint import latest_tag, unfinished_tags
+        from train.checkpoint import latest_tag, step_of
 
         # Beside a `latest` (a tag copied elsewhere has none), a newer tag is a save that did not finish.
         latest = latest_tag(path.parent)
-        if latest is not None and path.resolve() in {tag.resolve() for tag in unfinished_tags(path.parent)}:
+        if latest is not None and (step_of(path.name) or -1) > (step_of(latest) or -1):
             raise ConfigError(f"{path}: a save that did not finish (newer than latest, {latest}); "
                               "pass the run directory or the tag latest names")
         return path
@@ -155,9 +155,9 @@ def run_config_from_dict(values: dict[str, Any], where: str) -> RunConfig:
 def read_run_config(tag_dir: Path) -> RunConfig:
     """The settings a checkpoint tag was trained with: its own config.yaml, or (tags written before
     they held one) its run directory's."""
-    path = tag_dir / "config.yaml"
-    if not path.is_file():
-        path = tag_dir.parent.parent / "config.yaml"
+    from train.checkpoint import tag_or_run_file
+
+    path = tag_or_run_file(tag_dir, "config.yaml")
     if not path.is_file():
         raise ConfigError(f"{path}: missing; a checkpoint is read with the config.yaml of its run directory")
     return run_config_from_dict(OmegaConf.to_container(OmegaConf.load(path)), str(path))
@@ -330,11 +330,10 @@ def load_model(path: str | Path | None, device: str | torch.device = "cpu", pack
         load_state_strictly(model, state, str(source))
         # Tags keep the tokenizer their weights go with, runs a copy of theirs (train/loop.py); older
         # ones find it in the data cache.
-        run_tokenizer = source / "tokenizer.json"
-        if not run_tokenizer.is_file():
-            run_tokenizer = source.parent.parent / "tokenizer.json"
+        from train.checkpoint import tag_or_run_file
+
         loaded = LoadedModel(model, run, source, client.get("step"),
-                             tokenizer_file=run_tokenizer)
+                             tokenizer_file=tag_or_run_file(source, "tokenizer.json"))
     if loaded.run.moe.implementation == "deepspeed" and loaded.run.moe.capacity_factor is None:
         _world_of_one()
     loaded.model.to(device).eval()

@@ -317,16 +317,16 @@ class Trainer:
         run, world = self.run, self.world
         start_step, initial_val_loss = 0, None
         settings = OmegaConf.to_container(OmegaConf.structured(run))
-        self.settings_yaml = OmegaConf.to_yaml(settings)
+        settings_yaml = OmegaConf.to_yaml(settings)
         # Into every checkpoint this session saves: what its weights go with (train/checkpoint.py save).
-        self.tag_files = {"config.yaml": self.settings_yaml,
+        self.tag_files = {"config.yaml": settings_yaml,
                           "tokenizer.json": (self.train_data.data_dir / "tokenizer.json").read_text(encoding="utf-8")}
         if world.is_main and not run.trainer.resume:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as error:  # what `_unusable_directory` cannot foresee (a read-only mount, /proc)
                 raise ConfigError(f"trainer.run_dir: cannot create {self.run_dir}: {error.strerror}") from None
-            write_text_atomically(self.run_dir / "config.yaml", self.settings_yaml)
+            write_text_atomically(self.run_dir / "config.yaml", settings_yaml)
             self._keep_tokenizer()
         dist.barrier()
         if run.trainer.resume:
@@ -341,7 +341,7 @@ class Trainer:
                 for unfinished in checkpoint.unfinished_tags(self.checkpoint_dir):  # killed mid-save: its space back
                     shutil.rmtree(unfinished, ignore_errors=True)
                     print(f"resume      removed {unfinished.name}, a save that did not finish", flush=True)
-                write_text_atomically(self.run_dir / "config.yaml", self.settings_yaml)
+                write_text_atomically(self.run_dir / "config.yaml", settings_yaml)
                 self._keep_tokenizer()  # the data's, as config.yaml is the settings', of the run as it goes on
             start_step, initial_val_loss = state["step"], state.get("initial_val_loss")
             # None in checkpoints written before it was saved: then not known to differ.

@@ -26,13 +26,10 @@ def saved_settings(run_dir: Path) -> dict[str, Any] | None:
     """The settings of the checkpoint `latest` names (its own config.yaml; the run directory's for
     checkpoints written before tags held one) as a plain dict; None when missing or unreadable (a
     resume then reports no changes rather than failing on a file it does not need)."""
-    path = run_dir / "config.yaml"
-    try:
-        tag_settings = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip() / "config.yaml"
-        if tag_settings.is_file():
-            path = tag_settings
-    except OSError:
-        pass
+    from train.checkpoint import latest_tag, tag_or_run_file
+
+    latest = latest_tag(run_dir / "checkpoints")
+    path = tag_or_run_file(run_dir / "checkpoints" / latest, "config.yaml") if latest else run_dir / "config.yaml"
     try:
         loaded = OmegaConf.to_container(OmegaConf.load(path))
     except (OSError, yaml.YAMLError, OmegaConfBaseException):
