@@ -76,6 +76,7 @@ def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], 
         for path in sorted(tag_dir.rglob("*"), reverse=True):  # files before the folders holding them
             fsync_path(path)
         fsync_path(tag_dir)
+        fsync_path(checkpoint_dir.parent)  # the first save created checkpoints/ itself
         write_text_atomically(checkpoint_dir / "latest", tag)
         prune(checkpoint_dir, keep)
     dist.barrier()
@@ -112,6 +113,16 @@ def unfinished_tags(checkpoint_dir: Path) -> list[Path]:
     newest = step_of(latest) if latest is not None else -1
     return sorted(path for path in checkpoint_dir.glob("step_*")
                   if path.is_dir() and (step := step_of(path.name)) is not None and step > newest)
+
+
+def saved_tags_without_latest(checkpoint_dir: Path) -> list[Path]:
+    """When no `latest` exists: the tags whose every rank finished writing (rank 0 writes the tag's
+    config.yaml after that), oldest first. Only a hand-deleted `latest` (or a kill in the instant
+    between those files and `latest`) leaves one; a first save killed earlier leaves none."""
+    if latest_tag(checkpoint_dir) is not None:
+        return []
+    return sorted(path for path in checkpoint_dir.glob("step_*")
+                  if path.is_dir() and step_of(path.name) is not None and (path / "config.yaml").is_file())
 
 
 def step_of(tag: str) -> int | None:

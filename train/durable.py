@@ -8,6 +8,7 @@ that never reached the disk. So the data is flushed before the rename, and the d
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 
@@ -51,6 +52,12 @@ def _umask() -> int:
     return 0o022
 
 
+def temporary_sibling(path: Path, suffix: str = ".tmp") -> Path:
+    """A name beside `path` for writing its next content: unique to this process and call, so two
+    writers of the same file (two evals of one run) never write into, or rename, each other's."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
 def replace_durably(written: Path, path: Path) -> None:
     """Move the complete file `written` to `path` (atomically, replacing what is there) and make
     both its data and the rename survive a crash."""
@@ -61,9 +68,9 @@ def replace_durably(written: Path, path: Path) -> None:
 
 def write_text_atomically(path: Path, text: str) -> None:
     """`path` holds `text` afterwards, or (after a crash) its old content; never part of either."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_sibling(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
+        with open(tmp, "x", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())

@@ -84,7 +84,12 @@ def checked_for_start(run: RunConfig, world_size: int, source: str) -> RunConfig
     if run.trainer.auto_resume:
         # Read before any rank joins the process group, so before any rank can write a checkpoint:
         # every rank sees the same answer.
-        has_checkpoint = checkpoint.latest_tag(Path(run.trainer.run_dir) / "checkpoints") is not None
+        checkpoint_dir = Path(run.trainer.run_dir) / "checkpoints"
+        has_checkpoint = checkpoint.latest_tag(checkpoint_dir) is not None
+        if not has_checkpoint and (problem := _checkpoints_without_latest(checkpoint_dir)):
+            # Starting over would write new tags among these, and a later resume would remove the
+            # ones newer than its `latest` as unfinished: the run's checkpoints would be lost.
+            raise ConfigError(problem)
         run = replace(run, trainer=replace(run.trainer, resume=run.trainer.resume or has_checkpoint))
     elif run.trainer.resume is False and run.trainer.run_dir and _holds_a_run(Path(run.trainer.run_dir)):
         raise ConfigError(
@@ -215,6 +220,8 @@ def _run_to_resume(run: RunConfig) -> tuple[Path, str | None]:
         if not path.is_dir():
             return path, f"trainer.resume=true but trainer.run_dir={str(path)!r} does not exist"
         if checkpoint.latest_tag(path / "checkpoints") is None:
+            if problem := _checkpoints_without_latest(path / "checkpoints"):
+                return path, f"trainer.resume=true but {problem}"
             inner = newest_run(path)
             hint = f"; it holds runs, e.g. trainer.run_dir={inner}" if inner is not None else ""
             return path, f"trainer.resume=true but {path / 'checkpoints'} holds no checkpoint{hint}"
@@ -223,6 +230,15 @@ def _run_to_resume(run: RunConfig) -> tuple[Path, str | None]:
     if not candidates:
         return Path(), f"trainer.resume=true but no run of {run.name!r} under runs/{run.name} has a checkpoint"
     return candidates[-1], None
+
+
+def _checkpoints_without_latest(checkpoint_dir: Path) -> str | None:
+    """Why a run directory whose `latest` is gone (deleted by hand) cannot simply start over."""
+    saved = checkpoint.saved_tags_without_latest(checkpoint_dir)
+    if not saved:
+        return None
+    return (f"{checkpoint_dir} holds {saved[-1].name} but no `latest` naming it: write its name into "
+            f"{checkpoint_dir / 'latest'} to continue from it, or choose another trainer.run_dir")
 
 
 def _moe_description(moe, moe_layers: int) -> str:

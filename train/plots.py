@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from train.durable import replace_durably
+from train.durable import replace_durably, temporary_sibling
 from train.metrics import read_metrics
 
 
@@ -109,7 +109,7 @@ def plot_layer(layer: str, series: LayerSeries, path: Path, title_suffix: str = 
     line_ax.set_xlim(0, edges[-1])
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
+    tmp = temporary_sibling(path, suffix=".tmp.png")
     try:
         fig.savefig(tmp, dpi=110)
         replace_durably(tmp, path)  # a reader, or the file after a crash, never holds half a plot

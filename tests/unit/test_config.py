@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +171,28 @@ def test_an_unwritable_run_dir_parent_is_named(tmp_path, monkeypatch):
     assert _unusable_directory(tmp_path / "a") is not None
     monkeypatch.setattr("os.access", lambda path, mode: True)
     assert _unusable_directory(tmp_path / "a" / "b") is None
+
+
+@pytest.mark.parametrize("selection", ["trainer.auto_resume=true", "trainer.resume=true"])
+def test_a_run_whose_latest_was_deleted_is_not_started_over(compose_run, tmp_path, selection):
+    # Starting over among the old tags would end with a resume removing them as unfinished.
+    from train.loop import checked_for_start
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for step, finished in ((10, True), (20, True), (30, False)):  # step 30: a save killed part-way
+        (checkpoints / f"step_{step:08d}").mkdir(parents=True)
+        if finished:
+            (checkpoints / f"step_{step:08d}" / "config.yaml").write_text("{}\n")
+    run = to_run_config(compose_run(["model=gpt_tiny", f"trainer.run_dir={tmp_path / 'run'}", selection]))
+    expected = (f"{checkpoints} holds step_00000020 but no `latest` naming it: write its name into "
+                f"{checkpoints / 'latest'} to continue from it, or choose another trainer.run_dir")
+    with pytest.raises(ConfigError) as error:
+        checked_for_start(run, 1, "the launcher")
+    assert str(error.value).endswith(expected)
+    # A first save killed before its last file leaves nothing finished: auto_resume starts over.
+    shutil.rmtree(checkpoints / "step_00000010")
+    shutil.rmtree(checkpoints / "step_00000020")
+    if selection == "trainer.auto_resume=true":
+        assert checked_for_start(run, 1, "the launcher").trainer.resume is False
+    (checkpoints / "latest").write_text("step_00000030\n")
+    assert checked_for_start(run, 1, "the launcher").trainer.resume is True

@@ -33,6 +33,26 @@ def test_a_write_that_fails_before_the_rename_keeps_the_old_content(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
 
 
+def test_two_writers_of_one_file_do_not_share_a_temporary(tmp_path, monkeypatch):
+    # Two evals of one run write its eval.json; the second's write happens between the first's
+    # write and its rename. A shared temporary name made the first writer's rename fail.
+    path = tmp_path / "eval.json"
+    real_replace = os.replace
+    calls = []
+
+    def replace_with_a_second_writer_in_between(src, dst):
+        calls.append(src)
+        if len(calls) == 1:
+            write_text_atomically(path, "second")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_with_a_second_writer_in_between)
+    write_text_atomically(path, "first")
+    assert path.read_text() == "first"  # the last rename wins, and each file was written whole
+    assert len(set(calls)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
+
+
 def test_replace_durably_moves_a_written_file_into_place(tmp_path):
     written, path = tmp_path / "model.safetensors.partial", tmp_path / "model.safetensors"
     path.write_bytes(b"old")
