@@ -42,7 +42,8 @@ def consolidate(source: str | Path | None, out: Path, with_tokenizer: bool = Tru
     checkpoint = resolve_checkpoint(source)
     if checkpoint.suffix == ".safetensors":  # refused before reading any weights
         raise ConfigError(f"{checkpoint}: already a consolidated file")
-    loaded = load_model(checkpoint, pack_experts=False)  # saved below: no tensors sharing one storage
+    # `source`, not the tag it names now: a tag pruned while it is read is then followed to the newer one.
+    loaded = load_model(source, pack_experts=False)  # saved below: no tensors sharing one storage
     state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
     weights = _use_fp32_masters(state, loaded)
     if loaded.run.model.tie_embeddings:
@@ -101,9 +102,12 @@ def _main(argv: Sequence[str] | None) -> int:
 
     tag_dir = resolve_checkpoint(args.checkpoint)
     out = args.out or (tag_dir.parent.parent / "consolidated.safetensors")
-    header = consolidate(tag_dir, out)
+    header = consolidate(args.checkpoint, out)
     moe = header["moe"]
-    print(f"consolidated {tag_dir} (step {header['step']}, {moe['num_experts']} experts per MoE layer) -> {out}")
+    source = Path(header["source"])  # the tag read: a newer one than `tag_dir` if that was pruned meanwhile
+    if source.is_relative_to(Path.cwd()):
+        source = source.relative_to(Path.cwd())
+    print(f"consolidated {source} (step {header['step']}, {moe['num_experts']} experts per MoE layer) -> {out}")
     return 0
 
 

@@ -318,22 +318,21 @@ def load_model(path: str | Path | None, device: str | torch.device = "cpu", pack
         tokenizer = source.with_name(source.stem + ".tokenizer.json")
         loaded = LoadedModel(model, run, source, header.get("step"), data_dir, tokenizer if tokenizer.is_file() else None)
     else:
-        run = read_run_config(source)
-        tensor_parallel = run.model.tensor_parallel
-        run = single_process_layout(run)
-        # Read once, for the vocabulary size and then the weights: the file can be GBs.
-        non_expert = read_non_expert_file(source / NON_EXPERT_FILE)
-        vocab_rows = int(non_expert["module"]["embed.weight"].shape[0])
-        model = build_model(run, vocab_rows)
-        state, client = read_deepspeed_weights(source, model, tensor_parallel, rank0=non_expert)
-        del non_expert  # bf16 weights: their fp32 copies are in `state`, these need not stay alive
-        load_state_strictly(model, state, str(source))
-        # Tags keep the tokenizer their weights go with, runs a copy of theirs (train/loop.py); older
-        # ones find it in the data cache.
-        from train.checkpoint import tag_or_run_file
-
-        loaded = LoadedModel(model, run, source, client.get("step"),
-                             tokenizer_file=tag_or_run_file(source, "tokenizer.json"))
+        try:
+            loaded = _load_tag(source)
+        except (FileNotFoundError, ConfigError):
+            if source.is_dir():
+                raise
+            # A training run with trainer.keep_checkpoints pruned the tag while it was read: its
+            # newer `latest` is read instead, unless the tag itself was asked for.
+            try:
+                newer = resolve_checkpoint(path)
+            except ConfigError:
+                newer = source
+            if newer == source:
+                raise ConfigError(f"{source}: removed while it was read (a run still training with "
+                                  "trainer.keep_checkpoints prunes older tags); pass its run directory") from None
+            loaded = _load_tag(newer)
     if loaded.run.moe.implementation == "deepspeed" and loaded.run.moe.capacity_factor is None:
         _world_of_one()
     loaded.model.to(device).eval()
@@ -343,6 +342,25 @@ def load_model(path: str | Path | None, device: str | torch.device = "cpu", pack
         if pack_experts and isinstance(layer, MoELayer):
             layer.pack_expert_weights()  # stacking the experts per token generated is then a view, not a copy
     return loaded
+
+
+def _load_tag(source: Path) -> LoadedModel:
+    """The model of one DeepSpeed checkpoint tag, every expert and head in this process."""
+    run = read_run_config(source)
+    tensor_parallel = run.model.tensor_parallel
+    run = single_process_layout(run)
+    # Read once, for the vocabulary size and then the weights: the file can be GBs.
+    non_expert = read_non_expert_file(source / NON_EXPERT_FILE)
+    vocab_rows = int(non_expert["module"]["embed.weight"].shape[0])
+    model = build_model(run, vocab_rows)
+    state, client = read_deepspeed_weights(source, model, tensor_parallel, rank0=non_expert)
+    del non_expert  # bf16 weights: their fp32 copies are in `state`, these need not stay alive
+    load_state_strictly(model, state, str(source))
+    # Tags keep the tokenizer their weights go with, runs a copy of theirs (train/loop.py); older
+    # ones find it in the data cache.
+    from train.checkpoint import tag_or_run_file
+
+    return LoadedModel(model, run, source, client.get("step"), tokenizer_file=tag_or_run_file(source, "tokenizer.json"))
 
 
 def _world_of_one() -> None:

@@ -101,6 +101,38 @@ def test_a_missing_expert_file_is_named(tmp_path):
         load_model(tmp_path / "run")
 
 
+@pytest.mark.parametrize("asked_for", ["run", "tag"])
+def test_a_tag_pruned_while_it_is_read(tmp_path, monkeypatch, asked_for):
+    # A run still training with trainer.keep_checkpoints=1 saves step 8 and removes step 7 while an
+    # eval reads step 7: given the run, the eval reads step 8; given the tag, it says what happened.
+    import shutil
+
+    import train.load
+
+    run, whole = _whole_model(1)
+    _write_checkpoint(tmp_path / "run", run, whole, 1)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    real_read = train.load.read_deepspeed_weights
+
+    def read_while_pruned(tag_dir, *args, **kwargs):
+        if tag_dir.name == "step_00000007":
+            shutil.copytree(tag_dir, checkpoints / "step_00000008")
+            (checkpoints / "latest").write_text("step_00000008")
+            shutil.rmtree(tag_dir)
+        return real_read(tag_dir, *args, **kwargs)
+
+    monkeypatch.setattr(train.load, "read_deepspeed_weights", read_while_pruned)
+    if asked_for == "run":
+        loaded = load_model(tmp_path / "run")
+        assert loaded.source == checkpoints / "step_00000008"
+        for key, value in whole.state_dict().items():
+            assert torch.equal(loaded.model.state_dict()[key], value), key
+    else:
+        with pytest.raises(ConfigError, match=r"step_00000007: removed while it was read \(a run still training with "
+                                              r"trainer.keep_checkpoints prunes older tags\); pass its run directory$"):
+            load_model(checkpoints / "step_00000007")
+
+
 def test_tensor_parallel_files_must_match_the_config(tmp_path):
     run, whole = _whole_model(2)
     _write_checkpoint(tmp_path / "run", run, whole, 1)
