@@ -45,7 +45,6 @@ def consolidate(source: str | Path | None, out: Path, with_tokenizer: bool = Tru
     # `source`, not the tag it names now: a tag pruned while it is read is then followed to the newer one.
     loaded = load_model(source, pack_experts=False)  # saved below: no tensors sharing one storage
     state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
-    weights = _use_fp32_masters(state, loaded)
     if loaded.run.model.tie_embeddings:
         del state["lm_head.weight"]  # the same tensor as embed.weight; safetensors stores no aliases
     tokenizer = None
@@ -53,7 +52,7 @@ def consolidate(source: str | Path | None, out: Path, with_tokenizer: bool = Tru
         tokenizer = loaded.tokenizer_path() if with_tokenizer else None
     except ConfigError as error:
         print(f"note: tokenizer not copied ({error})", file=sys.stderr)
-    header = {**header_for(loaded), "weights": weights}
+    header = {**header_for(loaded), "weights": loaded.weights}
     out.parent.mkdir(parents=True, exist_ok=True)
     # A previous file's tokenizer goes first, so that at no moment (a kill included) does a new
     # weights file sit beside another model's tokenizer: without one, readers take the run data's.
@@ -70,25 +69,6 @@ def consolidate(source: str | Path | None, out: Path, with_tokenizer: bool = Tru
         shutil.copyfile(tokenizer, copied)
         replace_durably(copied, tokenizer_out)
     return header
-
-
-def _use_fp32_masters(state: dict, loaded) -> str:
-    """In a bf16 run, replace the module weights in `state` by ZeRO's fp32 masters where the checkpoint
-    holds them; returns what the weights are, for the header."""
-    from train import portable_state
-
-    index = portable_state.read_index(loaded.source) if loaded.source.is_dir() else None
-    if index is None:
-        return "module weights, cast to fp32 (the checkpoint has no layout-free state to say more)"
-    if not index["layout"]["bf16"]:
-        return "fp32 weights"
-    if not index.get("tensors", True):
-        return "module weights, bf16 cast to fp32 (the checkpoint has no fp32 masters)"
-    names = [name for name in state if name in index["files"]]
-    masters = portable_state.read_tensors(loaded.source, index, names)
-    for name in names:
-        state[name] = masters[name]["fp32"].float().contiguous()
-    return "fp32 master weights"
 
 
 def _main(argv: Sequence[str] | None) -> int:

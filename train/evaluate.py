@@ -133,6 +133,8 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.error(str(error))
     if batch_sizes is not None and min(batch_sizes) < 1:
         parser.error(f"--batch-sizes must be positive integers, got {args.batch_sizes}")
+    if batch_sizes is not None:
+        batch_sizes = list(dict.fromkeys(batch_sizes))  # a size given twice is one column of the table
     quiet_deepspeed()
     from train.config import ConfigError
     from train.load import load_model

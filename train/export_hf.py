@@ -159,9 +159,6 @@ def export_mixtral(model: torch.nn.Module, out: Path, tokenizer_file: Path | Non
     problems = unsupported_features(model)
     if problems:
         raise ConfigError(f"cannot export to Mixtral: {'; '.join(problems)}")
-    from train.data import load_tokenizer
-    from train.data.tokenizer import eot_id as end_of_text_id
-
     out = Path(os.path.abspath(out))  # a name to put siblings beside, even for "."
     if out.is_symlink():
         out = out.resolve()  # replace what the link names, as writing through it did
@@ -169,11 +166,9 @@ def export_mixtral(model: torch.nn.Module, out: Path, tokenizer_file: Path | Non
     eot_id = None
     tokenizer = None
     if tokenizer_file is not None:
-        tokenizer = load_tokenizer(tokenizer_file)
-        try:
-            eot_id = end_of_text_id(tokenizer)
-        except ValueError as error:
-            raise ConfigError(f"{tokenizer_file}: {error}") from None
+        from train.load import read_tokenizer
+
+        tokenizer, eot_id = read_tokenizer(tokenizer_file, model)
     whole_directory = not _must_stay_in_place(out)
     partial = out.with_name(out.name + ".partial") if whole_directory else out / STAGING_DIR
     shutil.rmtree(partial, ignore_errors=True)  # left by an export that was killed

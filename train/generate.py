@@ -150,8 +150,12 @@ def _main(argv: Sequence[str] | None) -> int:
         sys.stdout.flush()
         stream = TextStream(tokenizer)
         started = time.perf_counter()
+        prompt_ids = [eot, *tokenizer.encode(prompt).ids]
+        if len(prompt_ids) > loaded.run.model.seq_len:
+            print(f"note: the prompt is {len(prompt_ids)} tokens, the context {loaded.run.model.seq_len}: only its "
+                  f"last {loaded.run.model.seq_len} are seen", file=sys.stderr, flush=True)
         with routing(loaded.model, mode):
-            new = generate_tokens(loaded.model, [eot, *tokenizer.encode(prompt).ids], args.max_new_tokens, sampling,
+            new = generate_tokens(loaded.model, prompt_ids, args.max_new_tokens, sampling,
                                   generator, use_cache=not args.no_cache, stop_tokens=(eot,), on_token=stream)
         stream.finish()
         elapsed = time.perf_counter() - started

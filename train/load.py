@@ -47,11 +47,14 @@ class LoadedModel:
     """The run's prepared dataset, when it is known to exist (see `validation_data_dir`)."""
     tokenizer_file: Path | None = None
     """The model's tokenizer when stored beside it (a run's own copy, a consolidated file's); else the dataset's."""
+    weights: str = ""
+    """Which weights these are: "fp32 master weights" of a bf16 run where its checkpoint holds them."""
 
     def validation_data_dir(self) -> Path:
         """The run's own prepared dataset (found in the cache, or prepared again from data config)."""
         if self.data_dir is None or not (self.data_dir / "meta.json").is_file():
             self.data_dir = prepare_run_data(self.run)
+        assert self.data_dir is not None
         return self.data_dir
 
     def tokenizer_path(self) -> Path:
@@ -67,15 +70,27 @@ class LoadedModel:
             raise ConfigError(f"no tokenizer: {self.tokenizer_file} is missing, and {error}") from None
 
     def tokenizer(self):
-        """(the run's tokenizer, its end-of-text id); ConfigError when it cannot be found or has none."""
-        from train.data import load_tokenizer
-        from train.data.tokenizer import eot_id
+        """(the run's tokenizer, its end-of-text id); ConfigError when it cannot be found or does not suit the model."""
+        return read_tokenizer(self.tokenizer_path(), self.model)
 
-        try:
-            tokenizer = load_tokenizer(self.tokenizer_path())
-            return tokenizer, eot_id(tokenizer)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+
+def read_tokenizer(path: Path, model: torch.nn.Module):
+    """(the tokenizer in `path`, its end-of-text id), checked to suit `model`: ConfigError naming the
+    file when it is unreadable, has no end-of-text or has ids the model's embedding has no row for
+    (another run's tokenizer would otherwise fail deep inside the embedding lookup)."""
+    from train.data import load_tokenizer
+    from train.data.tokenizer import eot_id
+
+    try:
+        tokenizer = load_tokenizer(path)
+        end_of_text = eot_id(tokenizer)
+    except ValueError as error:
+        raise ConfigError(str(error) if str(error).startswith(str(path)) else f"{path}: {error}") from None
+    rows = int(model.embed.weight.shape[0])
+    if tokenizer.get_vocab_size() > rows:
+        raise ConfigError(f"{path}: the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the model's "
+                          f"{rows} embedding rows (the tokenizer of another run?)")
+    return tokenizer, end_of_text
 
 
 # ---------------------------------------------------------------------- finding checkpoints
@@ -170,14 +185,16 @@ def single_process_layout(run: RunConfig) -> RunConfig:
     return run
 
 
-def prepare_run_data(run: RunConfig) -> Path:
-    """The run's prepared dataset: found in its cache (same fingerprint), or prepared again."""
+def prepare_run_data(run: RunConfig, only_cached: bool = False) -> Path | None:
+    """The run's prepared dataset: found in its cache (same fingerprint), or prepared again
+    (`only_cached`: None instead)."""
     from train.data import prepare_dataset
 
     source: str | list[str] = list(run.data.files) or "embedded"
     try:
         return prepare_dataset(source, cache_dir=run.data.cache_dir, vocab_size=run.data.vocab_size,
-                               val_fraction=run.data.val_fraction, text_field=run.data.text_field)
+                               val_fraction=run.data.val_fraction, text_field=run.data.text_field,
+                               only_cached=only_cached)
     except ValueError as error:
         raise ConfigError(f"the run's data: {error}") from None
 
@@ -225,10 +242,22 @@ def read_deepspeed_weights(
 
 def read_non_expert_file(path: Path) -> dict:
     """The contents of one `mp_rank_{r}_model_states.pt`, checked to be DeepSpeed's model states."""
-    non_expert = torch.load(path, map_location="cpu", weights_only=False)
+    non_expert = _read_torch_file(path)
     if not isinstance(non_expert, dict) or "module" not in non_expert:
         raise ConfigError(f"{path}: not a DeepSpeed model-states file (no 'module')")
     return non_expert
+
+
+def _read_torch_file(path: Path):
+    """torch.load of a checkpoint file; ConfigError naming it when it is damaged (truncated by a full
+    disk or a partial copy). A missing file stays FileNotFoundError: a tag pruned while read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch raises OSError, RuntimeError or pickle's errors for a damaged file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"{path}: not a readable checkpoint file ({reason})") from None
 
 
 def _read_tensor_parallel_rank(
@@ -249,7 +278,7 @@ def _read_tensor_parallel_rank(
             path = tag_dir / f"layer_{layer_index}_expert_{expert}_mp_rank_{rank:02d}_model_states.pt"
             if not path.is_file():
                 raise ConfigError(f"{path}: missing; the config says MoE layer {prefix} has {num_experts} experts")
-            for key, value in torch.load(path, map_location="cpu", weights_only=False).items():
+            for key, value in _read_torch_file(path).items():
                 if not key.startswith(prefix + ".deepspeed_moe.experts.deepspeed_experts."):
                     raise ConfigError(f"{path}: holds {key!r}, not a weight of expert {expert} of {prefix}")
                 state[key] = value
@@ -316,7 +345,8 @@ def load_model(path: str | Path | None, device: str | torch.device = "cpu", pack
         load_state_strictly(model, state, str(source))
         data_dir = Path(header["data_dir"]) if header.get("data_dir") else None
         tokenizer = source.with_name(source.stem + ".tokenizer.json")
-        loaded = LoadedModel(model, run, source, header.get("step"), data_dir, tokenizer if tokenizer.is_file() else None)
+        loaded = LoadedModel(model, run, source, header.get("step"), data_dir, tokenizer if tokenizer.is_file() else None,
+                             header.get("weights", ""))
     else:
         try:
             loaded = _load_tag(source)
@@ -355,12 +385,37 @@ def _load_tag(source: Path) -> LoadedModel:
     model = build_model(run, vocab_rows)
     state, client = read_deepspeed_weights(source, model, tensor_parallel, rank0=non_expert)
     del non_expert  # bf16 weights: their fp32 copies are in `state`, these need not stay alive
+    weights = _use_fp32_masters(state, source, tied=run.model.tie_embeddings)
     load_state_strictly(model, state, str(source))
     # Tags keep the tokenizer their weights go with, runs a copy of theirs (train/loop.py); older
     # ones find it in the data cache.
     from train.checkpoint import tag_or_run_file
 
-    return LoadedModel(model, run, source, client.get("step"), tokenizer_file=tag_or_run_file(source, "tokenizer.json"))
+    return LoadedModel(model, run, source, client.get("step"), tokenizer_file=tag_or_run_file(source, "tokenizer.json"),
+                       weights=weights)
+
+
+def _use_fp32_masters(state: dict, tag_dir: Path, tied: bool) -> str:
+    """In a bf16 run, replace the module weights in `state` by ZeRO's fp32 masters where the tag's
+    layout-free state holds them (so a run directory and its consolidated file are the same model);
+    returns which weights `state` holds."""
+    from train import portable_state
+
+    index = portable_state.read_index(tag_dir)
+    if index is None:
+        return "module weights, cast to fp32 (the checkpoint has no layout-free state to say more)"
+    if not index["layout"]["bf16"]:
+        return "fp32 weights"
+    if not index.get("tensors", True):
+        return "module weights, bf16 cast to fp32 (the checkpoint has no fp32 masters)"
+    names = [name for name in state if name in index["files"]]
+    masters = portable_state.read_tensors(tag_dir, index, names)
+    for name in names:
+        state[name] = masters[name]["fp32"].float().contiguous()
+    if tied:  # one tensor under two names, saved under one: both must load the master
+        master = state["embed.weight"] if "embed.weight" in names else state["lm_head.weight"]
+        state["embed.weight"] = state["lm_head.weight"] = master
+    return "fp32 master weights"
 
 
 def _world_of_one() -> None:
@@ -374,9 +429,15 @@ def _world_of_one() -> None:
 
 
 def header_for(loaded: LoadedModel) -> dict[str, Any]:
-    """What a consolidated file records besides the weights: enough to rebuild the model and find its data."""
+    """What a consolidated file records besides the weights: enough to rebuild the model and find its
+    data (its prepared dataset, when known or in the cache: eval then reads it from any directory)."""
     model = loaded.model
     data_dir = loaded.data_dir
+    if data_dir is None:
+        try:
+            data_dir = prepare_run_data(loaded.run, only_cached=True)
+        except ConfigError:  # its files are gone: the file is still the model
+            data_dir = None
     return {
         "format": CONSOLIDATED_FORMAT,
         "source": str(loaded.source.resolve()),

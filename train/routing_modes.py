@@ -51,11 +51,19 @@ def available_modes(model: torch.nn.Module, capacity_factors: list[float]) -> li
     if moe.router == "token_choice":
         modes = [RoutingMode("trained", batch_dependent=moe.eval_capacity_factor is not None),
                  RoutingMode("dropless", None, batch_dependent=False)]
-        return modes + [RoutingMode(f"cf={cf:g}", cf) for cf in capacity_factors]
+        return modes + [RoutingMode(f"cf={cf:g}", cf) for cf in _distinct(capacity_factors)]
     modes = [RoutingMode("batch", ec_eval_mode="batch")]
     if thresholds_ready(model):
         modes.append(RoutingMode("causal", ec_eval_mode="causal", batch_dependent=False))
-    return modes + [RoutingMode(f"batch cf={cf:g}", cf, ec_eval_mode="batch") for cf in capacity_factors]
+    return modes + [RoutingMode(f"batch cf={cf:g}", cf, ec_eval_mode="batch") for cf in _distinct(capacity_factors)]
+
+
+def _distinct(capacity_factors: list[float]) -> list[float]:
+    """One factor per name: modes are told apart by name (1 and 1.0000001 are both `cf=1`)."""
+    by_name: dict[str, float] = {}
+    for cf in capacity_factors:
+        by_name.setdefault(f"{cf:g}", cf)
+    return list(by_name.values())
 
 
 def thresholds_ready(model: torch.nn.Module) -> bool:

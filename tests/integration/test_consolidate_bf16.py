@@ -1,4 +1,5 @@
-"""Consolidating a bf16 run writes ZeRO's fp32 master weights, not the bf16 module weights."""
+"""Consolidating a bf16 run writes ZeRO's fp32 master weights, not the bf16 module weights, and
+loading its run directory gives the same weights."""
 
 from __future__ import annotations
 
@@ -43,3 +44,14 @@ def test_bf16_run_consolidates_to_its_fp32_masters(compose_run, tmp_path):
     # The masters carry precision the bf16 module weights do not: the file is not a bf16 cast.
     expert = "blocks.0.ffn.deepspeed_moe.experts.deepspeed_experts.3.w1.weight"
     assert not torch.equal(written[expert], written[expert].bfloat16().float())
+
+    # Eval, generate and export read the run directory as the same model as its consolidated file.
+    from train.load import load_model
+
+    for source in (run_dir, out):
+        loaded = load_model(source)
+        assert loaded.weights == "fp32 master weights"
+        state = loaded.model.state_dict()
+        for name, tensor in written.items():
+            assert torch.equal(state[name], tensor), (source, name)
+        assert torch.equal(state["lm_head.weight"], state["embed.weight"])  # tied: one master for both

@@ -75,6 +75,11 @@ def test_token_choice_eval_equals_training_validation_and_consolidated_file(toke
     out = tmp_path / "whole.safetensors"
     assert _run_cli(consolidate, [str(token_choice_run), "--out", str(out)]) == 0
     assert out.is_file() and out.with_suffix(".json").is_file() and (tmp_path / "whole.tokenizer.json").is_file()
+    # The header finds the run's prepared dataset (eval of the file then reads it from any directory).
+    from train.load import load_model
+
+    data_dir = load_model(token_choice_run).validation_data_dir()
+    assert json.loads(out.with_suffix(".json").read_text())["data_dir"] == str(data_dir.resolve())
     assert _eval(out, tmp_path / "eval_file.json") == losses
 
 
@@ -93,6 +98,11 @@ def test_eval_on_a_text_file(token_choice_run, tmp_path):
     losses = _eval(token_choice_run, tmp_path / "eval.json", "--text", str(text), "--modes", "dropless")
     assert set(losses) == {("dropless", 1), ("dropless", MICRO_BATCH)}
     assert all(math.isfinite(v) and v > 0 for v in losses.values())
+    # A batch size or capacity factor given twice is one entry (1 and 1.0000001 are both `cf=1`).
+    again = _eval(token_choice_run, tmp_path / "again.json", "--text", str(text), "--modes", "dropless,cf=1",
+                  "--batch-sizes", f"{MICRO_BATCH},1,{MICRO_BATCH}", "--capacity-factor", "1", "--capacity-factor", "1.0000001")
+    assert sorted(again) == sorted((mode, b) for mode in ("dropless", "cf=1") for b in (1, MICRO_BATCH))
+    assert again[("dropless", 1)] == losses[("dropless", 1)]
 
 
 def test_generation_is_reproducible_from_checkpoint_and_consolidated_file(token_choice_run, tmp_path, capsys):
@@ -114,6 +124,9 @@ def test_generation_is_reproducible_from_checkpoint_and_consolidated_file(token_
     assert text(token_choice_run, 3, "--no-cache") == first
     # Other seeds, other texts (any one of them may stop early at end-of-text, so several).
     assert len({first, *(text(token_choice_run, seed) for seed in (4, 5, 6))}) > 1
+    # A prompt longer than the context is cut to its end, and the user is told.
+    assert _run_cli(generate, [str(token_choice_run), "--prompt", "def f(x): return x\n" * 200, "--max-new-tokens", "1"]) == 0
+    assert "tokens, the context 32: only its last 32 are seen" in capsys.readouterr().err
 
 
 def test_a_run_reads_its_own_tokenizer_without_the_data_cache(token_choice_run, tmp_path, monkeypatch, capsys):

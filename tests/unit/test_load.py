@@ -133,6 +133,16 @@ def test_a_tag_pruned_while_it_is_read(tmp_path, monkeypatch, asked_for):
             load_model(checkpoints / "step_00000007")
 
 
+@pytest.mark.parametrize("damaged", ["mp_rank_00_model_states.pt", "layer_1_expert_2_mp_rank_00_model_states.pt"])
+def test_a_truncated_checkpoint_file_is_named(tmp_path, damaged):
+    run, whole = _whole_model(1)
+    _write_checkpoint(tmp_path / "run", run, whole, 1)
+    path = tmp_path / "run" / "checkpoints" / "step_00000007" / damaged
+    path.write_bytes(path.read_bytes()[:300])  # a copy cut short, a disk that filled up
+    with pytest.raises(ConfigError, match=rf"^{path}: not a readable checkpoint file \(.+\)$"):
+        load_model(tmp_path / "run")
+
+
 def test_tensor_parallel_files_must_match_the_config(tmp_path):
     run, whole = _whole_model(2)
     _write_checkpoint(tmp_path / "run", run, whole, 1)
@@ -206,3 +216,25 @@ def test_the_default_is_the_newest_run_at_any_depth_under_runs(tmp_path):
     assert resolve_checkpoint(tmp_path / "runs") == moved / "checkpoints" / "step_00000001"
     with pytest.raises(ConfigError, match="no run with a checkpoint under"):
         default_checkpoint(tmp_path / "empty")
+
+
+def test_a_tokenizer_that_does_not_suit_the_model_is_named(tmp_path):
+    # Another run's tokenizer, with more tokens than the model has rows, failed inside the embedding.
+    from tokenizers import Tokenizer, models
+
+    from train.load import read_tokenizer
+
+    def save(name: str, tokens: list[str]) -> Path:
+        path = tmp_path / name
+        Tokenizer(models.WordLevel({token: i for i, token in enumerate(tokens)}, unk_token=tokens[0])).save(str(path))
+        return path
+
+    _, whole = _whole_model(1)  # 64 embedding rows
+    words = [f"w{i}" for i in range(99)]
+    tokenizer, eot = read_tokenizer(save("fits.json", ["<|endoftext|>", *words[:63]]), whole)
+    assert eot == 0 and tokenizer.get_vocab_size() == 64
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/larger.json: the tokenizer has 100 tokens, more than the "
+                                          r"model's 64 embedding rows \(the tokenizer of another run\?\)$"):
+        read_tokenizer(save("larger.json", ["<|endoftext|>", *words]), whole)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/plain.json: tokenizer has no <\|endoftext\|> token"):
+        read_tokenizer(save("plain.json", words[:8]), whole)

@@ -50,7 +50,8 @@ def prepare_dataset(
     seed: int = 0,
     samples_per_shard: int = 64,
     announce_cached: bool = True,
-) -> Path:
+    only_cached: bool = False,
+) -> Path | None:
     """Tokenize `source` ("embedded", or a list of .txt/.jsonl files) into `cache_dir/<fingerprint[:16]>`
     and return that directory.
 
@@ -58,7 +59,7 @@ def prepare_dataset(
     parameter, so a repeated call with the same inputs returns at once without doing any work,
     and a changed input gets a fresh directory. The dataset is built in a hidden sibling
     directory and renamed into place only when complete: an interrupted run leaves nothing that
-    looks finished.
+    looks finished. `only_cached`: None instead of preparing what the cache does not hold.
     """
     source_spec = _source_spec(source)
     parameters = _checked_parameters(vocab_size, val_fraction, tokens_per_sample, text_field, seed, samples_per_shard)
@@ -69,6 +70,8 @@ def prepare_dataset(
         if announce_cached:  # (off for the ranks that find what rank 0 just prepared or announced)
             _progress(f"cached dataset {target}")
         return target
+    if only_cached:
+        return None
 
     cache_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=cache_root))
