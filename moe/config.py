@@ -161,6 +161,8 @@ def stock_gate_lacks(config: MoEConfig) -> list[str]:
     eval_capacity_factor is null (capacity factor 1.0 then) are accepted, so that a preset's model
     can be measured on both implementations."""
     problems = []
+    if config.router != "token_choice":
+        problems.append(f"moe.router={config.router} (token choice only)")
     if config.score_func != "softmax":
         problems.append(f"moe.score_func={config.score_func} (softmax only)")
     if config.bias_update_rate > 0:

@@ -25,7 +25,9 @@ import torch
 import torch.distributed as dist
 
 from train import portable_state
+from train.config import ConfigError
 from train.durable import fsync_path, write_text_atomically
+from train.engine import optimizer_settings, restore_optimizer_settings
 
 
 def tag_for(step: int) -> str:
@@ -147,26 +149,29 @@ def load(engine, checkpoint_dir: Path, rank: int) -> dict[str, Any]:
     tag_dir = checkpoint_dir / tag
     index = portable_state.read_index(tag_dir)
     here = portable_state.current_layout(engine)
+    settings = optimizer_settings(engine)  # this run's, which DeepSpeed's load would replace by the saved run's
     if index is None or index["layout"] == here:
         path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+        restore_optimizer_settings(engine, settings)
         rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
         if rng_file.exists():
             restore_rng_states(torch.load(rng_file, weights_only=False))
         return client_state
+    if index["layout"]["tensor_parallel"] != 1 or not portable_state.supported(engine):
+        raise ConfigError(f"{tag_dir} was saved at {portable_state.describe(index['layout'])}; resuming it at "
+                          f"{portable_state.describe(here)} is not supported with tensor parallelism")
     if not index.get("tensors", True):
-        raise ValueError(f"{tag_dir} was saved at {portable_state.describe(index['layout'])} without its layout-free "
+        raise ConfigError(f"{tag_dir} was saved at {portable_state.describe(index['layout'])} without its layout-free "
                          f"optimizer copy (trainer.portable_checkpoint=never, or =final before the last step), so it "
                          f"resumes only at that layout, not at {portable_state.describe(here)}")
-    if not portable_state.supported(engine):
-        raise ValueError(f"{tag_dir} was saved at {portable_state.describe(index['layout'])}; resuming it at "
-                         f"{portable_state.describe(here)} is not supported with tensor parallelism")
     path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=False,
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
     portable_state.restore(engine, tag_dir, index)
+    restore_optimizer_settings(engine, settings)
     if rank == 0:
         print(f"checkpoint  {tag} saved at {portable_state.describe(index['layout'])}, loaded at "
               f"{portable_state.describe(here)}: weights, AdamW state (step {index['optimizer_step']}) "

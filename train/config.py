@@ -85,7 +85,7 @@ class DeepSpeedConfig:
             raise ValueError(f"deepspeed.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 1:
             raise ValueError(
-                f"deepspeed.warmup_steps must be >= 1 (DeepSpeed's WarmupCosineLR needs a warm-up step), got {self.warmup_steps}"
+                f"deepspeed.warmup_steps must be >= 1 (warm-up step n runs at lr * n / warmup_steps), got {self.warmup_steps}"
             )
 
 
@@ -223,6 +223,19 @@ class RunConfig:
     """Ranks to plan for with dry_run=true (a real run takes its world size from the launcher)."""
     dry_run_device_gib: float | None = None
     """With dry_run: reject the plan when a rank needs more memory than this (e.g. 80 for an H100)."""
+
+    def __post_init__(self) -> None:
+        # Settings of two sections that must agree (each section checks its own fields).
+        tp, moe = self.model.tensor_parallel, self.moe
+        if moe.every == 0 and moe.ep_size > 1:
+            raise ValueError(f"moe.ep_size={moe.ep_size} splits experts, and this model has none (moe.every=0: dense)")
+        if tp > 1 and moe.every > 0:
+            # Each expert's (and the shared expert's) hidden units are split over the tensor-parallel
+            # ranks; without expert_hidden the experts take model.ffn_hidden, which ModelConfig checks.
+            for name in ("expert_hidden", "shared_expert_hidden"):
+                hidden = getattr(moe, name)
+                if hidden is not None and hidden % tp:
+                    raise ValueError(f"moe.{name}={hidden} must be divisible by model.tensor_parallel={tp}")
 
     @property
     def run_dir(self) -> str:

@@ -5,16 +5,15 @@ The one place that calls `deepspeed.initialize`.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import deepspeed
 import torch
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-from deepspeed.utils import logger as ds_logger
 
 from train.config import RunConfig
+from train.lr_schedule import WarmupCosine
 
 
 def use_bf16(run: RunConfig, device: torch.device) -> bool:
@@ -43,16 +42,7 @@ def deepspeed_config(run: RunConfig, device: torch.device) -> dict[str, Any]:
         "zero_optimization": {"stage": ds.zero_stage},
         "bf16": {"enabled": use_bf16(run, device)},
         "optimizer": {"type": "AdamW", "params": adamw_params},
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": run.trainer.max_steps,
-                "warmup_num_steps": ds.warmup_steps,
-                "warmup_min_ratio": 0.0,
-                "cos_min_ratio": ds.min_lr_ratio,
-                "warmup_type": "linear",
-            },
-        },
+        # The schedule is ours (train/lr_schedule.py), passed to deepspeed.initialize.
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -100,26 +90,29 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float,
 def build_engine(model: torch.nn.Module, run: RunConfig, device: torch.device, mpu=None):
     """`mpu`: the tensor-parallel unit (train.tensor_parallel.MegatronMPU) when model.tensor_parallel > 1;
     DeepSpeed then reduces gradients over its data-parallel group and counts split weights in the norm."""
-    # WarmupCosineLR asks itself for its learning rate in its own constructor and warns that it "has
-    # not started": DeepSpeed's noise, not the user's problem. That one message is dropped.
-    quiet = _WithoutMessage("Attempting to get learning rate from scheduler before it has started")
-    ds_logger.addFilter(quiet)
-    try:
-        engine, _, _, scheduler = deepspeed.initialize(
-            model=model,
-            mpu=mpu,
-            model_parameters=optimizer_param_groups(model, run.deepspeed.weight_decay),
-            config=deepspeed_config(run, device),
-        )
-    finally:
-        ds_logger.removeFilter(quiet)
+    ds = run.deepspeed
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        mpu=mpu,
+        model_parameters=optimizer_param_groups(model, ds.weight_decay),
+        config=deepspeed_config(run, device),
+        lr_scheduler=lambda optimizer: WarmupCosine(optimizer, ds.warmup_steps, run.trainer.max_steps, ds.min_lr_ratio),
+    )
     return engine, scheduler
 
 
-class _WithoutMessage(logging.Filter):
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
+def optimizer_settings(engine) -> list[dict[str, Any]]:
+    """Each optimizer group's hyperparameters but the learning rate (the schedule's): what the run's
+    configuration asked for, to be put back after a checkpoint's optimizer state brings its own."""
+    return [{key: value for key, value in group.items() if key not in ("params", "lr")}
+            for group in engine.optimizer.param_groups]
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
+
+def restore_optimizer_settings(engine, settings: list[dict[str, Any]]) -> None:
+    """After a checkpoint load: this run's betas, eps and weight decay, and its schedule's learning
+    rate at the loaded step (DeepSpeed's load restores the saved run's, so a changed deepspeed.lr or
+    weight_decay would otherwise not apply at the same layout)."""
+    for group, wanted in zip(engine.optimizer.param_groups, settings, strict=True):
+        group.update(wanted)
+    if engine.lr_scheduler is not None:
+        engine.lr_scheduler.step(engine.lr_scheduler.last_batch_iteration)

@@ -562,7 +562,7 @@ class Trainer:
             "loss": finite_or_none(loss),
             "aux_loss": finite_or_none(aux),
             "skipped_nonfinite": self.engine.skipped_steps,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.scheduler.last_step_lr(),  # the step's own, not the next one's
             "grad_norm": finite_or_none(float(grad_norm)) if grad_norm is not None else None,
             "tokens_per_s": tokens_per_s,
             "mfu": finite_or_none(mfu),

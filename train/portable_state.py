@@ -120,8 +120,11 @@ def save(engine, tag_dir: Path, with_tensors: bool = True) -> None:
 
     `with_tensors=False` (trainer.portable_checkpoint=false) writes only the index, with the layout and
     no tensors: the checkpoint then resumes at its own layout only, and a resume elsewhere is
-    refused with a message instead of silently losing the optimizer state."""
+    refused with a message instead of silently losing the optimizer state. Where the copy is not
+    supported (tensor parallelism) the index alone is written too, for the same refusal."""
     if not supported(engine):
+        if dist.get_rank() == 0:
+            _write_index(engine, tag_dir / DIRECTORY, step=None, keys=[], files={}, with_tensors=False)
         return
     keys, step = _inner_state(engine)
     if keys and with_tensors:
@@ -143,10 +146,16 @@ def save(engine, tag_dir: Path, with_tensors: bool = True) -> None:
     dist.all_gather_object(written, (file_name, sorted(mine)))
     if rank == 0:
         files = {name: file for file, names in written for name in names}
-        index = {"format": FORMAT, "layout": current_layout(engine), "optimizer_step": step,
-                 "state_keys": keys, "files": files, "tensors": with_tensors}
-        write_text_atomically(directory / INDEX, json.dumps(index, indent=1))
+        _write_index(engine, directory, step, keys, files, with_tensors)
     dist.barrier()
+
+
+def _write_index(engine, directory: Path, step: int | None, keys: list[str], files: dict[str, str],
+                 with_tensors: bool) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    index = {"format": FORMAT, "layout": current_layout(engine), "optimizer_step": step,
+             "state_keys": keys, "files": files, "tensors": with_tensors}
+    write_text_atomically(directory / INDEX, json.dumps(index, indent=1))
 
 
 def read_index(tag_dir: Path) -> dict[str, Any] | None:
@@ -195,7 +204,3 @@ def restore(engine, tag_dir: Path, index: dict[str, Any]) -> None:
             safe_set_full_optimizer_state(param, tensors[key].to(param.device), key)
     # Model weights (bf16 copies in a bf16 run) from the restored fp32 masters, on every rank.
     zero.update_lp_params()
-    # DeepSpeed's schedulers restore their position but not the optimizer's learning rate.
-    scheduler = engine.lr_scheduler
-    if scheduler is not None:
-        scheduler.step(scheduler.last_batch_iteration)

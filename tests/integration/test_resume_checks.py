@@ -127,3 +127,59 @@ def test_a_resume_killed_before_its_first_save_leaves_the_checkpoints_settings_i
     # The tokenizer the weights go with is in the tag too, and is the one readers take.
     assert load_model(run_dir).tokenizer_file == run_dir / "checkpoints" / "step_00000004" / "tokenizer.json"
     assert load_model(run_dir).tokenizer_file.read_text() == (run_dir / "tokenizer.json").read_text()
+
+
+@pytest.mark.slow
+def test_a_resume_at_the_same_layout_applies_the_changed_optimizer_settings(compose_run, tmp_path):
+    # DeepSpeed's load brings the saved run's lr, betas and weight decay back into the optimizer; a
+    # resume that changed them ran on with the old ones (at another layout the new ones applied).
+    from train import checkpoint
+    from train.config import to_run_config
+    from train.distributed import init_world
+    from train.loop import build_trainer
+
+    run_dir = tmp_path / "run"
+    base = [*_overrides(run_dir, 3), "logging.log_every=1", "deepspeed.warmup_steps=4", "deepspeed.lr=1e-3"]
+    train(compose_run(base))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # The first step already learns (DeepSpeed's WarmupCosineLR ran steps 1 and 2 at lr 0).
+    assert [r["lr"] for r in records if r["event"] == "train"] == pytest.approx([2.5e-4, 5e-4, 7.5e-4])
+
+    changed = ["deepspeed.lr=2e-3", "deepspeed.weight_decay=0.5", "deepspeed.beta1=0.8", "deepspeed.eps=1e-6"]
+    run = to_run_config(compose_run([*base, "trainer.max_steps=6", "trainer.resume=true", *changed]))
+    trainer = build_trainer(run, init_world(run.trainer.device), lambda: run_dir)
+    checkpoint.load(trainer.engine, run_dir / "checkpoints", 0)
+    groups = trainer.engine.optimizer.param_groups
+    assert {group["weight_decay"] for group in groups} == {0.5, 0.0}  # norms keep none
+    assert all(group["betas"] == (0.8, 0.95) and group["eps"] == 1e-6 for group in groups)
+    assert all(group["lr"] == pytest.approx(2e-3 * 1.0) for group in groups)  # step 4 of a 4-step warm-up
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_checkpoint_at_another_layout_is_refused_in_one_line(tmp_path):
+    # Tensor-parallel saves wrote no portable index, so a resume at another layout went on to
+    # DeepSpeed's full load and failed on every rank with a traceback.
+    from types import SimpleNamespace
+
+    import torch
+
+    from train import checkpoint, portable_state
+    from train.distributed import init_world
+
+    init_world("cpu")
+
+    def engine(tensor_parallel: int):
+        return SimpleNamespace(mp_world_size=tensor_parallel, module=torch.nn.Linear(2, 2),
+                               zero_optimization_stage=lambda: 1, bfloat16_enabled=lambda: False,
+                               optimizer=SimpleNamespace(param_groups=[]))
+
+    tag = tmp_path / "checkpoints" / "step_00000002"
+    tag.mkdir(parents=True)
+    portable_state.save(engine(2), tag)
+    index = portable_state.read_index(tag)
+    assert index["tensors"] is False and index["layout"]["tensor_parallel"] == 2
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000002")
+    with pytest.raises(ConfigError, match=r"saved at 1 rank, ep_size -, tensor parallel 2, ZeRO-1, fp32; resuming it at "
+                                          r"1 rank, ep_size -, tensor parallel 1, ZeRO-1, fp32 is not supported with "
+                                          r"tensor parallelism$"):
+        checkpoint.load(engine(1), tmp_path / "checkpoints", 0)

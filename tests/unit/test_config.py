@@ -61,6 +61,14 @@ def test_unknown_key_fails_at_compose(compose_run):
         # Nor does the stock DeepSpeed baseline run a model its gate cannot follow.
         (["moe=top2_auxfree", "moe.implementation=deepspeed"],
          "moe.implementation=deepspeed (DeepSpeed's own gate) has no moe.bias_update_rate=0.001"),
+        (["moe=expert_choice", "moe.implementation=deepspeed"],
+         "moe.implementation=deepspeed (DeepSpeed's own gate) has no moe.router=expert_choice (token choice only)"),
+        # Settings of two sections that must agree.
+        (["model.tensor_parallel=2", "moe.expert_hidden=33"],
+         "moe.expert_hidden=33 must be divisible by model.tensor_parallel=2"),
+        (["model.tensor_parallel=2", "moe.shared_expert_hidden=33"],
+         "moe.shared_expert_hidden=33 must be divisible by model.tensor_parallel=2"),
+        (["moe=dense", "moe.ep_size=2"], "moe.ep_size=2 splits experts, and this model has none (moe.every=0: dense)"),
         (["model.hidden_size=100", "model.num_heads=3"], "model.num_heads"),
         (["deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
         (["deepspeed.zero_stage=0"], "wrong gradient norm under expert parallelism"),
