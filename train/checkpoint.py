@@ -50,19 +50,22 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 
 def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], rank: int,
-         portable: bool = True, keep: int = 0, tag_files: dict[str, str] | None = None) -> None:
+         portable: bool = True, keep: int = 0, tag_files: dict[str, str] | None = None,
+         rank_state: dict[str, Any] | None = None) -> None:
     """Collective: every rank calls it. RNG states go in a per-rank file inside the tag,
     written before DeepSpeed moves `latest`, so a tag that `latest` names is complete.
     `portable=False` skips the layout-free optimizer copy (train/portable_state.py). `keep` >= 1:
     afterwards, only the newest `keep` checkpoints stay (`prune`); 0 keeps them all.
     `tag_files`: name -> text, written into the tag by rank 0 before `latest` moves: the settings
     and tokenizer the weights go with (the run directory's copies follow the run from the start of a
-    session, so a resume killed before its first save would leave them ahead of `latest`)."""
+    session, so a resume killed before its first save would leave them ahead of `latest`).
+    `rank_state`: this rank's own state besides its RNGs (its part of the unlogged metrics window),
+    given back by `load` at the same layout as client_state["rank_state"]."""
     tag = tag_for(step)
     tag_dir = checkpoint_dir / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
     try:
-        torch.save(rng_states(), tag_dir / f"rng_rank{rank:05d}.pt")
+        torch.save({**rng_states(), "rank_state": rank_state}, tag_dir / f"rng_rank{rank:05d}.pt")
         engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
         portable_state.save(engine, tag_dir, with_tensors=portable)
     except Exception:
@@ -157,7 +160,9 @@ def load(engine, checkpoint_dir: Path, rank: int) -> dict[str, Any]:
         restore_optimizer_settings(engine, settings)
         rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
         if rng_file.exists():
-            restore_rng_states(torch.load(rng_file, weights_only=False))
+            saved = torch.load(rng_file, weights_only=False)
+            restore_rng_states(saved)
+            client_state = {**client_state, "rank_state": saved.get("rank_state")}
         return client_state
     if index["layout"]["tensor_parallel"] != 1 or not portable_state.supported(engine):
         raise ConfigError(f"{tag_dir} was saved at {portable_state.describe(index['layout'])}; resuming it at "

@@ -32,6 +32,7 @@ from train.evaluate import mean_token_loss
 from train.flops import flops_per_token, peak_tflops
 from train.host_memory import keep_freed_memory
 from train.load import newest_run
+from train.log_window import LogWindow
 from train.metrics import ExpertCounts, MetricsFile, Progress, figures_per_layer, finite_or_none, mean_over_ranks
 from train.model import GPT, expert_choice_layers, padded_vocab_size
 from train.nonfinite import NonFiniteLossStop, NonFiniteStreak, discard_routing_statistics, poison_if_nonfinite
@@ -320,6 +321,7 @@ class Trainer:
         self.validation_set = {"eval_batches": trainer.eval_batches, "micro_batch_size": trainer.micro_batch_size,
                                "seq_len": run.model.seq_len}
         self.initial_validation_set: dict | None = self.validation_set
+        self.tokens_before = 0  # how many more tokens the steps before a resume trained than at this batch
 
     def _keep_tokenizer(self) -> None:
         """A copy of the tokenizer in the run directory: eval, generate and export then read it from
@@ -332,6 +334,7 @@ class Trainer:
         with a checkpoint (train/preemption.py)."""
         run, world = self.run, self.world
         start_step, initial_val_loss = 0, None
+        window = LogWindow(world.device)  # the steps the next train record averages
         settings = OmegaConf.to_container(OmegaConf.structured(run))
         settings_yaml = OmegaConf.to_yaml(settings)
         # Into every checkpoint this session saves: what its weights go with (train/checkpoint.py save).
@@ -360,10 +363,16 @@ class Trainer:
                 write_text_atomically(self.run_dir / "config.yaml", settings_yaml)
                 self._keep_tokenizer()  # the data's, as config.yaml is the settings', of the run as it goes on
             start_step, initial_val_loss = state["step"], state.get("initial_val_loss")
+            # Tokens trained before the resume, at the global batch of then (a resume may change it).
+            self.tokens_before = state.get("tokens", start_step * self.tokens_per_step) - start_step * self.tokens_per_step
             # None in checkpoints written before it was saved: then not known to differ.
             self.initial_validation_set = state.get("initial_validation_set")
-            # (Absent from checkpoints written before the counts were saved: then they start here.)
-            self.expert_counts.restore(state.get("expert_counts"))
+            rank_state = state.get("rank_state")  # this rank's, at the same layout only
+            if rank_state is not None:  # the unlogged steps' figures continue as if the run had not stopped
+                self.expert_counts.restore(state["expert_counts_logged"], rank_state["expert_window"])
+                window.restore(rank_state["log_window"])
+            else:  # (absent from checkpoints written before the counts were saved: then they start here)
+                self.expert_counts.restore(state.get("expert_counts"))
             self.metrics.truncate_after(start_step)
         elif run.trainer.auto_resume:
             self.metrics.truncate_after(-1)  # killed before its first checkpoint: start the record over
@@ -374,28 +383,22 @@ class Trainer:
             self._log({"event": "eval", "step": 0, "tokens": 0, **evaluation})
 
         progress = Progress(run.trainer.max_steps, start_step, run.logging.progress_bar, world.is_main)
-        started = window_start = time.perf_counter()
-        loss_sum = torch.zeros((), device=world.device, dtype=torch.float64)
-        aux_sum = torch.zeros_like(loss_sum)
-        window_steps, train_loss, val_loss = 0, float("nan"), initial_val_loss
-        window_applied = 0  # steps of the window that were not skipped for a non-finite loss
+        started = time.perf_counter()
+        window.start_clock()  # (a restored window keeps its steps, sums and earlier training time)
+        train_loss, val_loss = float("nan"), initial_val_loss
         nonfinite = NonFiniteStreak(run.trainer.max_nonfinite_steps)
         final_evaluation: dict[str, float] = {}
         for step in range(start_step, run.trainer.max_steps):
             lm_loss, aux_loss = self.train_step(step)
-            if not self.last_step_skipped:  # a skipped step's loss is NaN or Inf: kept out of the means
-                loss_sum += lm_loss
-                aux_sum += aux_loss
-                window_applied += 1
-            window_steps += 1
+            window.add(lm_loss, aux_loss, skipped=self.last_step_skipped)
             done = step + 1
             self._stop_after_nonfinite_streak(nonfinite, done)
             figures: dict[str, str] = {}
             if done % run.logging.log_every == 0 or done == run.trainer.max_steps:
-                elapsed = time.perf_counter() - window_start
-                train_loss, aux = (mean_over_ranks(float(total) / window_applied, world.device) if window_applied
-                                   else float("nan") for total in (loss_sum, aux_sum))
-                record = self._train_record(done, train_loss, aux, window_steps * self.tokens_per_step / elapsed)
+                train_loss, aux = (mean_over_ranks(float(total) / window.applied, world.device) if window.applied
+                                   else float("nan") for total in (window.loss_sum, window.aux_sum))
+                record = self._train_record(done, train_loss, aux,
+                                            window.steps * self.tokens_per_step / window.training_seconds())
                 self._log(record)
                 figures = {"loss": f"{train_loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}",
                            "mfu": f"{100 * (record['mfu'] or 0):.1f}%"}
@@ -405,13 +408,12 @@ class Trainer:
                     progress.print(f"warning     MFU {100 * record['mfu']:.0f}% is above 100%: the peak, "
                                    f"{self.peak_tflops:.3g} TFLOP/s ({self.peak_source}), was measured low, likely on a "
                                    "busy machine; MFU is not meaningful in this run (trainer.peak_tflops=X sets the peak)")
-                loss_sum.zero_()
-                aux_sum.zero_()
-                window_steps = window_applied = 0
+                window.reset()
             if (run.trainer.eval_every and done % run.trainer.eval_every == 0) or done == run.trainer.max_steps:
-                evaluation = self.evaluate()
+                with window.excluding():
+                    evaluation = self.evaluate()
                 val_loss, final_evaluation = evaluation["val_loss"], evaluation
-                self._log({"event": "eval", "step": done, "tokens": done * self.tokens_per_step, **evaluation})
+                self._log({"event": "eval", "step": done, "tokens": self._tokens(done), **evaluation})
                 modes = "".join(f", {k[4:]} {v:.4f}" for k, v in evaluation.items() if k.startswith("val_loss_"))
                 progress.print(f"step {done}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.1f}{modes}")
             due = (run.trainer.checkpoint_every and done % run.trainer.checkpoint_every == 0) or done == run.trainer.max_steps
@@ -419,15 +421,10 @@ class Trainer:
             # (trainer.portable_checkpoint=final writes the layout-free copy into it).
             received = preemption.agreed() if preemption is not None and done < run.trainer.max_steps else None
             if due and not self.last_step_skipped:  # only after an applied update: `latest` is always a good state
-                checkpoint.save(self.engine, self.checkpoint_dir, done, self._client_state(done, initial_val_loss), world.rank,
-                                self._portable(ends_run=done == run.trainer.max_steps or bool(received)),
-                                run.trainer.keep_checkpoints, self.tag_files)
+                with window.excluding():  # tokens/s and MFU measure training only (summary.json's: the whole wall time)
+                    self._save(done, initial_val_loss, window, ends_run=done == run.trainer.max_steps or bool(received))
             if received:
-                self._stop_for_preemption(received, done, bool(due), initial_val_loss, progress)
-            if figures:
-                # The next window starts after this step's evaluation and checkpoint: tokens/s and
-                # MFU measure training only (summary.json's tokens/s is the whole wall time).
-                window_start = time.perf_counter()
+                self._stop_for_preemption(received, done, bool(due), initial_val_loss, window, progress)
             progress.update(1, **figures)
         progress.close()
         wall = time.perf_counter() - started
@@ -458,19 +455,29 @@ class Trainer:
         """Whether the initial val loss was measured on other windows or batches than the final one."""
         return self.initial_validation_set is not None and self.initial_validation_set != self.validation_set
 
-    def _client_state(self, done: int, initial_val_loss: float) -> dict[str, Any]:
-        """What a checkpoint carries besides the engine's state. Collective (the expert counts)."""
-        return {"step": done, "tokens": done * self.tokens_per_step, "initial_val_loss": initial_val_loss,
-                "initial_validation_set": self.initial_validation_set, "expert_counts": self.expert_counts.through_now()}
+    def _save(self, done: int, initial_val_loss: float, window: LogWindow, ends_run: bool) -> None:
+        """A checkpoint of step `done`: the engine's state, and besides it the run's figures so far
+        (`expert_counts`, with the unlogged steps folded in, for a resume at another layout) and each
+        rank's part of the unlogged window (for a resume at the same layout). Collective."""
+        client_state = {"step": done, "tokens": self._tokens(done), "initial_val_loss": initial_val_loss,
+                        "initial_validation_set": self.initial_validation_set,
+                        "expert_counts": self.expert_counts.through_now(),
+                        "expert_counts_logged": self.expert_counts.total_state()}
+        rank_state = {"log_window": window.state(), "expert_window": self.expert_counts.window_state()}
+        checkpoint.save(self.engine, self.checkpoint_dir, done, client_state, self.world.rank, self._portable(ends_run),
+                        self.run.trainer.keep_checkpoints, self.tag_files, rank_state)
 
-    def _stop_for_preemption(self, received: str, done: int, saved: bool, initial_val_loss: float, progress) -> None:
+    def _tokens(self, step: int) -> int:
+        """Tokens trained up to `step`, counting the steps before a resume at their own global batch."""
+        return self.tokens_before + step * self.tokens_per_step
+
+    def _stop_for_preemption(self, received: str, done: int, saved: bool, initial_val_loss: float, window: LogWindow,
+                             progress) -> None:
         """Checkpoint this step (unless the loop just did, or the step was skipped and `latest` is
         the last good state), record the stop in metrics.jsonl, and leave with Preempted."""
         if not saved and not self.last_step_skipped:
-            checkpoint.save(self.engine, self.checkpoint_dir, done, self._client_state(done, initial_val_loss),
-                            self.world.rank, self._portable(ends_run=True), self.run.trainer.keep_checkpoints,
-                            self.tag_files)
-        self._log({"event": "preempted", "step": done, "tokens": done * self.tokens_per_step, "signal": received,
+            self._save(done, initial_val_loss, window, ends_run=True)
+        self._log({"event": "preempted", "step": done, "tokens": self._tokens(done), "signal": received,
                    "checkpoint": checkpoint.latest_tag(self.checkpoint_dir)})
         self._finish_sinks_early(f"preempted by {received}", done)
         progress.close()
@@ -558,7 +565,7 @@ class Trainer:
         return {
             "event": "train",
             "step": step,
-            "tokens": step * self.tokens_per_step,
+            "tokens": self._tokens(step),
             "loss": finite_or_none(loss),
             "aux_loss": finite_or_none(aux),
             "skipped_nonfinite": self.engine.skipped_steps,
@@ -617,7 +624,7 @@ class Trainer:
         summary = {
             "run_dir": str(self.run_dir),
             "steps": run.trainer.max_steps,
-            "tokens": run.trainer.max_steps * self.tokens_per_step,
+            "tokens": self._tokens(run.trainer.max_steps),
             "final_train_loss": finite_or_none(train_loss),
             "skipped_nonfinite": self.engine.skipped_steps,
             "initial_val_loss": initial_val_loss,

@@ -42,7 +42,8 @@ class ExpertCounts:
             ])
             for a in moe_aux
         ])
-        self.window = rows if self.window is None else self.window + rows
+        # (.to: a window restored from a checkpoint starts on the CPU)
+        self.window = rows if self.window is None else self.window.to(rows.device) + rows
 
     def reduce_window(self) -> dict[str, Any]:
         """All ranks call this at the same step: it sums the window over ranks, then resets it."""
@@ -69,10 +70,20 @@ class ExpertCounts:
         rows = rows.cpu()
         return (rows if self.total is None else self.total + rows).tolist()
 
-    def restore(self, rows: list[list[float]] | None) -> None:
-        """Continue a resumed run's whole-run counts from what `through_now` saved."""
-        self.window = None
+    def restore(self, rows: list[list[float]] | None, window: list[list[float]] | None = None) -> None:
+        """Continue a resumed run's whole-run counts: from what `through_now` saved, or, at the same
+        layout, from the logged total (`total_state`) and this rank's unlogged window (`window_state`),
+        which the next record then reduces exactly as if the run had not stopped."""
         self.total = None if rows is None else torch.tensor(rows, dtype=torch.float64)
+        self.window = None if window is None else torch.tensor(window, dtype=torch.float64)
+
+    def total_state(self) -> list[list[float]] | None:
+        """The counts of the records written so far, summed over ranks (the same on every rank)."""
+        return None if self.total is None else self.total.tolist()
+
+    def window_state(self) -> list[list[float]] | None:
+        """This rank's counts of the steps not yet logged, for a checkpoint (train/log_window.py)."""
+        return None if self.window is None else self.window.tolist()
 
 
 def figures_per_layer(rows: torch.Tensor) -> dict[str, Any]:

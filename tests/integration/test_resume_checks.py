@@ -54,6 +54,15 @@ def test_resume_keeps_whole_run_figures_leaves_a_finished_run_and_refuses_what_c
     assert resumed["steps_this_session"] == 3 and resumed["initial_val_loss_on_other_windows"] is False
     # Steps 1-3 were counted in the first session only, and never logged there.
     assert resumed["experts"] == reference["experts"]
+    # The step-4 record averages steps 1-4 as in the run never stopped: the checkpoint carried each
+    # rank's unlogged losses and counts (it averaged step 4 alone before).
+    def records(directory):
+        kept = ("event", "step", "tokens", "loss", "aux_loss", "lr", "grad_norm", "experts", "val_loss")
+        lines = (directory / "metrics.jsonl").read_text().splitlines()
+        return [{k: r[k] for k in kept if k in r} for r in map(json.loads, lines)]
+
+    assert records(run_dir) == records(tmp_path / "reference")
+    assert resumed["final_train_loss"] == reference["final_train_loss"]
     routed = sum(resumed["experts"]["moe_layer_0"]["routed"])
     assert routed == 6 * 4 * 32 * 2  # steps x rows x tokens x top-2
 
@@ -89,6 +98,13 @@ def test_resume_keeps_whole_run_figures_leaves_a_finished_run_and_refuses_what_c
     other = train(compose_run(_overrides(run_dir, 9, "trainer.resume=true", "deepspeed.lr=0.001", "trainer.eval_batches=2")))
     assert other["initial_val_loss_on_other_windows"] is True
     assert "measured on other validation windows" in capsys.readouterr().out
+
+    # A resume with a larger global batch counts the earlier steps' tokens at their own batch.
+    bigger = train(compose_run(_overrides(run_dir, 10, "trainer.resume=true", "deepspeed.lr=0.001", "trainer.eval_batches=2",
+                                          "trainer.grad_accum=2")))
+    assert bigger["tokens"] == 9 * 4 * 32 + 1 * 8 * 32
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 10 and last["tokens"] == bigger["tokens"]
 
 
 @pytest.mark.slow
