@@ -15,6 +15,9 @@ shift
 # LOG_DIR is relative to where the caller ran this, not to the checkout.
 log_dir="${LOG_DIR:+$(realpath -m "$LOG_DIR")}"
 here="$(cd "$(dirname "$0")/.." && pwd)"
+# The ranks run in the checkout, as the Slurm job does: relative paths in the overrides are taken from
+# there; the check names the file meant when one is relative to the caller's directory instead.
+export MOE_GPT_CALLER_DIR="$PWD"
 cd "$here"
 source launch/preflight.sh
 # DeepSpeed's launcher logs every command and rank it starts at INFO; warnings and failures are kept.

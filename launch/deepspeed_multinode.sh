@@ -44,6 +44,9 @@ hostfile="$(realpath "$hostfile")"
 log_dir="${LOG_DIR:-}"
 [ -n "$log_dir" ] && [ "$log_dir" != none ] && log_dir="$(realpath -m "$log_dir")"
 here="$(cd "$(dirname "$0")/.." && pwd)"
+# The ranks run in the checkout, as the Slurm job does: relative paths in the overrides are taken from
+# there; the check names the file meant when one is relative to the caller's directory instead.
+export MOE_GPT_CALLER_DIR="$PWD"
 cd "$here"
 source launch/preflight.sh
 

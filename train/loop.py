@@ -81,7 +81,7 @@ def checked_for_start(run: RunConfig, world_size: int, source: str) -> RunConfig
     run.check_world_size(world_size, source)
     for path in run.data.files:
         if not Path(path).is_file():
-            raise ConfigError(f"data.files: {path!r} does not exist or is not a file")
+            raise ConfigError(f"data.files: {path!r} does not exist or is not a file{_caller_directory_hint(path)}")
     if run.trainer.auto_resume:
         # Read before any rank joins the process group, so before any rank can write a checkpoint:
         # every rank sees the same answer.
@@ -112,6 +112,17 @@ def checked_for_start(run: RunConfig, world_size: int, source: str) -> RunConfig
         raise ConfigError(f"trainer.run_dir={run.trainer.run_dir!r}: {problem}" if run.trainer.run_dir
                           else f"{problem} (runs go under runs/<name>/ by default: set trainer.run_dir=DIR)")
     return run
+
+
+def _caller_directory_hint(path: str) -> str:
+    """The launch scripts run the ranks in the checkout (as the Slurm job does), so a relative path
+    is taken from there; when it names a file in the directory the script was called from, say so."""
+    caller = os.environ.get("MOE_GPT_CALLER_DIR")
+    if not caller or Path(path).is_absolute() or Path(caller).resolve() == Path.cwd().resolve():
+        return ""
+    meant = Path(caller) / path
+    return f" (relative paths are taken from the checkout {Path.cwd()}, where the ranks run: pass {meant})" \
+        if meant.exists() else ""
 
 
 def build_trainer(run: RunConfig, world: World, run_dir: Callable[[], Path]) -> Trainer:

@@ -96,6 +96,13 @@ def test_bad_overrides_are_one_line_before_any_rank_starts(tmp_path):
                                  "error: trainer.resume=true but trainer.run_dir=")):
         found = _run(LOCAL, "2", *overrides, PYTHON=sys.executable)
         assert found.returncode == 2 and found.stderr.count("\n") == 1 and found.stderr.startswith(expected), found.stderr
+    # The ranks run in the checkout: a file relative to the caller's directory is named in full.
+    (tmp_path / "mine.txt").write_text("some text\n")
+    relative = run(["bash", str(LOCAL), "2", "data=files", "data.files=[mine.txt]"], cwd=tmp_path,
+                   env=subprocess_env(PYTHON=sys.executable), check=False)
+    assert relative.returncode == 2 and relative.stderr.strip() == (
+        f"error: data.files: 'mine.txt' does not exist or is not a file (relative paths are taken from the checkout "
+        f"{ROOT}, where the ranks run: pass {tmp_path / 'mine.txt'})"), relative.stderr
     # Multi-node: the world size is the slots of the hosts used (here 2 of 3 hosts, 1 slot each).
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# three nodes\nnode-a slots=2\n\nnode-b slots=2\nnode-c slots=2\n")
