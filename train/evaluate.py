@@ -143,6 +143,14 @@ def _main(argv: Sequence[str] | None) -> int:
     loaded = load_model(args.checkpoint, args.device)
     run, model = loaded.run, loaded.model
     seq_len = run.model.seq_len
+    # Checked before any data is read or prepared.
+    modes = available_modes(model, args.capacity_factor or [1.0])
+    if wanted is not None:
+        unknown = [name for name in wanted if name not in {m.name for m in modes}]
+        if unknown:
+            raise ConfigError(f"--modes: {', '.join(unknown)} does not apply to this model; "
+                              f"choose from {', '.join(m.name for m in modes)}")
+        modes = [m for m in modes if m.name in wanted]
     if args.text is not None:
         if not args.text.is_file():
             raise ConfigError(f"--text {args.text}: no such file")
@@ -154,13 +162,6 @@ def _main(argv: Sequence[str] | None) -> int:
         windows = validation_windows(loaded.validation_data_dir(), seq_len, count)
         data_description = "validation split"
     batch_sizes = batch_sizes or sorted({1, run.trainer.micro_batch_size, 64})
-    modes = available_modes(model, args.capacity_factor or [1.0])
-    if wanted is not None:
-        unknown = [name for name in wanted if name not in {m.name for m in modes}]
-        if unknown:
-            raise ConfigError(f"--modes: {', '.join(unknown)} does not apply to this model; "
-                              f"choose from {', '.join(m.name for m in modes)}")
-        modes = [m for m in modes if m.name in wanted]
 
     predicted = sum(len(w) - 1 for w in windows)
     print(f"checkpoint  {loaded.source} (step {loaded.step})")

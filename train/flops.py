@@ -13,10 +13,10 @@ import time
 import torch
 
 # Dense bf16 peak TFLOP/s (no sparsity), by substring of torch.cuda.get_device_name().
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
-                   "A10G": 125.0, "4090": 165.0}
-"""Dense bf16 TFLOP/s by a part of the device name, first match wins (so the PCIe and NVL H100s come
-before the SXM one, whose name is plain "NVIDIA H100 80GB HBM3")."""
+GPU_PEAK_TFLOPS = {"H200 NVL": 835.0, "H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0,
+                   "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
+"""Dense bf16 TFLOP/s by a part of the device name, first match wins (so the PCIe and NVL parts come
+before the SXM ones, whose names are plain "NVIDIA H100 80GB HBM3", "NVIDIA H200")."""
 
 
 def flops_per_token(active_matmul_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:

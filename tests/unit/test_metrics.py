@@ -25,7 +25,7 @@ def test_gpu_peak_is_the_datasheet_figure_of_the_exact_part(monkeypatch):
 
     cuda = torch.device("cuda", 0)
     for name, peak in [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
-                       ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0)]:
+                       ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA A100-SXM4-80GB", 312.0)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert peak_tflops(cuda, None) == (peak, f"{name} bf16 datasheet")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Some Future GPU")
