@@ -159,6 +159,9 @@ class TrainerConfig:
         if self.portable_checkpoint not in PORTABLE_CHECKPOINTS:
             raise ValueError(f"trainer.portable_checkpoint must be always, final or never (or true/false), "
                              f"got {self.portable_checkpoint!r}")
+        if not 0 <= self.seed < 2**32:
+            # The data order seeds numpy with (seed, step) as 32-bit words: a larger seed would repeat another's batches.
+            raise ValueError(f"trainer.seed must be in [0, 2**32), got {self.seed}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"trainer.device must be auto, cuda or cpu, got {self.device!r}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:

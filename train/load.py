@@ -51,10 +51,17 @@ class LoadedModel:
     """Which weights these are: "fp32 master weights" of a bf16 run where its checkpoint holds them."""
 
     def validation_data_dir(self) -> Path:
-        """The run's own prepared dataset (found in the cache, or prepared again from data config)."""
+        """The run's own prepared dataset (found in the cache, or prepared again from data config);
+        ConfigError when the data prepared now is not what the model was trained on (its files
+        changed since: another tokenizer was trained, so the same ids would be other text)."""
         if self.data_dir is None or not (self.data_dir / "meta.json").is_file():
             self.data_dir = prepare_run_data(self.run)
         assert self.data_dir is not None
+        own = self.tokenizer_file
+        if own is not None and own.is_file() and own.read_bytes() != (self.data_dir / "tokenizer.json").read_bytes():
+            raise ConfigError(f"the run's data, prepared now ({self.data_dir}), has another tokenizer than the model's "
+                              f"({own}): data.files changed since training, so its validation split is not the run's; "
+                              "evaluate with --text FILE")
         return self.data_dir
 
     def tokenizer_path(self) -> Path:

@@ -364,6 +364,7 @@ class Trainer:
             # directory's is replaced only once the checkpoint has loaded, so a resume that fails
             # leaves the run as eval, generate and export read it; they read a tag's own first.
             changes = changed_settings(saved_settings(self.run_dir), settings)
+            self._check_same_tokenizer()
             state = self._load_checkpoint(changes)
             if world.is_main:
                 if changes:
@@ -440,6 +441,17 @@ class Trainer:
         progress.close()
         wall = time.perf_counter() - started
         return self._finish(start_step, train_loss, val_loss, initial_val_loss, wall, final_evaluation)
+
+    def _check_same_tokenizer(self) -> None:
+        """A resume trains on the tokenizer its checkpoint was trained with, or not at all: data files
+        changed since give a newly trained tokenizer (often of the same size, so the weights would
+        load), under which every id means other text."""
+        tag = checkpoint.latest_tag(self.checkpoint_dir)
+        saved = checkpoint.tag_or_run_file(self.checkpoint_dir / tag, "tokenizer.json") if tag else None
+        if saved is not None and saved.is_file() and saved.read_text(encoding="utf-8") != self.tag_files["tokenizer.json"]:
+            raise ConfigError(f"trainer.resume: the data's tokenizer ({self.train_data.data_dir / 'tokenizer.json'}) is not "
+                              f"the one the checkpoint was trained with ({saved}): data.files or data.vocab_size changed "
+                              "since, and every token id would mean other text; resume with the run's data")
 
     def _load_checkpoint(self, changes: list[tuple[str, Any, Any]]) -> dict[str, Any]:
         """checkpoint.load, with a checkpoint that does not fit this model (a changed width, expert

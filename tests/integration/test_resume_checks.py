@@ -199,3 +199,28 @@ def test_a_tensor_parallel_checkpoint_at_another_layout_is_refused_in_one_line(t
                                           r"1 rank, ep_size -, tensor parallel 1, ZeRO-1, fp32 is not supported with "
                                           r"tensor parallelism$"):
         checkpoint.load(engine(1), tmp_path / "checkpoints", 0)
+
+
+@pytest.mark.slow
+def test_data_that_changed_since_training_is_refused_by_resume_and_eval(compose_run, tmp_path):
+    # Changed files give a newly trained tokenizer of the same size: the weights would load, and
+    # every id would mean other text. Resume went on training; eval scored the model on that text.
+    from train.load import load_model
+
+    corpus = tmp_path / "corpus.jsonl"
+    words = ["river", "stone", "light", "paper", "window", "garden", "signal", "harbour", "winter", "copper"]
+    corpus.write_text("".join(json.dumps({"text": " ".join(words[(i * j) % 10] for j in range(60))}) + "\n"
+                              for i in range(200)))
+    run_dir = tmp_path / "run"
+    overrides = [*_overrides(run_dir, 3), "data=files", f"data.files=[{corpus}]", "data.vocab_size=300",
+                 f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.1"]
+    train(compose_run(overrides))
+    assert load_model(run_dir).validation_data_dir()  # unchanged data: found
+
+    with corpus.open("a") as more:  # new words, frequent enough to change the tokenizer's merges
+        more.write("".join(json.dumps({"text": "quartz zephyr vortex " * 30}) + "\n" for _ in range(100)))
+    with pytest.raises(ConfigError, match=r"^trainer.resume: the data's tokenizer \(.*\) is not the one the checkpoint "
+                                          r"was trained with \(.*step_00000003/tokenizer.json\): data.files or"):
+        train(compose_run([*overrides[:1], "trainer.max_steps=6", *overrides[2:], "trainer.resume=true"]))
+    with pytest.raises(ConfigError, match=r"has another tokenizer than the model's .*: data.files changed since training"):
+        load_model(run_dir).validation_data_dir()

@@ -75,6 +75,7 @@ def test_unknown_key_fails_at_compose(compose_run):
         (["deepspeed.precision=fp16"], "deepspeed.precision"),
         (["deepspeed.warmup_steps=0"], "deepspeed.warmup_steps"),
         (["trainer.micro_batch_size=0"], "trainer.micro_batch_size"),
+        (["trainer.seed=4294967296"], "trainer.seed must be in [0, 2**32)"),
         (["data.val_fraction=0.9"], "data.val_fraction"),
         (["trainer.portable_checkpoint=sometimes"], "trainer.portable_checkpoint"),
     ],

@@ -17,6 +17,7 @@ from train.data import (
     load_tokenizer,
     preparation,
     prepare_dataset,
+    read_meta,
     read_text_documents,
     train_bpe_tokenizer,
 )
@@ -114,11 +115,16 @@ def test_read_text_documents_reads_txt_whole_and_jsonl_by_line(tmp_path):
         ("bad.jsonl", '{"text": "fine"}\n{"text": oops}\n', "text", "bad.jsonl:2"),
         ("fields.jsonl", '{"text": "fine"}\n{"body": "wrong field"}\n', "text", "'text'"),
         ("fields.jsonl", '{"text": 5}\n', "text", "fields.jsonl:1"),
+        # By line, not by the offset within a decoder's chunk; and a JSON-escaped lone surrogate.
+        ("bytes.jsonl", '{"text": "fine"}\n' * 3000 + '{"text": "\udcff"}\n', "text",
+         r"bytes.jsonl:3001: not valid UTF-8 text \(invalid start byte at byte 10 of the line\)"),
+        ("surrogate.jsonl", '{"text": "fine"}\n{"text": "a\\ud800b"}\n', "text",
+         r"surrogate.jsonl:2: text field 'text' is not valid Unicode"),
     ],
 )
 def test_bad_user_files_raise_value_error_naming_the_file(tmp_path, filename, content, text_field, expected_in_message):
     path = tmp_path / filename
-    path.write_text(content, encoding="utf-8")
+    path.write_text(content, encoding="utf-8", errors="surrogateescape")  # (\udcff: the lone byte 0xff)
     with pytest.raises(ValueError, match=expected_in_message):
         list(read_text_documents([path], text_field=text_field))
     with pytest.raises(ValueError, match=expected_in_message):
@@ -250,6 +256,40 @@ def test_directory_without_meta_is_rebuilt_not_trusted(tmp_path, documents):
     assert TokenDataset(built, "train").num_tokens > 0
 
 
+def test_a_cache_entry_missing_a_file_is_prepared_again(tmp_path, documents):
+    files = write_corpus(tmp_path / "corpus", documents[:10])
+    built = prepare_dataset(files, tmp_path / "cache", vocab_size=SMALL_VOCAB)
+    (built / "val-000000.tar").unlink()  # a cleaned-up cache, a partial copy
+    assert prepare_dataset(files, tmp_path / "cache", vocab_size=SMALL_VOCAB) == built
+    assert TokenDataset(built, "val").num_tokens > 0
+
+
+def test_a_file_given_twice_is_refused(tmp_path, documents):
+    files = write_corpus(tmp_path / "corpus", documents[:10])
+    again = tmp_path / "corpus" / ".." / "corpus" / files[0].name  # the same file, spelled otherwise
+    with pytest.raises(ValueError, match=rf"{again}: given twice \(also as {files[0]}\); list each file once"):
+        prepare_dataset([*files, again], tmp_path / "cache", vocab_size=SMALL_VOCAB)
+
+
+def test_text_that_spells_the_end_of_text_token_is_text(tmp_path, documents):
+    # Otherwise the document is cut in two there, and the tokenizer's separator appears in its middle.
+    texts = [*documents[:9], "a note about the marker <|endoftext|> as written in a file"]
+    built = prepare_dataset(write_corpus(tmp_path / "corpus", texts), tmp_path / "cache", vocab_size=SMALL_VOCAB)
+    meta = read_meta(built)
+    eot = meta["eot_id"]
+    tokens = np.concatenate([stream_from_tars(built, split) for split in ("train", "val")])
+    assert int((tokens == eot).sum()) == len(texts)
+    # The saved tokenizer still reads a prompt's own <|endoftext|> as the token.
+    assert eot in load_tokenizer(built / "tokenizer.json").encode("x <|endoftext|> y").ids
+
+
+def test_an_unusable_cache_directory_is_one_value_error(tmp_path, documents):
+    files = write_corpus(tmp_path / "corpus", documents[:10])
+    (tmp_path / "taken").write_text("a file where the cache should go")
+    with pytest.raises(ValueError, match=rf"^data.cache_dir {tmp_path / 'taken'}: cannot write the prepared dataset"):
+        prepare_dataset(files, tmp_path / "taken", vocab_size=SMALL_VOCAB)
+
+
 def test_command_line(tmp_path, documents, capsys):
     files = write_corpus(tmp_path / "corpus", documents[:10])
     status = prepare_main([*map(str, files), "--out", str(tmp_path / "cache"), "--vocab-size", str(SMALL_VOCAB)])
@@ -359,3 +399,18 @@ def test_embedded_corpus_prepares_enough_tokens(tmp_path):
     text = load_tokenizer(train.tokenizer_path).decode(train.read(1000, 200).tolist())
     assert sum(character.isalpha() for character in text) > 0.5 * len(text), "expected English prose"
     print(f"embedded corpus: {train.num_tokens} train / {val.num_tokens} val tokens in {elapsed:.1f}s")
+
+
+def test_a_file_written_to_while_it_is_prepared_is_refused(tmp_path, documents, monkeypatch):
+    files = write_corpus(tmp_path / "corpus", documents[:10])
+    real_build = preparation._build
+
+    def build_while_appended(*args):
+        real_build(*args)
+        with files[-1].open("a", encoding="utf-8") as jsonl:  # a writer still adding to the corpus
+            jsonl.write(json.dumps({"text": "one more"}) + "\n")
+
+    monkeypatch.setattr(preparation, "_build", build_while_appended)
+    with pytest.raises(ValueError, match=r"changed while being prepared; prepare again once the files are written"):
+        prepare_dataset(files, tmp_path / "cache", vocab_size=SMALL_VOCAB)
+    assert not list((tmp_path / "cache").rglob("meta.json"))

@@ -129,6 +129,11 @@ def check_document_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     checked = [_checked_document_file(path) for path in paths]
     if not checked:
         raise ValueError("paths is empty; expected at least one .txt or .jsonl file")
+    seen: dict[Path, Path] = {}
+    for file in checked:
+        first = seen.setdefault(file.resolve(), file)
+        if first is not file:  # read twice, its documents would land in both splits
+            raise ValueError(f"{file}: given twice (also as {first}); list each file once")
     return checked
 
 
@@ -159,14 +164,18 @@ def _read_utf8(file: Path) -> str:
 
 
 def _jsonl_documents(file: Path, text_field: str) -> Iterator[str]:
-    # Streamed line by line: a JSONL corpus can be much larger than memory.
+    # Streamed line by line: a JSONL corpus can be much larger than memory. Decoded line by line
+    # too, so a bad byte is reported by line (a decoder over the whole stream counts in its chunks).
     try:
-        with file.open(encoding="utf-8") as lines:
-            for line_number, line in enumerate(lines, start=1):
+        with file.open("rb") as lines:
+            for line_number, raw in enumerate(lines, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise ValueError(f"{file}:{line_number}: not valid UTF-8 text ({error.reason} at byte "
+                                     f"{error.start} of the line)") from None
                 if line.strip():
                     yield _jsonl_text(line, text_field, file, line_number)
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{file}: not valid UTF-8 text ({error.reason} at byte {error.start})") from None
     except OSError as error:
         raise ValueError(f"{file}: cannot be read ({error.strerror})") from None
 
@@ -183,4 +192,9 @@ def _jsonl_text(line: str, text_field: str, file: Path, line_number: int) -> str
         raise ValueError(
             f"{file}:{line_number}: text field {text_field!r} must be a string, got {type(text).__name__}"
         )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:  # JSON can escape a lone surrogate (\ud800), which is no character
+        raise ValueError(f"{file}:{line_number}: text field {text_field!r} is not valid Unicode ({error.reason} "
+                         f"at character {error.start})") from None
     return text

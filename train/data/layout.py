@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 # Bump whenever the bytes on disk change meaning, so old caches are rebuilt rather than misread.
-FORMAT_VERSION = 1
+# 2: text spelling out <|endoftext|> is encoded as text, not as the separator.
+FORMAT_VERSION = 2
 
 SPLITS = ("train", "val")
 META_FILENAME = "meta.json"

@@ -208,8 +208,8 @@ def _memory_mapped_samples(path: Path, dtype: np.dtype, expected_tokens: int) ->
         raise ValueError(f"{path}: shard is missing") from None
     except (OSError, tarfile.TarError) as error:
         raise ValueError(f"{path}: not a readable uncompressed tar shard ({error})") from None
-    # Keys are zero-padded sample numbers, so name order is stream order.
-    members.sort(key=lambda member: member.name)
+    # In the archive's order, which is stream order: the writer appends samples as they come (their
+    # zero-padded keys sort in that order only up to 10^8 samples).
     if sum(member.size for member in members) != expected_tokens * dtype.itemsize:
         raise ValueError(
             f"{path}: holds {sum(member.size for member in members)} bytes of tokens, "

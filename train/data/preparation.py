@@ -73,13 +73,21 @@ def prepare_dataset(
     if only_cached:
         return None
 
-    cache_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=cache_root))
     try:
-        _build(staging, source_spec, parameters, fingerprint)
-        _publish(staging, target, fingerprint)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        cache_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=cache_root))
+        try:
+            _build(staging, source_spec, parameters, fingerprint)
+            if source_spec["kind"] != EMBEDDED_SOURCE and _source_spec(source) != source_spec:
+                raise ValueError(f"{', '.join(f['path'] for f in source_spec['files'])}: changed while being "
+                                 "prepared; prepare again once the files are written")
+            _publish(staging, target, fingerprint)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as error:  # an unusable cache directory, a full disk: the user's to fix, in one line
+        where = error.filename or cache_root
+        raise ValueError(f"data.cache_dir {cache_root}: cannot write the prepared dataset ({where}: "
+                         f"{error.strerror or error})") from None
     return target
 
 
@@ -148,7 +156,18 @@ def _is_complete(directory: Path, fingerprint: str) -> bool:
         isinstance(meta, dict)
         and meta.get("fingerprint") == fingerprint
         and meta.get("format_version") == FORMAT_VERSION
+        and _files_present(directory, meta)
     )
+
+
+def _files_present(directory: Path, meta: dict) -> bool:
+    """Every file meta.json lists is there: a cache entry with a shard or its tokenizer deleted is
+    prepared again rather than trusted (and failing at every start)."""
+    try:
+        names = [TOKENIZER_FILENAME, *(shard["file"] for split in SPLITS for shard in meta["splits"][split]["shards"])]
+    except (KeyError, TypeError):
+        return False
+    return all((directory / name).is_file() for name in names)
 
 
 def _reiterable_documents(source_spec: dict, text_field: str) -> Callable[[], Iterable[str]]:
@@ -186,8 +205,13 @@ def _build(directory: Path, source_spec: dict, parameters: dict, fingerprint: st
         for split in SPLITS
     }
     document_counts = dict.fromkeys(SPLITS, 0)
+    # Text that spells out the end-of-text token is text: only the separator written below is one.
+    tokenizer.encode_special_tokens = True
     try:
         for first_index, batch in _batches(documents(), ENCODE_BATCH_DOCUMENTS):
+            if first_index + len(batch) > num_documents:
+                raise ValueError("the data files changed while being prepared (more documents than counted); "
+                                 "prepare again once they are written")
             split_tokens: dict[str, list[int]] = {split: [] for split in SPLITS}
             for offset, encoding in enumerate(tokenizer.encode_batch(batch)):
                 split = "val" if is_validation[first_index + offset] else "train"
@@ -205,6 +229,7 @@ def _build(directory: Path, source_spec: dict, parameters: dict, fingerprint: st
         + f", {time.monotonic() - started:.1f}s"
     )
 
+    tokenizer.encode_special_tokens = False  # a prompt's own <|endoftext|> stays the token
     tokenizer.save(str(directory / TOKENIZER_FILENAME))
     meta = {
         "format_version": FORMAT_VERSION,
