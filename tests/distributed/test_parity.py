@@ -48,7 +48,13 @@ NORM_TOLERANCE = 1e-5
 WEIGHT_TOLERANCE = 1e-5
 
 
-def _compare(name: str, reference, other) -> None:
+COMPILED_WEIGHT_TOLERANCE = 3e-5
+"""Compiled against eager: inductor's fused kernels round differently from eager's, and AdamW divides
+each update by the gradient's own running scale, so for weights whose gradients are near zero a
+rounding difference moves the update by a part of lr (3e-3) from the first step on."""
+
+
+def _compare(name: str, reference, other, weight_tolerance: float = WEIGHT_TOLERANCE) -> None:
     loss_diff, norm_diff = max_differences(train_records(reference), train_records(other))
     tag = f"step_{STEPS:08d}"
     weights_a, weights_b = saved_weights(reference, tag), saved_weights(other, tag)
@@ -58,7 +64,7 @@ def _compare(name: str, reference, other) -> None:
           f"max |weight diff| after {STEPS} steps {weight_diff:.3g}")
     assert loss_diff <= LOSS_TOLERANCE, f"{name}: loss differs by {loss_diff}"
     assert norm_diff <= NORM_TOLERANCE, f"{name}: gradient norm differs by {norm_diff}"
-    assert weight_diff <= WEIGHT_TOLERANCE, f"{name}: weights differ by {weight_diff}"
+    assert weight_diff <= weight_tolerance, f"{name}: weights differ by {weight_diff}"
 
 
 def _clipping_acted(run_dir) -> bool:
@@ -125,7 +131,7 @@ def test_compiled_model_under_expert_parallelism_follows_the_eager_run():
     """trainer.compile=true at ep2, MoE layers included: dynamo breaks the graph at the all-to-all-v
     and its host-sized splits, and the compiled parts between give the eager run's training."""
     compiled = RUNS.get("token_choice_ep2_compiled", 2, [*TOKEN_CHOICE, *layout(2, 2), "trainer.compile=true"])
-    _compare("compiled vs eager (ep2, 2 ranks)", token_choice_ep2(), compiled)
+    _compare("compiled vs eager (ep2, 2 ranks)", token_choice_ep2(), compiled, COMPILED_WEIGHT_TOLERANCE)
 
 
 def test_layouts_really_differ():
