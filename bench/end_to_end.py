@@ -19,6 +19,7 @@ a measured fp32 matmul on a CPU.
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
 import statistics
@@ -29,10 +30,11 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
+import deepspeed
 import torch
 from hydra import compose, initialize_config_dir
 
-from bench.output import json_destination
+from bench.output import device_name, json_destination
 from train.cli import CONF_DIR, override_problem
 from train.commands import non_negative_int, positive_int
 from train.config import to_run_config
@@ -74,7 +76,6 @@ def measure(overrides: list[str], implementation: str, steps: int, warmup: int, 
         "tokens_per_s": tokens_per_s,
         "mfu": trainer.flops_per_token * tokens_per_s / (trainer.peak_tflops * 1e12 * world.world_size),
         "peak_tflops": trainer.peak_tflops,
-        "peak_source": trainer.peak_source,
         "active_params": trainer.params["active"],
         "total_params": trainer.params["total"],
         "flops_per_token": trainer.flops_per_token,
@@ -136,34 +137,69 @@ def main() -> None:
     except ValueError as error:
         _refuse(str(error))
     overrides = [*overrides, "logging.progress_bar=false"]
-    if not any(o.startswith("trainer.peak_tflops=") for o in overrides):
-        # One peak for both runs: on a CPU it is measured, and two measurements would differ.
-        peak, _ = peak_tflops(resolve_device("auto"), None)
+    device = resolve_device("auto")
+    configured = _configured_peak(overrides)
+    # One peak for every variant: on a CPU it is measured, and two measurements would differ. Its
+    # source is kept here: each run only sees the override and would call it "trainer.peak_tflops".
+    peak, peak_source = peak_tflops(device, configured)
+    if configured is None:
         overrides.append(f"trainer.peak_tflops={peak:.6g}")
-    variants = [(name.removesuffix("+compile"), name.endswith("+compile")) for name in names]
-    results = [_measure_or_error(overrides, impl, args.steps, args.warmup, compiled) for impl, compiled in variants]
-    # The baseline of the last column: stock DeepSpeed layers, eager, when that variant ran.
-    stock = next((r for r in results if r["implementation"] == "deepspeed"), {"error": "not run"})
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "command": " ".join(["python -m bench.end_to_end", *sys.argv[1:]]),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "peak_tflops": peak,
+        "peak_source": peak_source,
+        "mfu": "flops_per_token x tokens/s / (peak_tflops x world size); flops_per_token = 6 x active matmul "
+               "parameters + 12 x layers x width x sequence",
+    }
     print(f"config: {' '.join(overrides)}", file=sys.stderr)
+    results = []
+    for name in names:
+        implementation, compiled = name.removesuffix("+compile"), name.endswith("+compile")
+        results.append(_measure_or_error(overrides, implementation, args.steps, args.warmup, compiled))
+        # Each variant's figures are out (and on disk) as soon as it finishes: a later variant that
+        # runs past the device's time limit must not take the earlier ones with it.
+        print(f"done: {format_row(results[-1], results)}", file=sys.stderr, flush=True)
+        write_text_atomically(json_path, json.dumps({"meta": meta, "overrides": overrides, "results": results,
+                                                     "finished": len(results) == len(names)}, indent=2) + "\n")
     print("| implementation | step ms (median) | tokens/s | MFU | vs stock DeepSpeed |")
     print("|---|---|---|---|---|")
     for r in results:
-        if "error" in r:
-            print(f"| {r['implementation']} | failed: {r['error']} | | | |")
-            continue
-        ratio = f"{r['tokens_per_s'] / stock['tokens_per_s']:.2f}x" if "error" not in stock else "n/a"
-        print(f"| {r['implementation']} | {1000 * r['step_s_median']:.1f} | {r['tokens_per_s']:.0f} | "
-              f"{100 * r['mfu']:.1f}% | {ratio} |")
+        print(format_row(r, results))
     measured = [r for r in results if "error" not in r]
     if measured:
         first = measured[0]
-        print(f"MFU against {first['peak_tflops']:.3g} TFLOP/s ({first['peak_source']}), "
+        print(f"MFU against {peak:.3g} TFLOP/s ({peak_source}) on {meta['device']}, "
               f"{first['flops_per_token'] / 1e9:.3f} GFLOP per token, {first['active_params'] / 1e6:.1f}M active parameters "
               f"of {first['total_params'] / 1e6:.1f}M, {first['tokens_per_step']} tokens per optimizer step")
-    write_text_atomically(json_path, json.dumps({"overrides": overrides, "results": results}, indent=2) + "\n")
     print(f"json: {json_path}", file=sys.stderr)
     if len(measured) < len(results):
         sys.exit(1)
+
+
+def _configured_peak(overrides: list[str]) -> float | None:
+    """trainer.peak_tflops as the command line sets it; None where it is not set or is null."""
+    value = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("trainer.peak_tflops=")), None)
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None  # "null": found per device, as in training
+
+
+def format_row(result: dict, results: list[dict]) -> str:
+    """One markdown table row; the last column against stock DeepSpeed layers, eager, where that
+    variant has run."""
+    if "error" in result:
+        return f"| {result['implementation']} | failed: {result['error']} | | | |"
+    stock = next((r for r in results if r["implementation"] == "deepspeed" and "error" not in r), None)
+    ratio = f"{result['tokens_per_s'] / stock['tokens_per_s']:.2f}x" if stock else "n/a"
+    return (f"| {result['implementation']} | {1000 * result['step_s_median']:.1f} | {result['tokens_per_s']:.0f} | "
+            f"{100 * result['mfu']:.1f}% | {ratio} |")
 
 
 def _measure_or_error(overrides: list[str], implementation: str, steps: int, warmup: int, compiled: bool) -> dict:

@@ -54,6 +54,9 @@ run_steps() {
   step layer_gpu_compiled "$PY" -m bench.moe_layer --device cuda --shapes gpu \
     --variants dense,dense+compile,ours-dropless+compile,ours-expert-choice+compile --json "$RESULTS_DIR/layer_gpu_compiled.json"
   step e2e_gpt2_small "$PY" -m bench.end_to_end --steps 10 --warmup 3 experiment=h100_gpt2_small --json "$RESULTS_DIR/e2e_gpt2_small.json"
+  # A fresh run folder each time: a rerun (after a cut-off call) would otherwise find the last
+  # run's checkpoints there and refuse to start over them.
+  if [ -z "$listing" ]; then rm -rf "$RESULTS_DIR/smoke"; fi
   step smoke "$PY" -m train experiment=smoke logging.progress_bar=false "trainer.run_dir=$RESULTS_DIR/smoke"
   # Last, as the least needed: what activation checkpointing costs in tokens/s (and saves in memory).
   step e2e_350m_ckpt "$PY" -m bench.end_to_end --variants ours,ours+compile --steps 6 --warmup 2 experiment=h100_350m \
@@ -70,6 +73,8 @@ if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; fi
 if [ -d .whl ] && ! "$PY" -c "import deepspeed, hydra, webdataset" >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  # A wheel that does not fit this interpreter shows here, once, and not as every step failing.
+  "$PY" -c "import deepspeed, hydra, webdataset" || { echo "error: .whl installed but DeepSpeed, Hydra or webdataset does not import" >&2; exit 2; }
 fi
 # DeepSpeed's op builder cannot parse "9.0a" (some images set it); its JIT builds need plain 9.0.
 if [[ "${TORCH_CUDA_ARCH_LIST:-}" == *a* ]]; then export TORCH_CUDA_ARCH_LIST="9.0"; fi

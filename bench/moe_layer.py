@@ -42,7 +42,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from bench.output import json_destination
+from bench.output import device_name, json_destination
 from train.durable import write_text_atomically
 
 CAPACITY_FACTOR = 1.25
@@ -572,17 +571,6 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        model = ""
-    return f"{model or platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
-
-
 def _load_1min() -> float | None:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
@@ -676,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {
         "date": started.isoformat(timespec="seconds"),
-        "device": _device_name(device),
+        "device": device_name(device),
         "torch": torch.__version__,
         "deepspeed": deepspeed.__version__,
         "command": " ".join(["python -m bench.moe_layer", *(argv if argv is not None else sys.argv[1:])]),

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import platform
 from pathlib import Path
+
+import torch
 
 DEFAULT_FOLDER = Path("runs/bench")
 
@@ -30,3 +33,16 @@ def json_destination(requested: Path | None, name: str) -> Path:
     if not os.access(folder, os.W_OK):
         raise ValueError(f"--json {requested}: folder {folder} is not writable")
     return requested
+
+
+def device_name(device: torch.device) -> str:
+    """What the figures were measured on, for the JSON beside them: the GPU's name, or the CPU's model
+    and the threads torch uses (CPU timings mean little without both)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{model or platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"

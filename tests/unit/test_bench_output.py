@@ -56,3 +56,51 @@ def test_end_to_end_refuses_a_mistyped_option_before_anything_runs(capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == (
         "error: unknown option --stpes; options are --steps, --warmup, --json, --compile, --variants")
+
+
+def _fake_figures(implementation: str) -> dict:
+    return {"implementation": implementation, "step_s_median": 0.5, "step_s_min": 0.4, "tokens_per_s": 1000.0,
+            "mfu": 0.3, "peak_tflops": 2.0, "active_params": 1e6, "total_params": 2e6, "flops_per_token": 6e6,
+            "tokens_per_step": 500, "max_memory_gib": None}
+
+
+def test_end_to_end_writes_each_variant_as_it_finishes(tmp_path, monkeypatch):
+    """A variant killed at the device's time limit (simulated: the second one never returns) leaves the
+    first one's figures on disk, with what they were measured on and where the peak came from."""
+    import json
+
+    from bench import end_to_end
+
+    out = tmp_path / "e2e.json"
+
+    def measure(overrides, implementation, steps, warmup, compiled=False):
+        if implementation == "deepspeed":
+            saved = json.loads(out.read_text())
+            assert [r["implementation"] for r in saved["results"]] == ["ours"] and not saved["finished"]
+            raise KeyboardInterrupt  # stands in for the kill: not caught as a variant's failure
+        return _fake_figures(implementation)
+
+    monkeypatch.setattr(end_to_end, "measure", measure)
+    monkeypatch.setattr("sys.argv", ["end_to_end", "--json", str(out), "model=gpt_tiny"])
+    with pytest.raises(KeyboardInterrupt):
+        end_to_end.main()
+    saved = json.loads(out.read_text())
+    assert saved["results"] == [_fake_figures("ours")]
+    meta = saved["meta"]
+    assert meta["peak_source"] == "measured fp32 matmul on this CPU" and meta["peak_tflops"] > 0
+    assert "threads" in meta["device"] and meta["torch"] and meta["deepspeed"] and meta["date"].startswith("20")
+
+
+def test_end_to_end_keeps_a_configured_peak_and_says_so(tmp_path, monkeypatch, capsys):
+    import json
+
+    from bench import end_to_end
+
+    out = tmp_path / "e2e.json"
+    monkeypatch.setattr(end_to_end, "measure", lambda overrides, implementation, *a, **k: _fake_figures(implementation))
+    monkeypatch.setattr("sys.argv", ["end_to_end", "--json", str(out), "model=gpt_tiny", "trainer.peak_tflops=123"])
+    end_to_end.main()
+    saved = json.loads(out.read_text())
+    assert saved["finished"] and [r["implementation"] for r in saved["results"]] == ["ours", "deepspeed"]
+    assert saved["meta"]["peak_tflops"] == 123.0 and saved["meta"]["peak_source"] == "trainer.peak_tflops"
+    assert "| ours | 500.0 | 1000 | 30.0% | 1.00x |" in capsys.readouterr().out

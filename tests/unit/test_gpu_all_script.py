@@ -22,7 +22,8 @@ FAILING_PYTHON = '#!/bin/sh\n[ "$1" = "-c" ] && exit 0\nexit 1\n'
 installed), and anything it is asked to run fails."""
 
 
-def _run(tmp_path: Path, nvidia_smi: str, only: str, python_script: str = FAILING_PYTHON) -> subprocess.CompletedProcess:
+def _run(tmp_path: Path, nvidia_smi: str, only: str, python_script: str = FAILING_PYTHON,
+         script: Path = ROOT / "bench" / "gpu_all.sh") -> subprocess.CompletedProcess:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     fake = bin_dir / "nvidia-smi"
@@ -34,7 +35,7 @@ def _run(tmp_path: Path, nvidia_smi: str, only: str, python_script: str = FAILIN
     out = tmp_path / "out"  # created by the script, as the device tool's is not always there
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ONLY": only, "OUT": str(out),
            "RESULTS_DIR": str(tmp_path / "results"), "PYTHON": str(python)}
-    return subprocess.run(["bash", str(ROOT / "bench" / "gpu_all.sh")], env=env, capture_output=True, text=True,
+    return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
                           timeout=60)
 
 
@@ -104,3 +105,28 @@ def test_every_command_line_of_the_script_is_valid(tmp_path, monkeypatch):
                 to_run_config(compose("config", overrides=args))
         else:
             assert args[:2] == ["-m", "gpu"] and (ROOT / args[2]).is_dir(), args
+
+
+def test_a_rerun_of_the_smoke_step_starts_from_an_empty_run_folder(tmp_path):
+    # What a cut-off first call left behind: the rerun must not find (and refuse) the old run.
+    old_run = tmp_path / "results" / "smoke" / "checkpoints" / "step_2"
+    old_run.mkdir(parents=True)
+    result = _run(tmp_path, "echo 'NVIDIA H100'", "smoke", python_script='#!/bin/sh\nexit 0\n')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not (tmp_path / "results" / "smoke").exists()
+
+
+def test_wheels_that_do_not_import_stop_the_run_with_one_error(tmp_path):
+    # A copy of the script beside a .whl folder; the stand-in interpreter "installs" the wheels and
+    # still cannot import DeepSpeed: one error, before any step spends device time.
+    checkout = tmp_path / "checkout"
+    (checkout / "bench").mkdir(parents=True)
+    (checkout / ".whl").mkdir()
+    (checkout / ".whl" / "deepspeed-0-py3-none-any.whl").write_text("")
+    script = checkout / "bench" / "gpu_all.sh"
+    script.write_text((ROOT / "bench" / "gpu_all.sh").read_text())
+    result = _run(tmp_path, "echo 'NVIDIA H100'", "device", python_script='#!/bin/sh\n[ "$1" = "-c" ] && exit 1\nexit 0\n',
+                  script=script)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "does not import" in result.stderr
+    assert not (tmp_path / "results" / "device.log").exists()
