@@ -7,6 +7,7 @@ every field below is also a config key (`moe.<field>`). Validation happens in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 
@@ -23,8 +24,8 @@ class MoEConfig:
     num_experts: int = 8
     """Experts per MoE layer (E), across all expert-parallel ranks."""
     top_k: int = 2
-    """Token choice: experts each token is sent to (K), 1 <= K <= E. Expert choice: used only for
-    FLOPs accounting (a token gets capacity_factor experts on average)."""
+    """Token choice: experts each token is sent to (K), 1 <= K <= E. Expert choice does not read it
+    (a token gets capacity_factor experts on average, and FLOPs are counted from that)."""
     every: int = 1
     """Put an MoE FFN in every `every`-th block (1 = all blocks, 2 = blocks 1, 3, 5, ...);
     0 makes the model dense (no MoE layer at all)."""
@@ -52,7 +53,8 @@ class MoEConfig:
     jitter_eps: float = 0.0
     """Multiplicative jitter on the router input in training only, x * U(1-eps, 1+eps) (Switch)."""
     aux_loss_coef: float = 0.01
-    """Weight of the Switch/GShard load-balancing loss added to the LM loss."""
+    """Token choice: weight of the Switch/GShard load-balancing loss added to the LM loss. Expert
+    choice has none (every expert takes C tokens: balanced by construction)."""
     aux_loss_scope: str = "micro_batch"
     """micro_batch: f (each expert's share of the assignments) counted on this micro-batch on this
     rank, the paper's form. global: f from the previous optimizer step's whole batch (all
@@ -111,8 +113,11 @@ class MoEConfig:
                                  f"this is moe.router={self.router} (leave it at {default!r})")
         if not 0 <= self.jitter_eps < 1:
             raise ValueError(f"moe.jitter_eps must be in [0, 1), got {self.jitter_eps}")
-        if self.bias_update_rate < 0:
-            raise ValueError(f"moe.bias_update_rate must be >= 0, got {self.bias_update_rate}")
+        # NaN passes every comparison (`nan < 0` is false): a non-finite weight would reach the loss.
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"moe.{name} must be a finite number >= 0, got {value}")
         if self.shared_expert_hidden is not None and self.shared_expert_hidden < 1:
             raise ValueError(f"moe.shared_expert_hidden must be a positive integer or null, got {self.shared_expert_hidden}")
         cap = self.ec_max_experts_per_token
@@ -124,7 +129,7 @@ class MoEConfig:
             raise ValueError(f"moe.ec_threshold_momentum must be in (0, 1], got {self.ec_threshold_momentum}")
         if self.num_experts < 1:
             raise ValueError(f"moe.num_experts must be >= 1, got {self.num_experts}")
-        if not 1 <= self.top_k <= self.num_experts:
+        if self.router == "token_choice" and not 1 <= self.top_k <= self.num_experts:
             raise ValueError(
                 f"moe.top_k must be between 1 and moe.num_experts={self.num_experts}, got {self.top_k}"
             )
@@ -134,13 +139,10 @@ class MoEConfig:
             raise ValueError(f"moe.expert_hidden must be a positive integer or null, got {self.expert_hidden}")
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
+            if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"moe.{name} must be > 0 (or null for dropless), got {value}")
         if self.min_capacity < 0:
             raise ValueError(f"moe.min_capacity must be >= 0, got {self.min_capacity}")
-        for name in ("aux_loss_coef", "z_loss_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"moe.{name} must be >= 0, got {getattr(self, name)}")
         if self.ep_size < 1:
             raise ValueError(f"moe.ep_size must be >= 1, got {self.ep_size}")
         if self.num_experts % self.ep_size != 0:
@@ -149,7 +151,7 @@ class MoEConfig:
             )
 
 
-TOKEN_CHOICE_ONLY = ("drop_policy", "normalize_topk", "bias_update_rate", "aux_loss_scope")
+TOKEN_CHOICE_ONLY = ("top_k", "drop_policy", "normalize_topk", "bias_update_rate", "aux_loss_coef", "aux_loss_scope")
 """Settings only token choice reads."""
 EXPERT_CHOICE_ONLY = ("ec_group", "ec_max_experts_per_token", "ec_eval_mode", "ec_threshold_momentum")
 """Settings only expert choice reads."""

@@ -58,6 +58,14 @@ def test_unknown_key_fails_at_compose(compose_run):
         # A setting the chosen router never reads would be silently ignored.
         (["moe=expert_choice", "moe.bias_update_rate=0.001"], "moe.bias_update_rate=0.001 applies to token choice only"),
         (["moe=top2", "moe.ec_group=sequence"], "moe.ec_group='sequence' applies to expert choice only"),
+        # Expert choice has no top-k (a token gets cf experts on average) and no balancing loss.
+        (["moe=expert_choice", "moe.top_k=4"], "moe.top_k=4 applies to token choice only"),
+        (["moe=expert_choice", "moe.aux_loss_coef=0.1"], "moe.aux_loss_coef=0.1 applies to token choice only"),
+        # NaN passes `< 0`; it would reach the loss (or the selection bias) unnoticed.
+        (["moe.aux_loss_coef=nan"], "moe.aux_loss_coef must be a finite number >= 0, got nan"),
+        (["moe.z_loss_coef=inf"], "moe.z_loss_coef must be a finite number >= 0, got inf"),
+        (["moe=top2_auxfree", "moe.bias_update_rate=nan"], "moe.bias_update_rate must be a finite number >= 0, got nan"),
+        (["moe.capacity_factor=nan"], "moe.capacity_factor must be > 0"),
         # Nor does the stock DeepSpeed baseline run a model its gate cannot follow.
         (["moe=top2_auxfree", "moe.implementation=deepspeed"],
          "moe.implementation=deepspeed (DeepSpeed's own gate) has no moe.bias_update_rate=0.001"),
@@ -85,6 +93,12 @@ def test_invalid_values_name_the_field(compose_run, overrides, field):
         to_run_config(compose_run(overrides))
     message = str(error.value)
     assert field in message and "\n" not in message
+
+
+def test_expert_choice_takes_any_expert_count_and_ignores_token_choice_defaults(compose_run):
+    # top_k's default (2) is token choice's; it must not stop expert choice over one expert.
+    run = to_run_config(compose_run(["moe=expert_choice", "moe.num_experts=1"]))
+    assert run.moe.router == "expert_choice" and run.moe.num_experts == 1
 
 
 @pytest.mark.parametrize(
