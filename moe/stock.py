@@ -6,7 +6,8 @@ Selected with `moe.implementation=deepspeed`. DeepSpeed's own gate (top-1, top-2
 path), its capacity layout and its expert loop run unchanged; only the experts are
 re-initialised independently (DeepSpeed deep-copies one module) so both implementations start
 from comparable weights. DeepSpeed reports only tokens per expert before dropping, so `kept_E`
-repeats them and the experts-per-token histogram and router entropy stay zero.
+repeats them and the experts-per-token histogram and router entropy stay zero; its capacity is
+worked out from the gate's formula (DeepSpeed does not return it).
 """
 
 from __future__ import annotations
@@ -64,6 +65,16 @@ class StockDeepSpeedMoE(MoE):
             kept_E=counts,
             experts_per_token=torch.zeros(self.num_experts + 1, dtype=torch.long, device=counts.device),
             entropy_sum=zero.detach().float(),
-            capacity=0,
+            capacity=self._gate_capacity(hidden_states.numel() // hidden_states.shape[-1]),
         )
         return output, aux
+
+    def _gate_capacity(self, num_tokens: int) -> int | None:
+        """The slots per expert DeepSpeed's gate used (None when dropless), worked out as its
+        `_capacity` does, float32 product included, so the two agree at every rounding edge:
+        ceil(T / E * cf * k), at least min_capacity, cf the training or eval factor."""
+        if self.config.capacity_factor is None:
+            return None
+        factor = self.config.capacity_factor if self.training else (self.config.eval_capacity_factor or 1.0)
+        capacity = torch.ceil((num_tokens / self.num_experts) * torch.tensor(factor * self.config.top_k))
+        return max(int(capacity), self.config.min_capacity)

@@ -137,7 +137,7 @@ def mixtral_config(model: torch.nn.Module, eot_id: int | None) -> dict:
         "attention_dropout": 0.0,
         "num_local_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
-        "router_aux_loss_coef": moe.aux_loss_coef,
+        "router_aux_loss_coef": mixtral_aux_loss_coef(moe.aux_loss_coef, cfg.num_layers, moe.top_k),
         "router_jitter_noise": 0.0,
         "output_router_logits": False,
         "initializer_range": cfg.init_std,
@@ -147,6 +147,16 @@ def mixtral_config(model: torch.nn.Module, eot_id: int | None) -> dict:
         "pad_token_id": None,
         "torch_dtype": "float32",
     }
+
+
+def mixtral_aux_loss_coef(coef: float, num_moe_layers: int, top_k: int) -> float:
+    """Our moe.aux_loss_coef as the weight that gives a fine-tuning run in transformers the same
+    balancing pressure. We add coef x L per MoE layer, L = E sum_e f_e P_e with f the share of the
+    T*K assignments (1 when balanced), so coef x layers in all. Mixtral's loss is computed once over
+    the tokens of all layers pooled, with f the share of the T tokens that chose e (K when balanced):
+    about K x the mean of our per-layer L. The same total needs coef x layers / K. (Pooled, the two
+    are not equal off balance: a product of pooled means, not a mean of per-layer products.)"""
+    return coef * num_moe_layers / top_k
 
 
 def export_mixtral(model: torch.nn.Module, out: Path, tokenizer_file: Path | None = None,

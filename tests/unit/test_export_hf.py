@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from moe import MoEConfig
+from moe.losses import load_balancing_loss
 from train.config import ConfigError
-from train.export_hf import export_mixtral, rotary_rows_to_halves
+from train.export_hf import export_mixtral, mixtral_aux_loss_coef, rotary_rows_to_halves
 from train.model import GPT, ModelConfig, apply_rotary, rotary_tables
 from train.routing_modes import RoutingMode, moe_layers, routing
 
@@ -46,6 +47,28 @@ def test_rotary_permutation_turns_interleaved_pairs_into_halves():
     theirs = permuted * torch.cat([cos, cos], -1) + rotate_half * torch.cat([sin, sin], -1)
     order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
     torch.testing.assert_close(theirs, ours[..., order], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [2, 3])
+def test_the_exported_aux_loss_weight_gives_transformers_our_balancing_loss(top_k):
+    """Every layer routing alike (there pooled over layers equals per layer): coef_hf x Mixtral's
+    loss equals ours, coef x the per-layer losses summed."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    torch.manual_seed(0)
+    layers, experts, coef = 4, 8, 0.01
+    logits_TE = torch.randn(64, experts) * 2  # unbalanced: the loss well above its minimum
+    probs_TE = logits_TE.softmax(-1)
+    ours = coef * layers * load_balancing_loss(probs_TE, probs_TE.topk(top_k, dim=-1).indices)
+    theirs = mixtral_aux_loss_coef(coef, layers, top_k) * load_balancing_loss_func((logits_TE,) * layers, experts, top_k)
+    assert ours > coef * layers * 1.05
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=0)
+
+
+def test_the_export_writes_the_converted_aux_loss_weight(tmp_path):
+    export_mixtral(_model(top_k=3, aux_loss_coef=0.03), tmp_path / "hf")
+    # Two MoE layers, top-3: 0.03 x 2 / 3.
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["router_aux_loss_coef"] == pytest.approx(0.02)
 
 
 @pytest.mark.parametrize("tie", [True, False])
