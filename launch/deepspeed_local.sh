@@ -6,7 +6,7 @@
 #
 # Environment (all optional): MASTER_PORT (default 29500; two jobs on one machine need two ports),
 # LOG_DIR (one log file per rank there, instead of this terminal), PYTHON (default
-# .venv/bin/python), DRY_RUN=1 (print the command, run nothing). Everything else in the
+# $VENV/bin/python, VENV default .venv; the Docker image sets VENV=/opt/conda), DRY_RUN=1 (print the command, run nothing). Everything else in the
 # environment (NCCL_*, WANDB_*, ...) reaches the ranks as it is.
 set -euo pipefail
 ranks="${1:?usage: $0 NUM_RANKS [hydra overrides...]}"
@@ -21,7 +21,7 @@ export MOE_GPT_CALLER_DIR="$PWD"
 cd "$here"
 source launch/preflight.sh
 # DeepSpeed's launcher logs every command and rank it starts at INFO; warnings and failures are kept.
-command=("${PYTHON:-.venv/bin/python}" -m deepspeed.launcher.runner --num_gpus "$ranks" --no_local_rank
+command=("${PYTHON:-${VENV:-.venv}/bin/python}" -m deepspeed.launcher.runner --num_gpus "$ranks" --no_local_rank
   --master_port "${MASTER_PORT:-29500}" --log_level "${DS_LOG_LEVEL:-warning}")
 if [ -n "$log_dir" ]; then
   command+=(--enable_each_rank_log "$log_dir")

@@ -24,7 +24,7 @@
 #                  put secrets in ~/.netrc on each node). They go into a file that DeepSpeed reads
 #                  (DS_ENV_FILE, its .deepspeed_env mechanism) and exports in the pdsh command.
 #   NODE_RANK      launch only this node's ranks, without ssh (--no_ssh)
-#   PYTHON         default .venv/bin/python
+#   PYTHON         default $VENV/bin/python (VENV default .venv; the Docker image sets VENV=/opt/conda)
 #   DRY_RUN=1      print the command and the forwarded variables, run nothing
 set -euo pipefail
 hostfile="${1:?usage: $0 HOSTFILE [hydra overrides...]}"
@@ -67,7 +67,7 @@ while IFS= read -r name; do
   printf '%s=%s\n' "$name" "$value" >>"$env_file"
 done < <(compgen -e | grep -E "$forward" || true)
 
-command=("${PYTHON:-.venv/bin/python}" -m deepspeed.launcher.runner --hostfile "$hostfile"
+command=("${PYTHON:-${VENV:-.venv}/bin/python}" -m deepspeed.launcher.runner --hostfile "$hostfile"
   --master_addr "$master_addr" --master_port "$master_port" --no_local_rank --log_level "${DS_LOG_LEVEL:-warning}")
 [ -n "${NUM_NODES:-}" ] && command+=(--num_nodes "$NUM_NODES")
 [ -n "${GPUS_PER_NODE:-}" ] && command+=(--num_gpus "$GPUS_PER_NODE")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
@@ -77,10 +78,18 @@ class DeepSpeedConfig:
             )
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"deepspeed.precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.grad_clip < 0:
-            raise ValueError(f"deepspeed.grad_clip must be >= 0, got {self.grad_clip}")
-        if not self.lr > 0:
-            raise ValueError(f"deepspeed.lr must be > 0, got {self.lr}")
+        # Written as "not (finite and in range)": NaN fails every comparison, so `x < 0` lets it through.
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ValueError(f"deepspeed.grad_clip must be a finite number >= 0, got {self.grad_clip}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"deepspeed.lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"deepspeed.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:  # 1 would never forget: Adam's bias correction divides by 0
+                raise ValueError(f"deepspeed.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"deepspeed.eps must be a finite number > 0, got {self.eps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"deepspeed.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 1:

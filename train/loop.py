@@ -33,6 +33,7 @@ from train.flops import flops_per_token, peak_tflops
 from train.host_memory import keep_freed_memory
 from train.load import newest_run
 from train.log_window import LogWindow
+from train.lr_schedule import short_warmup_warning
 from train.metrics import ExpertCounts, MetricsFile, Progress, figures_per_layer, finite_or_none, mean_over_ranks
 from train.model import GPT, expert_choice_layers, padded_vocab_size
 from train.nonfinite import NonFiniteLossStop, NonFiniteStreak, discard_routing_statistics, poison_if_nonfinite
@@ -636,6 +637,9 @@ class Trainer:
             f"batch       {self.global_batch} x {run.model.seq_len} tokens per step, {run.trainer.max_steps} steps",
             f"MFU against {self.peak_tflops:.2f} TFLOP/s per device ({self.peak_source})",
         ]
+        short = short_warmup_warning(run.deepspeed.warmup_steps, run.trainer.max_steps, run.deepspeed.lr)
+        if short:
+            lines.append(f"warning     {short}")
         if self.world.is_main:
             print("\n".join(lines), flush=True)
 

@@ -63,3 +63,12 @@ class WarmupCosine:
         next_step = self.last_batch_iteration + 2
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * self.ratio(next_step)
+
+
+def short_warmup_warning(warmup_steps: int, max_steps: int, lr: float) -> str | None:
+    """One line when the run ends before its warm-up does: the learning rate never reaches `lr` and
+    there is no decay (a short test run, usually; a real run with a mistyped max_steps, sometimes)."""
+    if warmup_steps < max_steps:
+        return None
+    return (f"deepspeed.warmup_steps={warmup_steps} is not below trainer.max_steps={max_steps}: the learning rate "
+            f"peaks at {lr * min(1.0, max_steps / warmup_steps):.3g} (deepspeed.lr={lr:g}) on the last step and never decays")

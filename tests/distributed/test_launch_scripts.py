@@ -274,3 +274,54 @@ def test_a_killed_script_takes_its_job_with_it(tmp_path):
     assert len(job) >= 5 and left == [], left
     events = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "preempted" and events[-1]["signal"] == "SIGTERM"
+
+
+def _venv(tmp_path: Path) -> Path:
+    """A stand-in environment whose interpreter is this one (the Docker image's is /opt/conda)."""
+    venv = tmp_path / "image-python"
+    (venv / "bin").mkdir(parents=True)
+    # A wrapper, not a link: a link to a venv's interpreter outside its venv loses its packages.
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (venv / "bin" / "python").chmod(0o755)
+    return venv
+
+
+def test_without_python_set_the_launchers_take_the_venv_interpreter(tmp_path):
+    # The Docker image has no .venv: it sets VENV=/opt/conda, as the Makefile reads it.
+    venv = _venv(tmp_path)
+    env = {k: v for k, v in subprocess_env().items() if k != "PYTHON"}
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("worker-0 slots=2\n")
+    for script, target in ((LOCAL, "2"), (MULTINODE, str(hostfile))):
+        result = run(["bash", str(script), target, "model=gpt_tiny", "moe.ep_size=2"],
+                     env={**env, "VENV": str(venv), "DRY_RUN": "1", "LOG_DIR": "none"}, check=False)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[-1].split()[0] == str(venv / "bin" / "python"), (script, result.stdout)
+
+
+FAKE_SRUN = """#!/bin/sh
+# Record what each rank would get, start nothing.
+echo "SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-unset} python=$5" > "$SRUN_RECORD"
+"""
+FAKE_SCONTROL = """#!/bin/sh
+case "$*" in "show hostnames"*) echo node-0 ;; *) echo "NodeName=node-0 NodeAddr=10.0.0.7" ;; esac
+"""
+
+
+def test_the_batch_script_hands_its_cpus_per_task_to_srun(tmp_path):
+    """Since Slurm 22.05 srun does not take --cpus-per-task from the allocation: each rank would be
+    bound to one core unless the script passes it on (SRUN_CPUS_PER_TASK)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    record = tmp_path / "srun.txt"
+    venv = _venv(tmp_path)
+    env = {k: v for k, v in subprocess_env().items() if k != "PYTHON"}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", SRUN_RECORD=str(record), VENV=str(venv), SLURM_SUBMIT_DIR=str(ROOT),
+               SLURM_JOB_NAME="t", SLURM_JOB_ID="7", SLURM_JOB_NODELIST="node-0", SLURM_JOB_NUM_NODES="1",
+               SLURM_NTASKS="1", SLURM_CPUS_PER_TASK="6", RUN_DIR=str(tmp_path / "run"))
+    result = run(["bash", str(ROOT / "launch" / "slurm" / "train.sbatch"), "model=gpt_tiny"], env=env, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert record.read_text().split() == ["SRUN_CPUS_PER_TASK=6", f"python={venv / 'bin' / 'python'}"]

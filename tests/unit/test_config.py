@@ -81,6 +81,14 @@ def test_unknown_key_fails_at_compose(compose_run):
         (["deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
         (["deepspeed.zero_stage=0"], "wrong gradient norm under expert parallelism"),
         (["deepspeed.precision=fp16"], "deepspeed.precision"),
+        # AdamW's settings: a NaN or an out-of-range beta would only show as a diverged run.
+        (["deepspeed.lr=nan"], "deepspeed.lr must be a finite number > 0, got nan"),
+        (["deepspeed.lr=inf"], "deepspeed.lr must be a finite number > 0, got inf"),
+        (["deepspeed.beta2=1.0"], "deepspeed.beta2 must be in [0, 1), got 1.0"),
+        (["deepspeed.beta1=-0.1"], "deepspeed.beta1 must be in [0, 1), got -0.1"),
+        (["deepspeed.eps=0"], "deepspeed.eps must be a finite number > 0, got 0"),
+        (["deepspeed.weight_decay=-0.1"], "deepspeed.weight_decay must be a finite number >= 0, got -0.1"),
+        (["deepspeed.grad_clip=nan"], "deepspeed.grad_clip must be a finite number >= 0, got nan"),
         (["deepspeed.warmup_steps=0"], "deepspeed.warmup_steps"),
         (["trainer.micro_batch_size=0"], "trainer.micro_batch_size"),
         (["trainer.seed=4294967296"], "trainer.seed must be in [0, 2**32)"),
@@ -93,6 +101,17 @@ def test_invalid_values_name_the_field(compose_run, overrides, field):
         to_run_config(compose_run(overrides))
     message = str(error.value)
     assert field in message and "\n" not in message
+
+
+@pytest.mark.parametrize("preset", ["h100_350m", "h100_gpt2_small"])
+def test_a_presets_routing_can_be_replaced_by_a_moe_choice(compose_run, preset):
+    # The presets are dropless by choosing moe=top2_dropless, not by setting fields over whatever
+    # moe= the user picks (which made moe=expert_choice fail and moe=top2 silently dropless).
+    assert to_run_config(compose_run([f"experiment={preset}"])).moe.capacity_factor is None
+    top2 = to_run_config(compose_run([f"experiment={preset}", "moe=top2"])).moe
+    assert (top2.capacity_factor, top2.eval_capacity_factor) == (1.25, 2.0)
+    expert_choice = to_run_config(compose_run([f"experiment={preset}", "moe=expert_choice"])).moe
+    assert (expert_choice.router, expert_choice.capacity_factor) == ("expert_choice", 2.0)
 
 
 def test_expert_choice_takes_any_expert_count_and_ignores_token_choice_defaults(compose_run):

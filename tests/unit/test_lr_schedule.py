@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from train.lr_schedule import WarmupCosine
+from train.lr_schedule import WarmupCosine, short_warmup_warning
 
 
 def _schedule(warmup: int = 4, total: int = 10, min_ratio: float = 0.1, lr: float = 1e-3) -> WarmupCosine:
@@ -48,3 +48,12 @@ def test_state_is_deepspeeds_and_loading_sets_the_rate_at_once():
     second.optimizer.param_groups[0]["lr"] = 123.0  # what a loaded optimizer state would bring along
     second.load_state_dict(first.state_dict())
     assert second.get_last_lr()[0] == pytest.approx(2e-3 * second.ratio(6))
+
+
+def test_a_run_shorter_than_its_warm_up_is_warned_about_with_the_peak_it_reaches():
+    assert short_warmup_warning(20, 200, 3e-3) is None
+    line = short_warmup_warning(20, 5, 3e-3)
+    assert line == ("deepspeed.warmup_steps=20 is not below trainer.max_steps=5: the learning rate peaks at 0.00075 "
+                    "(deepspeed.lr=0.003) on the last step and never decays")
+    # Equal: the last step is the peak, and nothing is left to decay.
+    assert "peaks at 0.003 " in short_warmup_warning(5, 5, 3e-3)
