@@ -8,6 +8,11 @@ import os
 from collections.abc import Mapping
 from urllib.parse import urlparse
 
+ENV_MODES = {"online": "online", "run": "online", "shared": "online", "offline": "offline", "dryrun": "offline",
+             "disabled": "disabled"}
+"""What wandb accepts in WANDB_MODE, as the mode it means ("run" and "dryrun" are its older names;
+"shared" is online, several writers to one run)."""
+
 
 def resolve_mode(setting: str, environ: Mapping[str, str] = os.environ) -> str:
     """`auto`: WANDB_MODE when the user set it, else online with an API key (WANDB_API_KEY, or the
@@ -15,8 +20,20 @@ def resolve_mode(setting: str, environ: Mapping[str, str] = os.environ) -> str:
     if setting != "auto":
         return setting
     if environ.get("WANDB_MODE"):
-        return environ["WANDB_MODE"]
+        return ENV_MODES.get(environ["WANDB_MODE"], environ["WANDB_MODE"])
+    return inferred_mode(environ)
+
+
+def inferred_mode(environ: Mapping[str, str] = os.environ) -> str:
+    """auto's choice where nothing names a mode: online with an API key, else offline."""
     return "online" if environ.get("WANDB_API_KEY") or _stored_api_key(environ) else "offline"
+
+
+def falls_back_offline(setting: str, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether a failure to reach W&B may turn the run offline rather than stop it: when online was
+    only inferred from a stored key (`auto`, no WANDB_MODE), not asked for. A laptop or a compute node
+    with a key and no route out is common, and its metrics are worth keeping for `wandb sync`."""
+    return setting == "auto" and not environ.get("WANDB_MODE") and inferred_mode(environ) == "online"
 
 
 def _stored_api_key(environ: Mapping[str, str]) -> bool:
@@ -38,10 +55,14 @@ def _stored_api_key(environ: Mapping[str, str]) -> bool:
 
 
 def online_without_key(setting: str, environ: Mapping[str, str] = os.environ) -> str | None:
-    """Why the run cannot log to W&B online, in one line: the mode resolves to online but no API key
-    is found (wandb would stop the run with a traceback once the engine is built); else None."""
+    """Why the run cannot log to W&B, in one line: WANDB_MODE names no mode wandb knows, or the mode
+    resolves to online but no API key is found (wandb would stop the run with a traceback once the
+    engine is built); else None."""
+    if setting == "auto" and environ.get("WANDB_MODE") and environ["WANDB_MODE"] not in ENV_MODES:
+        return (f"WANDB_MODE={environ['WANDB_MODE']}: not a W&B mode; expected one of {', '.join(ENV_MODES)} "
+                "(or unset it: logging.wandb_mode=auto then goes online with an API key, else offline)")
     if resolve_mode(setting, environ) != "online" or environ.get("WANDB_API_KEY") or _stored_api_key(environ):
         return None
-    source = f"logging.wandb_mode={setting}" if setting != "auto" else "WANDB_MODE=online"
+    source = f"logging.wandb_mode={setting}" if setting != "auto" else f"WANDB_MODE={environ.get('WANDB_MODE', 'online')}"
     return (f"{source} needs a W&B API key: run `wandb login` (it stores the key in ~/.netrc) or set "
             "WANDB_API_KEY; or log offline with logging.wandb_mode=offline")

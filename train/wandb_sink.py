@@ -20,6 +20,7 @@ Only rank 0 creates one (train/sinks.py). `moe/` never imports wandb.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +30,7 @@ import wandb
 from omegaconf import OmegaConf
 
 from train.durable import write_text_atomically
-from train.wandb_mode import resolve_mode
+from train.wandb_mode import falls_back_offline, resolve_mode
 
 RUN_ID_FILE = "wandb_run_id"
 """In the run directory: a resumed run continues the same W&B run."""
@@ -73,20 +74,33 @@ class WandbSink:
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file = run_dir / RUN_ID_FILE
         run_id = (id_file.read_text(encoding="utf-8").strip() if id_file.exists() else "") or uuid.uuid4().hex[:12]
-        self.run = wandb.init(
-            project=settings.wandb_project,
-            entity=settings.wandb_entity,
-            name=settings.wandb_run_name or str(run_dir),
-            group=settings.wandb_group,
-            tags=list(settings.wandb_tags) or None,
-            config=OmegaConf.to_container(OmegaConf.structured(run), resolve=True),
-            dir=str(wandb_dir),
-            mode=self.mode,
-            id=run_id,
-            resume="allow",
-            # quiet: no history/summary dump on the console at the end (metrics.jsonl has it all).
-            settings=wandb.Settings(quiet=True),
-        )
+        def open_run(mode: str):
+            return wandb.init(
+                project=settings.wandb_project,
+                entity=settings.wandb_entity,
+                name=settings.wandb_run_name or str(run_dir),
+                group=settings.wandb_group,
+                tags=list(settings.wandb_tags) or None,
+                config=OmegaConf.to_container(OmegaConf.structured(run), resolve=True),
+                dir=str(wandb_dir),
+                mode=mode,
+                id=run_id,
+                resume="allow",
+                # quiet: no history/summary dump on the console at the end (metrics.jsonl has it all).
+                settings=wandb.Settings(quiet=True),
+            )
+
+        try:
+            self.run = open_run(self.mode)
+        except Exception as error:  # noqa: BLE001 - wandb's own (CommError, a timeout): nothing we can fix here
+            if not falls_back_offline(settings.wandb_mode):
+                raise
+            first_line = (str(error).strip().splitlines() or [""])[0][:160]
+            print(f"warning     W&B could not be reached ({type(error).__name__}: {first_line}); logging offline "
+                  f"instead (upload later with wandb sync; logging.wandb_mode=online makes this an error)",
+                  file=sys.stderr, flush=True)
+            self.mode = "offline"
+            self.run = open_run(self.mode)
         write_text_atomically(id_file, run_id)  # a kill mid-write must not leave an empty id
         # The expert view's best-of figures in the runs table.
         self.run.define_metric("eval/val_loss", summary="min")

@@ -16,6 +16,9 @@ from train.wandb_mode import online_without_key, resolve_mode
         ("auto", {"WANDB_API_KEY": "k" * 40, "WANDB_MODE": "offline"}, "offline"),
         ("offline", {"WANDB_API_KEY": "k" * 40}, "offline"),
         ("disabled", {}, "disabled"),
+        # wandb's older names for the same modes.
+        ("auto", {"WANDB_MODE": "run"}, "online"),
+        ("auto", {"WANDB_MODE": "dryrun"}, "offline"),
     ],
 )
 def test_mode(setting, environ, mode):
@@ -49,6 +52,7 @@ def test_a_key_stored_by_wandb_login_means_online(tmp_path):
     [
         ("online", {}, "logging.wandb_mode=online"),
         ("auto", {"WANDB_MODE": "online"}, "WANDB_MODE=online"),
+        ("auto", {"WANDB_MODE": "run"}, "WANDB_MODE=run"),
     ],
 )
 def test_online_without_a_key_is_refused_by_name(setting, environ, source):
@@ -58,3 +62,10 @@ def test_online_without_a_key_is_refused_by_name(setting, environ, source):
     assert online_without_key(setting, {"HOME": "/nonexistent", "WANDB_API_KEY": "k" * 40, **environ}) is None
     assert online_without_key("offline", {"HOME": "/nonexistent"}) is None
     assert online_without_key("auto", {"HOME": "/nonexistent"}) is None
+
+
+def test_an_unknown_wandb_mode_in_the_environment_is_refused_by_name():
+    problem = online_without_key("auto", {"HOME": "/nonexistent", "WANDB_MODE": "ofline"})
+    assert problem is not None and problem.startswith("WANDB_MODE=ofline: not a W&B mode; expected one of online")
+    # logging.wandb_mode set by name wins over the environment, as wandb.init(mode=...) does.
+    assert online_without_key("offline", {"HOME": "/nonexistent", "WANDB_MODE": "ofline"}) is None

@@ -38,3 +38,53 @@ def test_other_ranks_get_no_sink(compose_run, tmp_path):
 def test_bad_logging_values_name_the_field(compose_run, override, message):
     with pytest.raises(ConfigError, match=message):
         to_run_config(compose_run(["logging=wandb", override]))
+
+
+class _FakeRun:
+    def define_metric(self, *args, **kwargs) -> None:
+        pass
+
+
+def _unreachable_online(calls: list[str]):
+    """wandb.init as it behaves with a key and no route to the server: online fails, offline works."""
+    import wandb
+
+    def init(**kwargs):
+        calls.append(kwargs["mode"])
+        if kwargs["mode"] == "online":
+            raise wandb.errors.CommError("Run initialization has timed out after 90.0 sec.\nmore")
+        return _FakeRun()
+
+    return init
+
+
+def test_a_stored_key_without_network_logs_offline_with_one_warning(compose_run, tmp_path, monkeypatch, capsys):
+    from train import wandb_sink
+
+    calls: list[str] = []
+    monkeypatch.setattr(wandb_sink.wandb, "init", _unreachable_online(calls))
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    sink = wandb_sink.WandbSink(to_run_config(compose_run(["logging=wandb"])), tmp_path / "run")
+    assert calls == ["online", "offline"] and sink.mode == "offline"
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith("warning     W&B could not be reached (CommError: Run initialization has timed out")
+    assert "\n" not in warning
+
+
+@pytest.mark.parametrize("asked", [["logging.wandb_mode=online"], []])
+def test_online_asked_for_by_name_stays_an_error(compose_run, tmp_path, monkeypatch, asked):
+    import wandb
+
+    from train import wandb_sink
+
+    calls: list[str] = []
+    monkeypatch.setattr(wandb_sink.wandb, "init", _unreachable_online(calls))
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    if asked:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", "online")  # asked for through the environment instead
+    with pytest.raises(wandb.errors.CommError):
+        wandb_sink.WandbSink(to_run_config(compose_run(["logging=wandb", *asked])), tmp_path / "run")
+    assert calls == ["online"]
