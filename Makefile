@@ -64,7 +64,7 @@ bench-gpu: $(STAMP)  ## every GPU figure in one run: GPU tests, layer and end-to
 	PYTHON=$(PY) bash bench/gpu_all.sh
 
 lint: $(STAMP) lint-docker  ## ruff and hadolint
-	$(VENV)/bin/ruff check moe train tests
+	$(VENV)/bin/ruff check moe train tests bench launch
 
 lint-docker: $(STAMP)  ## hadolint on docker/Dockerfile (rules ignored in .hadolint.yaml, each with its reason)
 	$(VENV)/bin/hadolint docker/Dockerfile
@@ -73,5 +73,9 @@ IMAGE ?= moe-gpt
 docker:  ## build the GPU image from docker/Dockerfile, tagged $(IMAGE) (needs a Docker engine)
 	docker build -f docker/Dockerfile -t $(IMAGE) .
 
-clean:  ## remove the virtualenv, caches and runs
-	rm -rf $(VENV) .cache runs
+clean:  ## remove the virtualenv (only one `make install` made here), caches and runs
+	@# VENV may name an environment this checkout did not make (the Docker image sets VENV=/opt/conda,
+	@# its only Python): that one is left alone.
+	@if [ -f $(VENV)/pyvenv.cfg ] && [ "$$(cd $(VENV) && pwd -P)" = "$$(pwd -P)/.venv" ]; then rm -rf $(VENV); \
+	  else echo "make clean: keeping $(VENV) (not this checkout's .venv)"; fi
+	rm -rf .cache runs

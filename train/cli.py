@@ -96,6 +96,10 @@ def composed_overrides(args: list[str]) -> tuple[DictConfig | None, str | None]:
     any Hydra flag (--multirun, --cfg, -cn, ...) Hydra's own parsing is left to do the job, as
     sweeps and other primary configs do not compose here.
     """
+    if not Path(CONF_DIR, "config.yaml").is_file():
+        # A non-editable install copies the packages, not conf/ beside them.
+        return None, (f"no configs at {CONF_DIR}: moe-gpt runs from its checkout; install it editable there "
+                      "(make install, or pip install -e .)")
     if any(arg.startswith("-") or arg.startswith("hydra.mode=") for arg in args):
         return None, None
     from hydra import compose, initialize_config_dir

@@ -143,6 +143,16 @@ def test_override_problem_passes_good_overrides_and_leaves_hydra_flags_to_hydra(
     assert override_problem(["--multirun", "moe.top_k=1,2"]) is None
 
 
+def test_an_install_without_the_configs_says_how_to_install(tmp_path, monkeypatch):
+    # What a non-editable install looks like: the packages copied, conf/ not beside them.
+    from train import cli
+
+    monkeypatch.setattr(cli, "CONF_DIR", str(tmp_path / "site-packages" / "conf"))
+    problem = cli.override_problem(["experiment=smoke"])
+    assert problem == (f"no configs at {tmp_path / 'site-packages' / 'conf'}: moe-gpt runs from its checkout; "
+                       "install it editable there (make install, or pip install -e .)")
+
+
 def _run_cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     environment = subprocess_env(PYTHONPATH=str(ROOT), **env)
     return subprocess.run(

@@ -86,9 +86,26 @@ def test_runtime_contract():
     text, args = DOCKERFILE.read_text(), _args()
     # DeepSpeed's op builder parses plain compute capabilities only ("9.0a" raises ValueError).
     assert re.fullmatch(r"\d+\.\d+(;\d+\.\d+)*", args["TORCH_CUDA_ARCH_LIST"])
-    assert "DS_BUILD_FUSED_ADAM=1" in text and "DS_ACCELERATOR=cuda" in text
+    assert "DS_BUILD_OPS=0" in text and "DS_ACCELERATOR=cuda" in text
+    # The dependency layer is built from pyproject.toml alone (a README edit must not rebuild it).
+    (copy_before_install,) = re.findall(r"^COPY (?!--chown)(.+)$", text, flags=re.MULTILINE)
+    assert copy_before_install.split() == ["pyproject.toml", "./"]
     (user,) = re.findall(r"^USER (\S+)", text, flags=re.MULTILINE)
     assert user.split(":")[0] not in ("0", "root")
     assert re.findall(r"^CMD (.+)$", text, flags=re.MULTILINE) == ['["make", "train"]']
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", ".cache", "runs", "wandb"} <= set(ignored)
+
+
+def test_the_image_needs_no_deepspeed_op_on_a_gpu(compose_run):
+    """The image builds none of DeepSpeed's ops (DS_BUILD_OPS=0): on a GPU the optimizer must be torch's
+    fused AdamW, not DeepSpeed's FusedAdam, which would JIT-compile there on every new container."""
+    import torch
+
+    from train.config import to_run_config
+    from train.engine import deepspeed_config
+
+    for preset in ("smoke", "h100_350m"):
+        config = deepspeed_config(to_run_config(compose_run([f"experiment={preset}"])), torch.device("cuda"))
+        params = config["optimizer"]["params"]
+        assert params["torch_adam"] is True and params["fused"] is True, preset
