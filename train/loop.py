@@ -179,7 +179,9 @@ def _unusable_directory(path: Path) -> str | None:
 
 
 def _prepared_data(run: RunConfig, world: World) -> Path:
-    """Rank 0 prepares (or finds in the cache); the others wait, then find it in the cache."""
+    """Rank 0 prepares (or finds in the cache); the others wait, then find it in the cache. Where a
+    node does not share rank 0's cache directory, that node's first rank prepares its own copy while
+    the node's other ranks wait (rather than all of them preparing the same data at once)."""
     source: str | list[str] = list(run.data.files) or "embedded"
     kwargs = dict(
         cache_dir=run.data.cache_dir,
@@ -198,9 +200,20 @@ def _prepared_data(run: RunConfig, world: World) -> Path:
     dist.broadcast_object_list(shared, src=0)
     if shared[0] is not None:
         raise ConfigError(f"data: {shared[0]}")
-    if not world.is_main:
+    if not world.is_main and world.local_rank == 0:
+        try:
+            data_dir = prepare_dataset(source, **kwargs, announce_cached=False)
+        except ValueError as exc:
+            error = str(exc)
+    # Every rank learns of a failure on any node (and the node's other ranks wait here for its
+    # first): a rank that raised alone would leave the others blocked in the next collective.
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = next(((rank, e) for rank, e in enumerate(errors) if e is not None), None)
+    if failed is not None:
+        raise ConfigError(f"data (rank {failed[0]}): {failed[1]}")
+    if data_dir is None:
         data_dir = prepare_dataset(source, **kwargs, announce_cached=False)
-    assert data_dir is not None
     return data_dir
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import tarfile
 import time
@@ -262,6 +263,44 @@ def test_a_cache_entry_missing_a_file_is_prepared_again(tmp_path, documents):
     (built / "val-000000.tar").unlink()  # a cleaned-up cache, a partial copy
     assert prepare_dataset(files, tmp_path / "cache", vocab_size=SMALL_VOCAB) == built
     assert TokenDataset(built, "val").num_tokens > 0
+
+
+def test_a_shard_cut_short_is_prepared_again(tmp_path, documents):
+    files = write_corpus(tmp_path / "corpus", documents[:10])
+    built = prepare_dataset(files, tmp_path / "cache", vocab_size=SMALL_VOCAB)
+    shard = built / "train-000000.tar"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])  # a copy stopped by a full disk
+    assert prepare_dataset(files, tmp_path / "cache", vocab_size=SMALL_VOCAB) == built
+    assert shard.read_bytes() == whole  # byte-identical inputs give byte-identical shards
+
+
+def test_a_killed_preparations_staging_directory_is_removed_by_the_next(tmp_path, documents):
+    import socket
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)  # a process of this machine that has exited
+    killed = cache / ".0123456789abcdef.partial-x1"  # what a SIGKILL mid-preparation leaves
+    killed.mkdir()
+    (killed / "train-000000.tar").write_bytes(b"partial")
+    (killed / "owner").write_text(f"{socket.gethostname()} {dead_pid}")
+    running = cache / ".0123456789abcdef.partial-x2"  # another preparation, still going
+    running.mkdir()
+    (running / "owner").write_text(f"{socket.gethostname()} {os.getpid()}")
+    elsewhere = cache / ".fedcba9876543210.partial-x3"  # another host's: this one cannot tell
+    elsewhere.mkdir()
+    (elsewhere / "owner").write_text("other-host 12345")
+    files = write_corpus(tmp_path / "corpus", documents[:10])
+    built = prepare_dataset(files, cache, vocab_size=SMALL_VOCAB)
+    assert not killed.exists() and running.exists() and elsewhere.exists()
+    assert not (built / "owner").exists()
+    os.utime(elsewhere, (time.time() - 8 * 24 * 3600,) * 2)  # untouched for over a week: abandoned
+    prepare_dataset(write_corpus(tmp_path / "other", documents[10:20]), cache, vocab_size=SMALL_VOCAB)
+    assert not elsewhere.exists() and running.exists()
 
 
 def test_a_file_given_twice_is_refused(tmp_path, documents):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
 import platform
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -75,8 +78,10 @@ def prepare_dataset(
 
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_staging(cache_root)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=cache_root))
         try:
+            (staging / STAGING_OWNER).write_text(f"{socket.gethostname()} {os.getpid()}", encoding="utf-8")
             _build(staging, source_spec, parameters, fingerprint)
             if source_spec["kind"] != EMBEDDED_SOURCE and _source_spec(source) != source_spec:
                 raise ValueError(f"{', '.join(f['path'] for f in source_spec['files'])}: changed while being "
@@ -161,13 +166,18 @@ def _is_complete(directory: Path, fingerprint: str) -> bool:
 
 
 def _files_present(directory: Path, meta: dict) -> bool:
-    """Every file meta.json lists is there: a cache entry with a shard or its tokenizer deleted is
-    prepared again rather than trusted (and failing at every start)."""
+    """Every file meta.json lists is there, each shard at the size it was written (where meta.json
+    records one): a cache entry with a shard or its tokenizer deleted, or a shard cut short, is
+    prepared again rather than trusted (and failing at every start, or mid-run)."""
     try:
-        names = [TOKENIZER_FILENAME, *(shard["file"] for split in SPLITS for shard in meta["splits"][split]["shards"])]
+        shards = [shard for split in SPLITS for shard in meta["splits"][split]["shards"]]
+        names = [TOKENIZER_FILENAME, *(shard["file"] for shard in shards)]
     except (KeyError, TypeError):
         return False
-    return all((directory / name).is_file() for name in names)
+    if not all((directory / name).is_file() for name in names):
+        return False
+    # (Datasets prepared before sizes were recorded have no "bytes": their shards are taken as they are.)
+    return all("bytes" not in shard or (directory / shard["file"]).stat().st_size == shard["bytes"] for shard in shards)
 
 
 def _reiterable_documents(source_spec: dict, text_field: str) -> Callable[[], Iterable[str]]:
@@ -270,22 +280,69 @@ def _batches(documents: Iterable[str], size: int) -> Iterator[tuple[int, list[st
 
 
 def _publish(staging: Path, target: Path, fingerprint: str) -> None:
-    if _is_complete(target, fingerprint):
-        # Another process (say, another rank) published the same dataset while we built ours;
-        # theirs is as good as ours, and someone may already be reading it.
-        return
-    if target.exists():
-        # Only complete datasets are ever renamed into place, so an incomplete directory here
-        # was not made by this code and can go.
-        shutil.rmtree(target)
-    # mkdtemp made the directory private (0700); a prepared dataset is meant to be shared.
-    staging.chmod(0o755)
-    try:
+    # Under a lock: without it, a process that found `target` incomplete could delete it just after
+    # another process renamed its complete dataset there, while someone may already read it.
+    with _locked(target.parent):
+        if _is_complete(target, fingerprint):
+            # Another process (say, another rank) published the same dataset while we built ours;
+            # theirs is as good as ours, and someone may already be reading it.
+            return
+        if target.exists():
+            # Only complete datasets are ever renamed into place, so an incomplete directory here
+            # was not made by this code (or was damaged since) and can go.
+            shutil.rmtree(target)
+        (staging / STAGING_OWNER).unlink(missing_ok=True)  # the building process's, not the dataset's
+        # mkdtemp made the directory private (0700); a prepared dataset is meant to be shared.
+        staging.chmod(0o755)
         os.rename(staging, target)
-    except OSError:
-        # Lost a race for the same name after all: fine if the winner's dataset is complete.
-        if not _is_complete(target, fingerprint):
-            raise
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `directory` itself for this block (no lock file left behind):
+    between processes of one machine, and of several where the file system honours flock."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # (closing releases the lock)
+
+
+STAGING_OWNER = "owner"
+"""In a staging directory: `<host> <pid>` of the process building it."""
+ABANDONED_AFTER_S = 7 * 24 * 3600
+"""A staging directory with no owner this machine can check (another host's, or an older one's) and
+untouched this long is taken to be abandoned."""
+
+
+def _remove_abandoned_staging(cache_root: Path) -> None:
+    """Staging directories of preparations that were killed before they could clean up (SIGKILL, a
+    node lost): their partial shards would otherwise stay on disk for good. One whose owner runs on
+    this machine and has exited goes at once; any other only once untouched for ABANDONED_AFTER_S."""
+    host = socket.gethostname()
+    for staging in cache_root.glob(".*.partial-*"):
+        try:
+            owner_host, _, pid = (staging / STAGING_OWNER).read_text(encoding="utf-8").partition(" ")
+            abandoned = owner_host == host and not _process_alive(int(pid))
+        except (OSError, ValueError):
+            abandoned = False
+        try:
+            abandoned = abandoned or time.time() - staging.stat().st_mtime > ABANDONED_AFTER_S
+        except OSError:
+            continue  # gone meanwhile: its owner finished
+        if abandoned:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _progress(message: str) -> None:

@@ -47,14 +47,16 @@ class TokenShardWriter:
             self._pending_tokens = stream.size - full
 
     def finish(self) -> list[dict[str, int | str]]:
-        """Write the last, shorter sample and close the shards; returns [{"file", "num_tokens"}] in order."""
+        """Write the last, shorter sample and close the shards; returns [{"file", "num_tokens", "bytes"}] in
+        order (the size lets a reader of the cache notice a shard cut short, by a full disk or a copy)."""
         if self._pending_tokens:
             self._write_sample(np.concatenate(self._pending))
             self._pending, self._pending_tokens = [], 0
         self.close()
+        names = [SHARD_PATTERN.format(split=self._split) % index for index in range(len(self._shard_tokens))]
         return [
-            {"file": SHARD_PATTERN.format(split=self._split) % index, "num_tokens": count}
-            for index, count in enumerate(self._shard_tokens)
+            {"file": name, "num_tokens": count, "bytes": (self._directory / name).stat().st_size}
+            for name, count in zip(names, self._shard_tokens, strict=True)
         ]
 
     def close(self) -> None:
