@@ -73,7 +73,11 @@ class WandbSink:
         wandb_dir.mkdir(parents=True, exist_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file = run_dir / RUN_ID_FILE
-        run_id = (id_file.read_text(encoding="utf-8").strip() if id_file.exists() else "") or uuid.uuid4().hex[:12]
+        # A resume continues the run's W&B run. A run that starts over in its directory (auto_resume
+        # after an attempt killed before its first checkpoint) gets a new one: W&B drops the steps
+        # a resumed W&B run logs below its last, so the new attempt's would go missing there.
+        resuming = run.trainer.resume and id_file.exists()
+        run_id = (id_file.read_text(encoding="utf-8").strip() if resuming else "") or uuid.uuid4().hex[:12]
         def open_run(mode: str):
             return wandb.init(
                 project=settings.wandb_project,

@@ -88,3 +88,19 @@ def test_online_asked_for_by_name_stays_an_error(compose_run, tmp_path, monkeypa
     with pytest.raises(wandb.errors.CommError):
         wandb_sink.WandbSink(to_run_config(compose_run(["logging=wandb", *asked])), tmp_path / "run")
     assert calls == ["online"]
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_resume_continues_the_wandb_run_and_a_start_over_opens_a_new_one(compose_run, tmp_path, monkeypatch, resume):
+    from train import wandb_sink
+
+    ids: list[str] = []
+    monkeypatch.setattr(wandb_sink.wandb, "init", lambda **kwargs: ids.append(kwargs["id"]) or _FakeRun())
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / wandb_sink.RUN_ID_FILE).write_text("earlier0attempt")  # an attempt killed before its first checkpoint
+    run = to_run_config(compose_run(["logging=wandb", "logging.wandb_mode=offline", f"trainer.run_dir={run_dir}",
+                                     f"trainer.resume={str(resume).lower()}"]))
+    wandb_sink.WandbSink(run, run_dir)
+    assert (ids == ["earlier0attempt"]) is resume
+    assert (run_dir / wandb_sink.RUN_ID_FILE).read_text() == ids[0]
