@@ -13,19 +13,25 @@ TORCH_GPU ?= torch>=2.4,<2.15
 TORCH_INDEX ?=
 HAS_GPU   := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: help install train test test-fast lint prepare bench bench-routing bench-gpu clean eval generate export consolidate docker lint-docker test-slurm
+.PHONY: help install constraints train test test-fast lint prepare bench bench-routing bench-gpu clean eval generate export consolidate docker lint-docker test-slurm
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 install: $(STAMP)  ## create .venv and install the project (CPU or CUDA torch)
 
-$(STAMP): pyproject.toml
+# constraints.txt: the exact versions CI last passed with (for the Python it ran; other Pythons
+# resolve pyproject.toml's ranges), so a new release upstream cannot change a clean install unseen.
+$(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(if $(HAS_GPU),$(TORCH_GPU),$(TORCH_CPU))"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
+
+constraints: $(STAMP)  ## rewrite constraints.txt from what .venv holds (after a deliberate upgrade, then make test)
+	$(PY) -m pip freeze --exclude-editable | $(PY) -m train.constraints > constraints.txt.partial
+	mv constraints.txt.partial constraints.txt
 
 train: $(STAMP)  ## train the smoke GPT-MoE on the embedded corpus (ARGS='key=value ...' to override)
 	$(PY) -m train experiment=smoke $(ARGS)
