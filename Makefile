@@ -79,9 +79,8 @@ IMAGE ?= moe-gpt
 docker:  ## build the GPU image from docker/Dockerfile, tagged $(IMAGE) (needs a Docker engine)
 	docker build -f docker/Dockerfile -t $(IMAGE) .
 
-clean:  ## remove the virtualenv (only one `make install` made here), caches and runs
-	@# VENV may name an environment this checkout did not make (the Docker image sets VENV=/opt/conda,
-	@# its only Python): that one is left alone.
-	@if [ -f $(VENV)/pyvenv.cfg ] && [ "$$(cd $(VENV) && pwd -P)" = "$$(pwd -P)/.venv" ]; then rm -rf $(VENV); \
-	  else echo "make clean: keeping $(VENV) (not this checkout's .venv)"; fi
+clean:  ## remove the virtualenv (a venv, as `make install` makes), caches and runs
+	@# VENV may name an environment that is no venv (the Docker image sets VENV=/opt/conda, its only
+	@# Python): that one is left alone.
+	@if [ -f $(VENV)/pyvenv.cfg ]; then rm -rf $(VENV); else echo "make clean: keeping $(VENV) (not a venv)"; fi
 	rm -rf .cache runs

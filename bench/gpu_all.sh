@@ -24,7 +24,7 @@ names=()
 step() {
   local name="$1"; shift
   if [ -n "$listing" ]; then names+=("$name"); return; fi
-  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+  selected "$name" || return 0
   echo "== $name: $*"
   if ! "$@" 2>&1 | tee "$RESULTS_DIR/$name.log"; then
     failed+=("$name")
@@ -32,6 +32,8 @@ step() {
   fi
   pack || echo "== packing the results into $OUT failed; they are still in $RESULTS_DIR"
 }
+# Whether this call runs step $1 (every step, unless ONLY names some).
+selected() { [ -z "$listing" ] && { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }; }
 # Logs, tables, JSON and the smoke run's metrics: not its checkpoints, which are large and not results.
 pack() {
   if [ -z "${OUT:-}" ]; then return; fi
@@ -56,7 +58,7 @@ run_steps() {
   step e2e_gpt2_small "$PY" -m bench.end_to_end --steps 10 --warmup 3 experiment=h100_gpt2_small --json "$RESULTS_DIR/e2e_gpt2_small.json"
   # A fresh run folder each time: a rerun (after a cut-off call) would otherwise find the last
   # run's checkpoints there and refuse to start over them.
-  if [ -z "$listing" ]; then rm -rf "$RESULTS_DIR/smoke"; fi
+  if selected smoke; then rm -rf "$RESULTS_DIR/smoke"; fi
   step smoke "$PY" -m train experiment=smoke logging.progress_bar=false "trainer.run_dir=$RESULTS_DIR/smoke"
   # Last, as the least needed: what activation checkpointing costs in tokens/s (and saves in memory).
   step e2e_350m_ckpt "$PY" -m bench.end_to_end --variants ours,ours+compile --steps 6 --warmup 2 experiment=h100_350m \

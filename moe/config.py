@@ -54,7 +54,7 @@ class MoEConfig:
     """Multiplicative jitter on the router input in training only, x * U(1-eps, 1+eps) (Switch)."""
     aux_loss_coef: float = 0.01
     """Token choice: weight of the Switch/GShard load-balancing loss added to the LM loss. Expert
-    choice has none (every expert takes C tokens: balanced by construction)."""
+    choice has none (every expert takes C tokens: balanced by construction): 0 or the default there."""
     aux_loss_scope: str = "micro_batch"
     """micro_batch: f (each expert's share of the assignments) counted on this micro-batch on this
     rank, the paper's form. global: f from the previous optimizer step's whole batch (all
@@ -107,6 +107,8 @@ class MoEConfig:
         other_router = TOKEN_CHOICE_ONLY if self.router == "expert_choice" else EXPERT_CHOICE_ONLY
         defaults = {f.name: f.default for f in fields(self)}
         for name in other_router:
+            if name == "aux_loss_coef" and self.aux_loss_coef == 0:
+                continue  # "no balancing loss" is what expert choice has (its preset says so)
             if getattr(self, name) != (default := defaults[name]):
                 raise ValueError(f"moe.{name}={getattr(self, name)!r} applies to "
                                  f"{'token' if self.router == 'expert_choice' else 'expert'} choice only; "

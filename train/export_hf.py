@@ -50,6 +50,7 @@ import torch
 from train.commands import ArgumentParser, quiet_deepspeed, run_command
 from train.config import ConfigError
 from train.durable import fsync_path, save_safetensors
+from train.routing_modes import moe_layers
 
 # Every file an export may write: an existing --out holding only these is a previous export.
 EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -137,7 +138,7 @@ def mixtral_config(model: torch.nn.Module, eot_id: int | None) -> dict:
         "attention_dropout": 0.0,
         "num_local_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
-        "router_aux_loss_coef": mixtral_aux_loss_coef(moe.aux_loss_coef, cfg.num_layers, moe.top_k),
+        "router_aux_loss_coef": mixtral_aux_loss_coef(moe.aux_loss_coef, len(moe_layers(model)), moe.top_k),
         "router_jitter_noise": 0.0,
         "output_router_logits": False,
         "initializer_range": cfg.init_std,

@@ -8,10 +8,11 @@ import os
 from collections.abc import Mapping
 from urllib.parse import urlparse
 
-ENV_MODES = {"online": "online", "run": "online", "shared": "online", "offline": "offline", "dryrun": "offline",
+ENV_MODES = {"online": "online", "run": "online", "shared": "shared", "offline": "offline", "dryrun": "offline",
              "disabled": "disabled"}
-"""What wandb accepts in WANDB_MODE, as the mode it means ("run" and "dryrun" are its older names;
-"shared" is online, several writers to one run)."""
+"""What wandb accepts in WANDB_MODE, as the mode passed on to it ("run" and "dryrun" are its older
+names for online and offline; "shared", several writers to one run, is online and stays itself)."""
+ONLINE_MODES = ("online", "shared")
 
 
 def resolve_mode(setting: str, environ: Mapping[str, str] = os.environ) -> str:
@@ -61,7 +62,7 @@ def online_without_key(setting: str, environ: Mapping[str, str] = os.environ) ->
     if setting == "auto" and environ.get("WANDB_MODE") and environ["WANDB_MODE"] not in ENV_MODES:
         return (f"WANDB_MODE={environ['WANDB_MODE']}: not a W&B mode; expected one of {', '.join(ENV_MODES)} "
                 "(or unset it: logging.wandb_mode=auto then goes online with an API key, else offline)")
-    if resolve_mode(setting, environ) != "online" or environ.get("WANDB_API_KEY") or _stored_api_key(environ):
+    if resolve_mode(setting, environ) not in ONLINE_MODES or environ.get("WANDB_API_KEY") or _stored_api_key(environ):
         return None
     source = f"logging.wandb_mode={setting}" if setting != "auto" else f"WANDB_MODE={environ.get('WANDB_MODE', 'online')}"
     return (f"{source} needs a W&B API key: run `wandb login` (it stores the key in ~/.netrc) or set "

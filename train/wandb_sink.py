@@ -96,7 +96,8 @@ class WandbSink:
 
         try:
             self.run = open_run(self.mode)
-        except Exception as error:  # noqa: BLE001 - wandb's own (CommError, a timeout): nothing we can fix here
+        except (wandb.errors.CommError, TimeoutError, ConnectionError) as error:
+            # The network, not the settings: a wrong entity or project still stops the run.
             if not falls_back_offline(settings.wandb_mode):
                 raise
             first_line = (str(error).strip().splitlines() or [""])[0][:160]
@@ -129,6 +130,6 @@ class WandbSink:
         if self.mode == "offline":
             local = Path(self.run.dir).parent
             print(f"wandb       offline run {local} (upload: wandb sync {local})", flush=True)
-        elif self.mode == "online":
+        elif self.mode in ("online", "shared"):
             print(f"wandb       {self.run.url}", flush=True)
         self.run.finish()

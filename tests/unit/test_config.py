@@ -114,6 +114,17 @@ def test_a_presets_routing_can_be_replaced_by_a_moe_choice(compose_run, preset):
     assert (expert_choice.router, expert_choice.capacity_factor) == ("expert_choice", 2.0)
 
 
+def test_expert_choice_runs_saved_before_its_preset_changed_still_load():
+    # conf/moe/expert_choice.yaml as every expert-choice run before 2026-12-06 recorded it.
+    from train.load import run_config_from_dict
+
+    old_preset = {"router": "expert_choice", "num_experts": 8, "top_k": 2, "every": 1, "capacity_factor": 2.0,
+                  "eval_capacity_factor": None, "min_capacity": 1, "aux_loss_coef": 0.0, "z_loss_coef": 0.001,
+                  "ec_group": "batch", "ec_max_experts_per_token": None, "ec_eval_mode": "causal",
+                  "ec_threshold_momentum": 0.05}
+    assert run_config_from_dict({"moe": old_preset}, "config.yaml").moe.aux_loss_coef == 0.0
+
+
 def test_expert_choice_takes_any_expert_count_and_ignores_token_choice_defaults(compose_run):
     # top_k's default (2) is token choice's; it must not stop expert choice over one expert.
     run = to_run_config(compose_run(["moe=expert_choice", "moe.num_experts=1"]))

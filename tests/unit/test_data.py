@@ -246,7 +246,7 @@ def test_failed_prepare_leaves_nothing_that_looks_complete(tmp_path, documents, 
     monkeypatch.undo()
     built = prepare_dataset(files, cache, vocab_size=SMALL_VOCAB, tokens_per_sample=16)
     assert (built / "meta.json").is_file()
-    assert [path.name for path in cache.iterdir()] == [built.name]
+    assert sorted(path.name for path in cache.iterdir()) == [preparation.PUBLISH_LOCK, built.name]
 
 
 def test_directory_without_meta_is_rebuilt_not_trusted(tmp_path, documents):
@@ -276,7 +276,6 @@ def test_a_shard_cut_short_is_prepared_again(tmp_path, documents):
 
 
 def test_a_killed_preparations_staging_directory_is_removed_by_the_next(tmp_path, documents):
-    import socket
     import subprocess
     import sys
 
@@ -284,23 +283,40 @@ def test_a_killed_preparations_staging_directory_is_removed_by_the_next(tmp_path
     cache.mkdir()
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(finished.stdout)  # a process of this machine that has exited
-    killed = cache / ".0123456789abcdef.partial-x1"  # what a SIGKILL mid-preparation leaves
-    killed.mkdir()
-    (killed / "train-000000.tar").write_bytes(b"partial")
-    (killed / "owner").write_text(f"{socket.gethostname()} {dead_pid}")
-    running = cache / ".0123456789abcdef.partial-x2"  # another preparation, still going
-    running.mkdir()
-    (running / "owner").write_text(f"{socket.gethostname()} {os.getpid()}")
-    elsewhere = cache / ".fedcba9876543210.partial-x3"  # another host's: this one cannot tell
-    elsewhere.mkdir()
-    (elsewhere / "owner").write_text("other-host 12345")
+    host, namespace, boot = preparation._owner_identity()
+
+    def staging(name: str, owner: str) -> Path:
+        folder = cache / f".0123456789abcdef.partial-{name}"
+        folder.mkdir()
+        (folder / "train-000000.tar").write_bytes(b"partial")
+        (folder / "owner").write_text(owner)
+        return folder
+
+    killed = staging("killed", f"{host} {dead_pid} {namespace} {boot}")  # what a SIGKILL mid-preparation leaves
+    rebooted = staging("rebooted", f"{host} {os.getpid()} {namespace} an-earlier-boot")  # its pid reused since
+    running = staging("running", f"{host} {os.getpid()} {namespace} {boot}")  # another preparation, still going
+    container = staging("container", f"{host} {dead_pid} pid:[1] {boot}")  # same host name, other pids
+    elsewhere = staging("elsewhere", f"other-host 12345 {namespace} {boot}")  # another machine's
     files = write_corpus(tmp_path / "corpus", documents[:10])
     built = prepare_dataset(files, cache, vocab_size=SMALL_VOCAB)
-    assert not killed.exists() and running.exists() and elsewhere.exists()
+    assert not killed.exists() and not rebooted.exists()
+    assert running.exists() and container.exists() and elsewhere.exists()
     assert not (built / "owner").exists()
     os.utime(elsewhere, (time.time() - 8 * 24 * 3600,) * 2)  # untouched for over a week: abandoned
     prepare_dataset(write_corpus(tmp_path / "other", documents[10:20]), cache, vocab_size=SMALL_VOCAB)
-    assert not elsewhere.exists() and running.exists()
+    assert not elsewhere.exists() and running.exists() and container.exists()
+
+
+def test_a_file_system_without_locks_still_publishes(tmp_path, documents, monkeypatch):
+    import errno
+
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")  # Lustre without -o flock, some NFS mounts
+
+    monkeypatch.setattr(preparation.fcntl, "flock", no_locks)
+    files = write_corpus(tmp_path / "corpus", documents[:10])
+    built = prepare_dataset(files, tmp_path / "cache", vocab_size=SMALL_VOCAB)
+    assert TokenDataset(built, "train").num_tokens > 0
 
 
 def test_a_file_given_twice_is_refused(tmp_path, documents):

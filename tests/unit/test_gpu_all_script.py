@@ -111,6 +111,10 @@ def test_a_rerun_of_the_smoke_step_starts_from_an_empty_run_folder(tmp_path):
     # What a cut-off first call left behind: the rerun must not find (and refuse) the old run.
     old_run = tmp_path / "results" / "smoke" / "checkpoints" / "step_2"
     old_run.mkdir(parents=True)
+    # A call that does not run the smoke step leaves its results alone.
+    result = _run(tmp_path, "echo 'NVIDIA H100'", "device", python_script='#!/bin/sh\nexit 0\n')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert old_run.is_dir()
     result = _run(tmp_path, "echo 'NVIDIA H100'", "smoke", python_script='#!/bin/sh\nexit 0\n')
     assert result.returncode == 0, result.stdout + result.stderr
     assert not (tmp_path / "results" / "smoke").exists()

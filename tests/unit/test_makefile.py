@@ -25,7 +25,7 @@ def test_clean_removes_the_checkouts_venv_and_keeps_any_other(tmp_path):
 
     kept = subprocess.run(["make", "clean", f"VENV={image_python}"], cwd=checkout, capture_output=True, text=True)
     assert kept.returncode == 0, kept.stderr
-    assert image_python.is_dir() and f"keeping {image_python}" in kept.stdout
+    assert image_python.is_dir() and f"keeping {image_python} (not a venv)" in kept.stdout
     assert not (checkout / "runs").exists()
 
     removed = subprocess.run(["make", "clean"], cwd=checkout, capture_output=True, text=True)

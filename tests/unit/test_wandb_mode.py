@@ -19,6 +19,7 @@ from train.wandb_mode import online_without_key, resolve_mode
         # wandb's older names for the same modes.
         ("auto", {"WANDB_MODE": "run"}, "online"),
         ("auto", {"WANDB_MODE": "dryrun"}, "offline"),
+        ("auto", {"WANDB_MODE": "shared"}, "shared"),  # online, several writers: passed on as it is
     ],
 )
 def test_mode(setting, environ, mode):
@@ -53,6 +54,7 @@ def test_a_key_stored_by_wandb_login_means_online(tmp_path):
         ("online", {}, "logging.wandb_mode=online"),
         ("auto", {"WANDB_MODE": "online"}, "WANDB_MODE=online"),
         ("auto", {"WANDB_MODE": "run"}, "WANDB_MODE=run"),
+        ("auto", {"WANDB_MODE": "shared"}, "WANDB_MODE=shared"),
     ],
 )
 def test_online_without_a_key_is_refused_by_name(setting, environ, source):

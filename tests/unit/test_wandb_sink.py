@@ -104,3 +104,18 @@ def test_a_resume_continues_the_wandb_run_and_a_start_over_opens_a_new_one(compo
     wandb_sink.WandbSink(run, run_dir)
     assert (ids == ["earlier0attempt"]) is resume
     assert (run_dir / wandb_sink.RUN_ID_FILE).read_text() == ids[0]
+
+
+def test_a_settings_error_under_auto_is_not_hidden_by_going_offline(compose_run, tmp_path, monkeypatch):
+    import wandb
+
+    from train import wandb_sink
+
+    def init(**kwargs):
+        raise wandb.errors.UsageError("entity my-team not found")  # reached W&B: the settings are wrong
+
+    monkeypatch.setattr(wandb_sink.wandb, "init", init)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with pytest.raises(wandb.errors.UsageError):
+        wandb_sink.WandbSink(to_run_config(compose_run(["logging=wandb"])), tmp_path / "run")

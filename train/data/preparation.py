@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -81,7 +82,8 @@ def prepare_dataset(
         _remove_abandoned_staging(cache_root)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=cache_root))
         try:
-            (staging / STAGING_OWNER).write_text(f"{socket.gethostname()} {os.getpid()}", encoding="utf-8")
+            host, namespace, boot = _owner_identity()
+            (staging / STAGING_OWNER).write_text(f"{host} {os.getpid()} {namespace} {boot}", encoding="utf-8")
             _build(staging, source_spec, parameters, fingerprint)
             if source_spec["kind"] != EMBEDDED_SOURCE and _source_spec(source) != source_spec:
                 raise ValueError(f"{', '.join(f['path'] for f in source_spec['files'])}: changed while being "
@@ -280,9 +282,9 @@ def _batches(documents: Iterable[str], size: int) -> Iterator[tuple[int, list[st
 
 
 def _publish(staging: Path, target: Path, fingerprint: str) -> None:
-    # Under a lock: without it, a process that found `target` incomplete could delete it just after
-    # another process renamed its complete dataset there, while someone may already read it.
-    with _locked(target.parent):
+    # Under a lock where the file system has one: without it, a process that found `target`
+    # incomplete could delete it just after another process renamed its complete dataset there.
+    with _locked(target.parent / PUBLISH_LOCK):
         if _is_complete(target, fingerprint):
             # Another process (say, another rank) published the same dataset while we built ours;
             # theirs is as good as ours, and someone may already be reading it.
@@ -290,41 +292,72 @@ def _publish(staging: Path, target: Path, fingerprint: str) -> None:
         if target.exists():
             # Only complete datasets are ever renamed into place, so an incomplete directory here
             # was not made by this code (or was damaged since) and can go.
-            shutil.rmtree(target)
+            shutil.rmtree(target, ignore_errors=True)
         (staging / STAGING_OWNER).unlink(missing_ok=True)  # the building process's, not the dataset's
         # mkdtemp made the directory private (0700); a prepared dataset is meant to be shared.
         staging.chmod(0o755)
-        os.rename(staging, target)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            # Lost a race for the same name after all (no lock on this file system): fine if the
+            # winner's dataset is complete.
+            if not _is_complete(target, fingerprint):
+                raise
+
+
+PUBLISH_LOCK = ".publish.lock"
+"""In the cache folder: the lock file of `_publish` (empty; it stays)."""
+LOCK_UNSUPPORTED = {errno.ENOLCK, errno.EBADF, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+"""What flock raises where the file system has no locks (Lustre without -o flock, some NFS setups)."""
 
 
 @contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """An exclusive advisory lock on `directory` itself for this block (no lock file left behind):
-    between processes of one machine, and of several where the file system honours flock."""
-    descriptor = os.open(directory, os.O_RDONLY)
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on the file `path` (created if missing; opened for writing, which
+    NFS's emulation of flock needs) for this block; without one where the file system has none."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError as error:
+            if error.errno not in LOCK_UNSUPPORTED:
+                raise
         yield
     finally:
         os.close(descriptor)  # (closing releases the lock)
 
 
 STAGING_OWNER = "owner"
-"""In a staging directory: `<host> <pid>` of the process building it."""
+"""In a staging directory: `<host> <pid> <pid namespace> <boot id>` of the process building it."""
 ABANDONED_AFTER_S = 7 * 24 * 3600
-"""A staging directory with no owner this machine can check (another host's, or an older one's) and
-untouched this long is taken to be abandoned."""
+"""A staging directory whose owner this process cannot check (another machine's or container's, or
+an older one's) and untouched this long is taken to be abandoned."""
+
+
+def _owner_identity() -> list[str]:
+    """Who may judge whether a pid is alive: the same host, the same pid namespace (containers that
+    share a host name have their own pids), the same boot (pids are reused after a reboot)."""
+    return [socket.gethostname(), _read_link_or_file("/proc/self/ns/pid"), _read_link_or_file("/proc/sys/kernel/random/boot_id")]
+
+
+def _read_link_or_file(path: str) -> str:
+    try:
+        return os.readlink(path) if os.path.islink(path) else Path(path).read_text().strip()
+    except OSError:
+        return "?"
 
 
 def _remove_abandoned_staging(cache_root: Path) -> None:
     """Staging directories of preparations that were killed before they could clean up (SIGKILL, a
-    node lost): their partial shards would otherwise stay on disk for good. One whose owner runs on
-    this machine and has exited goes at once; any other only once untouched for ABANDONED_AFTER_S."""
-    host = socket.gethostname()
+    node lost): their partial shards would otherwise stay on disk for good. One whose owner ran in
+    this pid namespace on this machine and has exited (or whose machine has rebooted since) goes at
+    once; any other only once untouched for ABANDONED_AFTER_S."""
+    host, namespace, boot = _owner_identity()
     for staging in cache_root.glob(".*.partial-*"):
         try:
-            owner_host, _, pid = (staging / STAGING_OWNER).read_text(encoding="utf-8").partition(" ")
-            abandoned = owner_host == host and not _process_alive(int(pid))
+            owner_host, pid, owner_namespace, owner_boot = (staging / STAGING_OWNER).read_text(encoding="utf-8").split()
+            same_machine = owner_host == host and "?" not in (namespace, boot) and owner_namespace == namespace
+            abandoned = same_machine and (owner_boot != boot or not _process_alive(int(pid)))
         except (OSError, ValueError):
             abandoned = False
         try:
