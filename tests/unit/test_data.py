@@ -469,3 +469,27 @@ def test_a_file_written_to_while_it_is_prepared_is_refused(tmp_path, documents, 
     with pytest.raises(ValueError, match=r"changed while being prepared; prepare again once the files are written"):
         prepare_dataset(files, tmp_path / "cache", vocab_size=SMALL_VOCAB)
     assert not list((tmp_path / "cache").rglob("meta.json"))
+
+
+def test_long_documents_encode_in_pieces_to_the_same_tokens(monkeypatch, documents):
+    """The oracle is the tokenizer on each whole document; pieces small enough that every document is
+    cut many times, at newlines next to spaces, tabs, blank lines, digits, punctuation and accents."""
+    import random
+
+    from train.data import tokenizer as tokenizer_module
+
+    rng = random.Random(0)
+    words = ["otter", "Heron", "42", "3.14", "don't", "naïve", "<|endoftext|>", "—", "x", "", "(a)", "'s"]
+    gaps = [" ", "  ", "\n", "\n\n", " \n", "\n ", "\t", "\r\n", "\n\t", " \n\n "]
+    texts = ["".join(rng.choice(words) + rng.choice(gaps) for _ in range(count)) for count in (3, 200, 900)]
+    tokenizer = train_bpe_tokenizer(documents + texts, SMALL_VOCAB)
+    tokenizer.encode_special_tokens = True
+    expected = [tokenizer.encode(text).ids for text in texts]
+    monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", 40)
+    monkeypatch.setattr(tokenizer_module, "BATCH_CHARS", 100)
+    assert len(tokenizer_module._pieces(texts[2])) > 50
+    assert tokenizer_module.encode_documents(tokenizer, texts) == expected
+    # A document with no safe place to cut is encoded whole.
+    unbroken = "word " * 100
+    assert tokenizer_module._pieces(unbroken) == [unbroken]
+    assert tokenizer_module.encode_documents(tokenizer, [unbroken]) == [tokenizer.encode(unbroken).ids]

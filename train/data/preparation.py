@@ -35,7 +35,7 @@ from train.data.layout import (
 )
 from train.data.shards import TokenShardWriter
 from train.data.split import validation_mask
-from train.data.tokenizer import EOT, MIN_VOCAB_SIZE, eot_id, train_bpe_tokenizer
+from train.data.tokenizer import EOT, MIN_VOCAB_SIZE, encode_documents, eot_id, train_bpe_tokenizer
 
 EMBEDDED_SOURCE = "embedded"
 
@@ -225,9 +225,9 @@ def _build(directory: Path, source_spec: dict, parameters: dict, fingerprint: st
                 raise ValueError("the data files changed while being prepared (more documents than counted); "
                                  "prepare again once they are written")
             split_tokens: dict[str, list[int]] = {split: [] for split in SPLITS}
-            for offset, encoding in enumerate(tokenizer.encode_batch(batch)):
+            for offset, ids in enumerate(encode_documents(tokenizer, batch)):
                 split = "val" if is_validation[first_index + offset] else "train"
-                split_tokens[split].extend(encoding.ids)
+                split_tokens[split].extend(ids)
                 split_tokens[split].append(end_of_text)
                 document_counts[split] += 1
             for split, tokens in split_tokens.items():

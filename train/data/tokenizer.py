@@ -58,3 +58,64 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     # The Rust side raises a bare Exception for every kind of bad file.
     except Exception as error:
         raise ValueError(f"{file}: not a valid tokenizer file ({error})") from None
+
+
+PIECE_CHARS = 1 << 20
+"""Documents longer than this are encoded a piece at a time: a whole `.txt` file is one document, and
+the Rust encoder keeps tens of bytes per token of a string it encodes (offsets, token strings), so
+one file of a gigabyte would need tens of gigabytes at once."""
+BATCH_CHARS = 1 << 24
+"""Characters handed to the encoder in one call: enough for it to use every core."""
+
+
+def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> list[list[int]]:
+    """The token ids of each document, as `tokenizer.encode_batch` gives them, with bounded memory:
+    long documents are cut into pieces where the cut cannot change the tokens (see `_cut_points`),
+    and pieces are encoded in calls of at most about BATCH_CHARS characters."""
+    pieces = [(index, piece) for index, text in enumerate(documents) for piece in _pieces(text)]
+    ids: list[list[int]] = [[] for _ in documents]
+    start = 0
+    while start < len(pieces):
+        end, chars = start, 0
+        while end < len(pieces) and (end == start or chars + len(pieces[end][1]) <= BATCH_CHARS):
+            chars += len(pieces[end][1])
+            end += 1
+        for (index, _), encoding in zip(pieces[start:end], tokenizer.encode_batch([p for _, p in pieces[start:end]])):
+            ids[index].extend(encoding.ids)
+        start = end
+    return ids
+
+
+def _pieces(text: str) -> list[str]:
+    if len(text) <= PIECE_CHARS:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > PIECE_CHARS:
+        cut = _cut_point(text, start, start + PIECE_CHARS)
+        if cut is None:
+            break  # no safe place left: the rest goes whole
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _cut_point(text: str, start: int, limit: int) -> int | None:
+    """Where to end a piece that begins at `start`: just after a newline with a non-space character
+    on both sides, the last such before `limit` (else the first after it). There the byte-level
+    pre-tokenizer (GPT-2's pattern) ends one pre-token and starts the next whichever way the text is
+    cut, and BPE merges never cross pre-tokens, so the pieces' tokens are the whole text's. (A newline
+    after a space would not do: at the end of a piece, " \\n" is one pre-token; within the text, two.)"""
+    position = limit
+    while (position := text.rfind("\n", start + 1, position)) != -1:
+        if _between_non_spaces(text, position):
+            return position + 1
+    position = limit - 1
+    while (position := text.find("\n", position + 1)) != -1:
+        if _between_non_spaces(text, position):
+            return position + 1
+    return None
+
+
+def _between_non_spaces(text: str, position: int) -> bool:
+    return 0 < position < len(text) - 1 and not text[position - 1].isspace() and not text[position + 1].isspace()
