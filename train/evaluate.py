@@ -40,11 +40,17 @@ def mean_token_loss(model: torch.nn.Module, batches: Iterator[np.ndarray] | list
     device = model.embed.weight.device if device is None else device
     total, count = 0.0, 0
     for batch in batches:
-        tokens = torch.from_numpy(batch).to(device)
-        logits = model(tokens[:, :-1]).logits.float()
-        total += float(F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"))
-        count += tokens[:, 1:].numel()
+        loss_sum, predicted = token_loss_sum(model, batch, device)
+        total += loss_sum
+        count += predicted
     return total / count, count
+
+
+def token_loss_sum(model: torch.nn.Module, batch: np.ndarray, device: torch.device) -> tuple[float, int]:
+    """(summed next-token cross-entropy in nats, predicted tokens) of one [B, S+1] batch of windows."""
+    tokens = torch.from_numpy(batch).to(device)
+    logits = model(tokens[:, :-1]).logits.float()
+    return float(F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")), tokens[:, 1:].numel()
 
 
 def in_batches(windows: list[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:

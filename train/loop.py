@@ -28,7 +28,7 @@ from train.distributed import World, init_world, launcher_world_size
 from train.dry_run import check_fits, parallel_plan, print_plan
 from train.durable import write_text_atomically
 from train.engine import build_engine
-from train.evaluate import mean_token_loss
+from train.evaluate import token_loss_sum
 from train.flops import flops_per_token, peak_tflops
 from train.host_memory import keep_freed_memory
 from train.load import newest_run
@@ -586,14 +586,29 @@ class Trainer:
 
     @torch.no_grad()
     def _validation_loss(self) -> float:
-        """Mean token loss over the same validation windows every time (identical on all ranks,
-        so expert-parallel ranks stay in step through the all-to-all)."""
+        """Mean token loss over the same validation windows every time, shared out over the model
+        replicas and the sums added up: the loss of one process computing them all, in about a
+        replica's share of the time. Ranks meet in every forward (the expert-parallel all-to-all,
+        whose capacity follows the batch's size), so in each round every replica takes a batch of
+        the same shape: the full batches go round in turns, and what does not fill a round (the
+        remainder, a shorter last batch) every replica computes, counted by the first alone."""
         self.engine.eval()
-        batches = self.val_data.eval_batches(self.run.trainer.micro_batch_size, self.run.model.seq_len,
-                                             self.run.trainer.eval_batches)
-        loss, _ = mean_token_loss(self.engine, batches, self.world.device)
+        batches = list(self.val_data.eval_batches(self.run.trainer.micro_batch_size, self.run.model.seq_len,
+                                                  self.run.trainer.eval_batches))
+        replicas, replica = self.world.data_parallel_size, self.world.data_parallel_rank
+        full = sum(1 for batch in batches if batch.shape == batches[0].shape)
+        shared_out = full - full % replicas
+        total, count = 0.0, 0
+        for index, batch in enumerate(batches):
+            if index < shared_out and index % replicas != replica:
+                continue
+            loss_sum, predicted = token_loss_sum(self.engine, batch, self.world.device)
+            if index < shared_out or replica == 0:
+                total, count = total + loss_sum, count + predicted
+        sums = torch.tensor([total, count], dtype=torch.float64, device=self.world.device)
+        dist.all_reduce(sums, group=self.world.replica_group)
         self.engine.train()
-        return loss
+        return float(sums[0] / sums[1])
 
     # ------------------------------------------------------------------ records
     def _train_record(self, step: int, loss: float, aux: float, tokens_per_s: float) -> dict[str, Any]:

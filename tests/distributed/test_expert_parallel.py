@@ -90,10 +90,13 @@ def test_ep2_checkpoint_loads_at_ep1_with_identical_weights(tmp_path, compose_ru
     assert torch.equal(model.embed.weight.detach(), dense["embed.weight"])
 
 
-def test_consolidate_ep2_checkpoint_equals_the_model_loaded_at_ep1(tmp_path, compose_run):
+@pytest.mark.parametrize("eval_batches", [2, 3])
+def test_consolidate_ep2_checkpoint_equals_the_model_loaded_at_ep1(tmp_path, compose_run, eval_batches):
     """moe-consolidate reads a checkpoint written by 2 ranks at ep_size=2 (without DeepSpeed's engine)
     and writes the very weights DeepSpeed's own loader puts into the same model at ep_size=1; the
-    file then evaluates, in one process, to the run's own final validation loss."""
+    file then evaluates, in one process, to the run's own final validation loss, which the 2 ranks
+    computed sharing the batches out (3: the third, which does not fill a round, computed by both
+    and counted once), in capacity mode (eval_capacity_factor 2.0)."""
     from safetensors.torch import load_file
 
     from train.config import to_run_config
@@ -105,7 +108,7 @@ def test_consolidate_ep2_checkpoint_equals_the_model_loaded_at_ep1(tmp_path, com
     from train.model import GPT
 
     run_dir = tmp_path / "run"
-    common = ["model=gpt_tiny", "moe=top2_shared", "trainer.micro_batch_size=4", "trainer.eval_batches=2",
+    common = ["model=gpt_tiny", "moe=top2_shared", "trainer.micro_batch_size=4", f"trainer.eval_batches={eval_batches}",
               f"data.cache_dir={ROOT / '.cache' / 'data'}"]
     deepspeed_launch(2, tmp_path, [*common, "moe.ep_size=2", "trainer.max_steps=2", "trainer.eval_every=0",
                                    "logging.progress_bar=false", f"trainer.run_dir={run_dir}"])
@@ -128,7 +131,7 @@ def test_consolidate_ep2_checkpoint_equals_the_model_loaded_at_ep1(tmp_path, com
         assert torch.equal(value, expected[key].detach().float()), key
 
     loaded = load_model(out)
-    windows = validation_windows(loaded.validation_data_dir(), run.model.seq_len, 2 * 4)
-    loss, _ = mean_token_loss(loaded.model, [np.stack(windows[i:i + 4]) for i in (0, 4)])
+    windows = validation_windows(loaded.validation_data_dir(), run.model.seq_len, eval_batches * 4)
+    loss, _ = mean_token_loss(loaded.model, [np.stack(windows[i:i + 4]) for i in range(0, eval_batches * 4, 4)])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert loss == pytest.approx(summary["final_val_loss"], rel=1e-6)
