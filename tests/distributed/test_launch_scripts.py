@@ -40,6 +40,16 @@ exit $status
 FAKE_SSH = "#!/bin/sh\n# the launcher's reachability check (ssh HOST hostname)\nexit 0\n"
 
 
+def _stand_ins(tmp_path: Path, **scripts: str) -> Path:
+    """A folder of executable stand-ins (name -> script text), to put first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
 def _run(script: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """`script` with this process's environment plus `env`, not rank_env(): the scripts must set up their ranks."""
     return run(["bash", str(script), *args], env=subprocess_env(**env), check=False)
@@ -129,11 +139,7 @@ def test_a_dry_run_through_the_local_script_plans_once_and_starts_nothing(tmp_pa
 
 @pytest.mark.distributed
 def test_two_nodes_through_pdsh_train_with_per_rank_logs_and_forwarded_environment(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("pdsh", FAKE_PDSH), ("ssh", FAKE_SSH)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
+    bin_dir = _stand_ins(tmp_path, pdsh=FAKE_PDSH, ssh=FAKE_SSH)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     run_dir, logs, record = tmp_path / "run", tmp_path / "logs", tmp_path / "pdsh_args"
@@ -311,11 +317,7 @@ case "$*" in "show hostnames"*) echo node-0 ;; *) echo "NodeName=node-0 NodeAddr
 def test_the_batch_script_hands_its_cpus_per_task_to_srun(tmp_path):
     """Since Slurm 22.05 srun does not take --cpus-per-task from the allocation: each rank would be
     bound to one core unless the script passes it on (SRUN_CPUS_PER_TASK)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
+    bin_dir = _stand_ins(tmp_path, srun=FAKE_SRUN, scontrol=FAKE_SCONTROL)
     record = tmp_path / "srun.txt"
     venv = _venv(tmp_path)
     env = {k: v for k, v in subprocess_env().items() if k != "PYTHON"}
