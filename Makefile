@@ -29,9 +29,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-constraints: $(STAMP)  ## rewrite constraints.txt from what .venv holds (after a deliberate upgrade, then make test)
-	$(PY) -m pip freeze --exclude-editable | $(PY) -m train.constraints > constraints.txt.partial
+constraints:  ## resolve pyproject.toml afresh in a scratch venv and pin what it got (then make test)
+	rm -rf .venv-constraints
+	python3 -m venv .venv-constraints
+	.venv-constraints/bin/python -m pip install -q --upgrade pip
+	.venv-constraints/bin/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_CPU)"
+	.venv-constraints/bin/python -m pip install -q -e ".[dev]"
+	.venv-constraints/bin/python -m pip freeze --exclude-editable | .venv-constraints/bin/python -m train.constraints > constraints.txt.partial
 	mv constraints.txt.partial constraints.txt
+	rm -rf .venv-constraints
 
 train: $(STAMP)  ## train the smoke GPT-MoE on the embedded corpus (ARGS='key=value ...' to override)
 	$(PY) -m train experiment=smoke $(ARGS)

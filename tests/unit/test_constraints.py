@@ -1,5 +1,5 @@
-"""constraints.txt (the versions CI last passed with) agrees with pyproject.toml, pins no torch (the
-Makefile picks its build), and is what `make constraints` would write from this environment."""
+"""constraints.txt (the versions CI last passed with) agrees with pyproject.toml, pins neither torch nor
+what torch needs (the Makefile picks torch's build), and holds the versions this environment runs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from train.constraints import constraint_lines
+from train.constraints import constraint_lines, requirement_closure
 
 try:
     import tomllib
@@ -28,11 +28,12 @@ def _pins() -> dict[str, Requirement]:
 def test_every_pin_satisfies_pyproject_and_every_dependency_is_pinned():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
-    pins = _pins()
+    pins, torch_needs = _pins(), requirement_closure("torch")
+    assert {"torch", "sympy", "jinja2", "markupsafe"} <= torch_needs  # (MarkupSafe through Jinja2)
     for requirement in wanted:
         name = canonicalize_name(requirement.name)
-        if name == "torch":
-            assert name not in pins, "torch's build is the Makefile's choice (CPU wheel or CUDA)"
+        if name in torch_needs:
+            assert name not in pins, f"{name}: torch and what it needs follow the torch build the Makefile picks"
             continue
         assert name in pins, f"{name} is a dependency but has no pin in constraints.txt"
         (spec,) = pins[name].specifier
@@ -56,7 +57,7 @@ def test_the_pins_are_the_installed_versions_where_they_apply():
 def test_freeze_lines_become_marked_pins_without_torch_or_the_project():
     freeze = ["# Editable Git install", "-e /work/main", "torch==2.13.0+cpu", "Jinja2==3.1.6", "numpy==2.4.6",
               "pkg @ file:///wheels/pkg.whl"]
-    assert constraint_lines(freeze, "3.11", "linux") == [
+    assert constraint_lines(freeze, "3.11", "linux", {"torch"}) == [
         'Jinja2==3.1.6 ; python_version == "3.11" and sys_platform == "linux"',
         'numpy==2.4.6 ; python_version == "3.11" and sys_platform == "linux"',
     ]

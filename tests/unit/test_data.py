@@ -485,11 +485,18 @@ def test_long_documents_encode_in_pieces_to_the_same_tokens(monkeypatch, documen
     tokenizer = train_bpe_tokenizer(documents + texts, SMALL_VOCAB)
     tokenizer.encode_special_tokens = True
     expected = [tokenizer.encode(text).ids for text in texts]
+    dtype = np.dtype("uint16")
     monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", 40)
     monkeypatch.setattr(tokenizer_module, "BATCH_CHARS", 100)
-    assert len(tokenizer_module._pieces(texts[2])) > 50
-    assert tokenizer_module.encode_documents(tokenizer, texts) == expected
+    assert len(tokenizer_module.document_pieces(texts[2])) > 50
+    assert "".join(tokenizer_module.document_pieces(texts[2])) == texts[2]
+    encoded = tokenizer_module.encode_documents(tokenizer, texts, dtype)
+    assert [array.dtype for array in encoded] == [dtype] * 3 and [array.tolist() for array in encoded] == expected
     # A document with no safe place to cut is encoded whole.
     unbroken = "word " * 100
-    assert tokenizer_module._pieces(unbroken) == [unbroken]
-    assert tokenizer_module.encode_documents(tokenizer, [unbroken]) == [tokenizer.encode(unbroken).ids]
+    assert tokenizer_module.document_pieces(unbroken) == [unbroken]
+    assert tokenizer_module.encode_documents(tokenizer, [unbroken], dtype)[0].tolist() == tokenizer.encode(unbroken).ids
+    # The trainer, given the pieces, learns the merges it learns from the whole documents.
+    whole = train_bpe_tokenizer(texts, SMALL_VOCAB)
+    pieced = train_bpe_tokenizer((p for text in texts for p in tokenizer_module.document_pieces(text)), SMALL_VOCAB)
+    assert pieced.get_vocab() == whole.get_vocab()

@@ -35,7 +35,7 @@ from train.data.layout import (
 )
 from train.data.shards import TokenShardWriter
 from train.data.split import validation_mask
-from train.data.tokenizer import EOT, MIN_VOCAB_SIZE, encode_documents, eot_id, train_bpe_tokenizer
+from train.data.tokenizer import EOT, MIN_VOCAB_SIZE, document_pieces, encode_documents, eot_id, train_bpe_tokenizer
 
 EMBEDDED_SOURCE = "embedded"
 
@@ -204,7 +204,9 @@ def _build(directory: Path, source_spec: dict, parameters: dict, fingerprint: st
     )
 
     # Trained on the training documents only, so nothing about the validation text leaks into the vocabulary.
-    training_documents = (text for index, text in enumerate(documents()) if not is_validation[index])
+    # Long ones in pieces cut between pre-tokens: the same counts, so the same merges, in bounded memory.
+    training_documents = (piece for index, text in enumerate(documents()) if not is_validation[index]
+                          for piece in document_pieces(text))
     tokenizer = train_bpe_tokenizer(training_documents, parameters["vocab_size"])
     end_of_text = eot_id(tokenizer)
     dtype = token_dtype(tokenizer.get_vocab_size())
@@ -224,14 +226,15 @@ def _build(directory: Path, source_spec: dict, parameters: dict, fingerprint: st
             if first_index + len(batch) > num_documents:
                 raise ValueError("the data files changed while being prepared (more documents than counted); "
                                  "prepare again once they are written")
-            split_tokens: dict[str, list[int]] = {split: [] for split in SPLITS}
-            for offset, ids in enumerate(encode_documents(tokenizer, batch)):
+            split_tokens: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+            separator = np.array([end_of_text], dtype=dtype)
+            for offset, ids in enumerate(encode_documents(tokenizer, batch, dtype)):
                 split = "val" if is_validation[first_index + offset] else "train"
-                split_tokens[split].extend(ids)
-                split_tokens[split].append(end_of_text)
+                split_tokens[split] += [ids, separator]
                 document_counts[split] += 1
-            for split, tokens in split_tokens.items():
-                writers[split].write(tokens)
+            for split, parts in split_tokens.items():
+                if parts:
+                    writers[split].write(np.concatenate(parts))
         shards = {split: writer.finish() for split, writer in writers.items()}
     finally:
         for writer in writers.values():

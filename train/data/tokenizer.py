@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 # The only special token. It separates documents in the token stream, so the model learns
@@ -68,12 +69,13 @@ BATCH_CHARS = 1 << 24
 """Characters handed to the encoder in one call: enough for it to use every core."""
 
 
-def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> list[list[int]]:
-    """The token ids of each document, as `tokenizer.encode_batch` gives them, with bounded memory:
-    long documents are cut into pieces where the cut cannot change the tokens (see `_cut_points`),
-    and pieces are encoded in calls of at most about BATCH_CHARS characters."""
-    pieces = [(index, piece) for index, text in enumerate(documents) for piece in _pieces(text)]
-    ids: list[list[int]] = [[] for _ in documents]
+def encode_documents(tokenizer: Tokenizer, documents: list[str], dtype: np.dtype) -> list[np.ndarray]:
+    """The token ids of each document (as `dtype`), as `tokenizer.encode_batch` gives them, with
+    bounded memory: long documents are cut into pieces where the cut cannot change the tokens (see
+    `_cut_point`), pieces are encoded in calls of at most about BATCH_CHARS characters, and each
+    piece's ids become a compact array at once (a Python list of ints costs some 36 bytes a token)."""
+    pieces = [(index, piece) for index, text in enumerate(documents) for piece in document_pieces(text)]
+    ids: list[list[np.ndarray]] = [[] for _ in documents]
     start = 0
     while start < len(pieces):
         end, chars = start, 0
@@ -81,12 +83,15 @@ def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> list[list[in
             chars += len(pieces[end][1])
             end += 1
         for (index, _), encoding in zip(pieces[start:end], tokenizer.encode_batch([p for _, p in pieces[start:end]])):
-            ids[index].extend(encoding.ids)
+            ids[index].append(np.asarray(encoding.ids, dtype=dtype))
         start = end
-    return ids
+    return [np.concatenate(parts) if parts else np.zeros(0, dtype) for parts in ids]
 
 
-def _pieces(text: str) -> list[str]:
+def document_pieces(text: str) -> list[str]:
+    """`text` cut into pieces of about PIECE_CHARS where a cut changes no token (`_cut_point`): what
+    the encoder and the tokenizer's trainer are given of a long document (the trainer counts the
+    same pre-tokens either way, so it learns the same merges)."""
     if len(text) <= PIECE_CHARS:
         return [text]
     pieces, start = [], 0
