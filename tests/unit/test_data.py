@@ -480,7 +480,8 @@ def test_long_documents_encode_in_pieces_to_the_same_tokens(monkeypatch, documen
 
     rng = random.Random(0)
     words = ["otter", "Heron", "42", "3.14", "don't", "naïve", "<|endoftext|>", "—", "x", "", "(a)", "'s"]
-    gaps = [" ", "  ", "\n", "\n\n", " \n", "\n ", "\t", "\r\n", "\n\t", " \n\n "]
+    gaps = [" ", "  ", "\n", "\n\n", " \n", "\n ", "\t", "\r\n", "\n\t", " \n\n ", "\x1c", " \x1c", "\x1c\n",
+            "\n\x1c", "\x85", " \x85", "\u3000\u3000", "\xa0 ", "\n\xa0", "    "]
     texts = ["".join(rng.choice(words) + rng.choice(gaps) for _ in range(count)) for count in (3, 200, 900)]
     tokenizer = train_bpe_tokenizer(documents + texts, SMALL_VOCAB)
     tokenizer.encode_special_tokens = True
@@ -492,6 +493,17 @@ def test_long_documents_encode_in_pieces_to_the_same_tokens(monkeypatch, documen
     assert "".join(tokenizer_module.document_pieces(texts[2])) == texts[2]
     encoded = tokenizer_module.encode_documents(tokenizer, texts, dtype)
     assert [array.dtype for array in encoded] == [dtype] * 3 and [array.tolist() for array in encoded] == expected
+    # Many random texts, cut at every piece size from 5 to 60 characters.
+    palette = words + gaps + ["é", "ß", "😀", "1", "-", ".", "\x1f"]
+    for size in range(5, 61, 5):
+        monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", size)
+        text = "".join(rng.choice(palette) for _ in range(300))
+        assert tokenizer_module.encode_documents(tokenizer, [text], dtype)[0].tolist() == tokenizer.encode(text).ids, size
+    monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", 40)
+    # Text whose only breaks are blank lines and indentation (code, paragraphs) is cut too.
+    paragraphs = "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(20))
+    assert len(tokenizer_module.document_pieces(paragraphs)) > 10
+    assert tokenizer_module.encode_documents(tokenizer, [paragraphs], dtype)[0].tolist() == tokenizer.encode(paragraphs).ids
     # A document with no safe place to cut is encoded whole.
     unbroken = "word " * 100
     assert tokenizer_module.document_pieces(unbroken) == [unbroken]

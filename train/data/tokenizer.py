@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -105,22 +106,35 @@ def document_pieces(text: str) -> list[str]:
     return pieces
 
 
+SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+"""The characters the pre-tokenizer's pattern takes as whitespace (`\\s`, Unicode White_Space): not
+Python's str.isspace(), which also counts \\x1c-\\x1f, punctuation to the pattern."""
+SAFE_CUTS = re.compile(rf"(?P<after>(?<=[^{SPACE}])\n(?=[^{SPACE}]))|(?P<before>(?<=[{SPACE}])[{SPACE}](?=[^{SPACE}]))")
+"""Where a cut changes no pre-token of GPT-2's pattern (` ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+`
+and the contractions). First alternative: just after a newline between two non-spaces (the newline is
+a pre-token of its own, in the text and at the end of a piece). Second: just before the last character
+of a whitespace run of two or more that a non-space follows (in the text the run minus its last
+character is one pre-token, the last joins what follows; at the end of a piece the run minus its
+last character is one pre-token too). A newline after a space would not do: at the end of a piece
+" \\n" is one pre-token, within the text two."""
+
+
 def _cut_point(text: str, start: int, limit: int) -> int | None:
-    """Where to end a piece that begins at `start`: just after a newline with a non-space character
-    on both sides, the last such before `limit` (else the first after it). There the byte-level
-    pre-tokenizer (GPT-2's pattern) ends one pre-token and starts the next whichever way the text is
-    cut, and BPE merges never cross pre-tokens, so the pieces' tokens are the whole text's. (A newline
-    after a space would not do: at the end of a piece, " \\n" is one pre-token; within the text, two.)"""
-    position = limit
-    while (position := text.rfind("\n", start + 1, position)) != -1:
-        if _between_non_spaces(text, position):
-            return position + 1
-    position = limit - 1
-    while (position := text.find("\n", position + 1)) != -1:
-        if _between_non_spaces(text, position):
-            return position + 1
+    """Where to end a piece that begins at `start`: the last safe cut (SAFE_CUTS) at or before
+    `limit`, else the first after it; None when there is none. BPE merges never cross pre-tokens, so
+    the pieces' tokens are the whole text's."""
+    best = None
+    for match in SAFE_CUTS.finditer(text, start + 1, min(len(text), limit + 2)):
+        if start < (position := _cut_of(match)) <= limit:
+            best = position
+    if best is not None:
+        return best
+    for match in SAFE_CUTS.finditer(text, limit):
+        if (position := _cut_of(match)) > limit:
+            return position
     return None
 
 
-def _between_non_spaces(text: str, position: int) -> bool:
-    return 0 < position < len(text) - 1 and not text[position - 1].isspace() and not text[position + 1].isspace()
+def _cut_of(match: re.Match) -> int:
+    """The cut a SAFE_CUTS match stands for: after its newline, or before the run's last character."""
+    return match.end() if match.group("after") is not None else match.start()
