@@ -141,16 +141,21 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.error(f"--batch-sizes must be positive integers, got {args.batch_sizes}")
     if batch_sizes is not None:
         batch_sizes = list(dict.fromkeys(batch_sizes))  # a size given twice is one column of the table
+    if args.text is not None and (args.windows or args.all_windows):
+        parser.error("--windows and --all-windows choose validation windows; --text evaluates the whole file")
     quiet_deepspeed()
     from train.config import ConfigError
     from train.load import load_model
-    from train.routing_modes import available_modes, routing, trained_mode_name
+    from train.routing_modes import KEEP, available_modes, routing, trained_mode_name
 
     loaded = load_model(args.checkpoint, args.device)
     run, model = loaded.run, loaded.model
     seq_len = run.model.seq_len
     # Checked before any data is read or prepared.
     modes = available_modes(model, args.capacity_factor or [1.0])
+    if args.capacity_factor and not any(mode.eval_capacity_factor not in (KEEP, None) for mode in modes):
+        raise ConfigError("--capacity-factor: this model has no capacity to set (a dense model, or stock DeepSpeed "
+                          "layers, whose gate keeps its own)")
     if wanted is not None:
         unknown = [name for name in wanted if name not in {m.name for m in modes}]
         if unknown:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from train.commands import ArgumentParser, inference_device, positive_int, quiet_deepspeed, run_command
+from train.commands import ArgumentParser, inference_device, positive_int, quiet_deepspeed, run_command, seed
 from train.sampling import SamplingConfig, next_token
 
 
@@ -123,7 +123,7 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     parser.add_argument("--top-k", type=positive_int, default=None, help="keep the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus: the most likely tokens up to mass p, in (0, 1]")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same text")
+    parser.add_argument("--seed", type=seed, default=0, help="sampling seed: the same seed gives the same text")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole context at every token (slow)")
     parser.add_argument("--device", type=inference_device, default="cpu", help="cpu (default), cuda or cuda:N")
     args = parser.parse_args(argv)

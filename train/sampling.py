@@ -9,6 +9,7 @@ gives them exactly zero. Order, as in most libraries: temperature, then top-k, t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +29,8 @@ class SamplingConfig:
     64, for the GEMMs); ids at or above it decode to nothing, so they are never chosen. None = all."""
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if not _positive_int_or_none(self.top_k):
             raise ValueError(f"top_k must be a positive integer or unset, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

@@ -108,7 +108,8 @@ def test_consolidate_ep2_checkpoint_equals_the_model_loaded_at_ep1(tmp_path, com
     from train.model import GPT
 
     run_dir = tmp_path / "run"
-    common = ["model=gpt_tiny", "moe=top2_shared", "trainer.micro_batch_size=4", f"trainer.eval_batches={eval_batches}",
+    common = ["model=gpt_tiny", "moe=top2_shared", "moe.eval_capacity_factor=2.0", "trainer.micro_batch_size=4",
+              f"trainer.eval_batches={eval_batches}",
               f"data.cache_dir={ROOT / '.cache' / 'data'}"]
     deepspeed_launch(2, tmp_path, [*common, "moe.ep_size=2", "trainer.max_steps=2", "trainer.eval_every=0",
                                    "logging.progress_bar=false", f"trainer.run_dir={run_dir}"])

@@ -109,9 +109,21 @@ def test_a_presets_routing_can_be_replaced_by_a_moe_choice(compose_run, preset):
     # moe= the user picks (which made moe=expert_choice fail and moe=top2 silently dropless).
     assert to_run_config(compose_run([f"experiment={preset}"])).moe.capacity_factor is None
     top2 = to_run_config(compose_run([f"experiment={preset}", "moe=top2"])).moe
-    assert (top2.capacity_factor, top2.eval_capacity_factor) == (1.25, 2.0)
+    assert (top2.capacity_factor, top2.eval_capacity_factor) == (1.25, None)
     expert_choice = to_run_config(compose_run([f"experiment={preset}", "moe=expert_choice"])).moe
     assert (expert_choice.router, expert_choice.capacity_factor) == ("expert_choice", 2.0)
+
+
+@pytest.mark.parametrize("preset", ["top1", "top2", "top2_auxfree", "top2_dropless", "top2_shared", "expert_choice"])
+def test_every_routing_preset_evaluates_causally(compose_run, preset):
+    """Validation and moe-eval's `trained` row must not let later tokens change earlier predictions:
+    token choice evaluates dropless (a capacity makes a token's expert depend on the batch's other
+    tokens), expert choice through its causal thresholds. Capacities at eval remain a choice."""
+    moe = to_run_config(compose_run([f"moe={preset}"])).moe
+    if moe.router == "token_choice":
+        assert moe.eval_capacity_factor is None, preset
+    else:
+        assert moe.ec_eval_mode == "causal", preset
 
 
 def test_expert_choice_runs_saved_before_its_preset_changed_still_load():

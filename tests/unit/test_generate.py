@@ -196,7 +196,14 @@ _EITHER_COMMAND = [pytest.param(["/nonexistent/run"], "no such checkpoint"),
                    pytest.param(["x", "--device", "cuda"], "no CUDA device is available", marks=_NO_CUDA)]
 _GENERATE_ONLY = [pytest.param(["x", "--top-p", "1.5"], "top_p must be in"),
                   pytest.param(["x", "--top-k", "0"], "positive integer"),
-                  pytest.param(["x", "--temperature", "-1"], "temperature must be")]
+                  pytest.param(["x", "--temperature", "-1"], "temperature must be"),
+                  # inf made every logit NaN (padded rows are -inf, and -inf / inf is NaN): a traceback
+                  pytest.param(["x", "--temperature", "inf"], "temperature must be a finite number"),
+                  pytest.param(["x", "--seed", "100000000000000000000000"], "--seed: expected an integer from 0"),
+                  pytest.param(["x", "--seed", "-1"], "--seed: expected an integer from 0")]
+_EVALUATE_ONLY = [pytest.param(["x", "--capacity-factor", "inf"], "--capacity-factor: expected a finite number > 0"),
+                  pytest.param(["x", "--text", "t.txt", "--windows", "3"], "--text evaluates the whole file"),
+                  pytest.param(["x", "--text", "t.txt", "--all-windows"], "--text evaluates the whole file")]
 
 
 def _cases(command, cases):
@@ -205,7 +212,7 @@ def _cases(command, cases):
 
 @pytest.mark.parametrize(
     "command, argv, message",
-    _cases("train.generate", _EITHER_COMMAND + _GENERATE_ONLY) + _cases("train.evaluate", _EITHER_COMMAND),
+    _cases("train.generate", _EITHER_COMMAND + _GENERATE_ONLY) + _cases("train.evaluate", _EITHER_COMMAND + _EVALUATE_ONLY),
 )
 def test_cli_bad_input_is_one_line_and_exit_2(command, argv, message, capsys):
     import importlib
