@@ -15,6 +15,7 @@ and step count come from the layout-free copy.
 
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -76,11 +77,15 @@ def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], 
         raise
     # DeepSpeed's save and ours end with a barrier: every rank's files are closed here.
     if rank == 0:
-        for name, text in (tag_files or {}).items():
-            (tag_dir / name).write_text(text, encoding="utf-8")  # made durable just below
         for path in sorted(tag_dir.rglob("*"), reverse=True):  # files before the folders holding them
             fsync_path(path)
+        # The tag's config.yaml marks it complete (saved_tags_without_latest): written, and made
+        # durable, only now that every other file is, and the last of the tag's own files.
+        for name, text in sorted((tag_files or {}).items(), key=lambda item: item[0] == "config.yaml"):
+            (tag_dir / name).write_text(text, encoding="utf-8")
+            fsync_path(tag_dir / name)
         fsync_path(tag_dir)
+        fsync_path(checkpoint_dir)  # its new entry for the tag, before `latest` names the tag
         fsync_path(checkpoint_dir.parent)  # the first save created checkpoints/ itself
         write_text_atomically(checkpoint_dir / "latest", tag)
         prune(checkpoint_dir, keep)
@@ -149,6 +154,28 @@ def load(engine, checkpoint_dir: Path, rank: int) -> dict[str, Any]:
     tag = latest_tag(checkpoint_dir)
     if tag is None:
         raise FileNotFoundError(f"no checkpoint to resume from in {checkpoint_dir} (no 'latest' file)")
+    tag_dir = checkpoint_dir / tag
+    if step_of(tag) is None or not (tag_dir / "mp_rank_00_model_states.pt").is_file():
+        # (DeepSpeed would stop on a bare assertion, or load nothing.)
+        raise ConfigError(f"{checkpoint_dir / 'latest'} names {tag!r}, which is not a checkpoint in {checkpoint_dir}: "
+                          "write the name of a complete step_* folder there, or choose another trainer.run_dir")
+    try:
+        return _load_tag(engine, checkpoint_dir, tag, rank)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        raise ConfigError(f"{tag_dir}: not a readable checkpoint ({type(error).__name__}: "
+                          f"{(str(error).strip().splitlines() or [''])[0][:200]}); resume from an earlier one by "
+                          f"writing its name into {checkpoint_dir / 'latest'}") from None
+    except RuntimeError as error:
+        if "PytorchStreamReader" in str(error) or "failed finding central directory" in str(error):
+            raise ConfigError(f"{tag_dir}: not a readable checkpoint (a file cut short: "
+                              f"{str(error).strip().splitlines()[0][:200]}); resume from an earlier one by writing "
+                              f"its name into {checkpoint_dir / 'latest'}") from None
+        raise  # a model that does not fit: the caller names what changed
+
+
+def _load_tag(engine, checkpoint_dir: Path, tag: str, rank: int) -> dict[str, Any]:
     tag_dir = checkpoint_dir / tag
     index = portable_state.read_index(tag_dir)
     here = portable_state.current_layout(engine)

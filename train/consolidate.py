@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from train.commands import ArgumentParser, quiet_deepspeed, run_command
-from train.durable import replace_durably, save_safetensors, write_text_atomically
+from train.durable import replace_durably, save_safetensors, temporary_sibling, write_text_atomically
 
 
 def consolidate(source: str | Path | None, out: Path, with_tokenizer: bool = True) -> dict:
@@ -60,14 +60,21 @@ def consolidate(source: str | Path | None, out: Path, with_tokenizer: bool = Tru
     tokenizer_out.unlink(missing_ok=True)
     # Written beside and renamed into place: an interrupted run never leaves a truncated file under
     # the name eval and generate would load.
-    partial = out.with_name(out.name + ".partial")
-    save_safetensors(state, partial, metadata={"moe_gpt": json.dumps(header)})
-    replace_durably(partial, out)
+    # (Names of this process's own: two consolidations to one --out never share a partial file.)
+    partial = temporary_sibling(out, ".partial")
+    try:
+        save_safetensors(state, partial, metadata={"moe_gpt": json.dumps(header)})
+        replace_durably(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)  # (gone already when renamed)
     write_text_atomically(out.with_suffix(".json"), json.dumps(header, indent=2) + "\n")
     if tokenizer is not None and tokenizer.is_file():
-        copied = tokenizer_out.with_name(tokenizer_out.name + ".partial")
-        shutil.copyfile(tokenizer, copied)
-        replace_durably(copied, tokenizer_out)
+        copied = temporary_sibling(tokenizer_out, ".partial")
+        try:
+            shutil.copyfile(tokenizer, copied)
+            replace_durably(copied, tokenizer_out)
+        finally:
+            copied.unlink(missing_ok=True)
     return header
 
 

@@ -384,8 +384,12 @@ class Trainer:
                 if changes:
                     print(f"resume      settings changed since the last save: {describe(changes)}", flush=True)
                 for unfinished in checkpoint.unfinished_tags(self.checkpoint_dir):  # killed mid-save: its space back
+                    # (Also a complete one, where `latest` was set back by hand: this run saves its
+                    # own steps under those names, which must not mix with another run's files.)
+                    why = ("newer than the one `latest` names" if (unfinished / "config.yaml").is_file()
+                           else "a save that did not finish")
                     shutil.rmtree(unfinished, ignore_errors=True)
-                    print(f"resume      removed {unfinished.name}, a save that did not finish", flush=True)
+                    print(f"resume      removed {unfinished.name}, {why}", flush=True)
                 write_text_atomically(self.run_dir / "config.yaml", settings_yaml)
                 self._keep_tokenizer()  # the data's, as config.yaml is the settings', of the run as it goes on
             start_step, initial_val_loss = state["step"], state.get("initial_val_loss")
@@ -402,6 +406,10 @@ class Trainer:
             self.metrics.truncate_after(start_step)
         elif run.trainer.auto_resume:
             self.metrics.truncate_after(-1)  # killed before its first checkpoint: start the record over
+            if world.is_main:  # and its first save's files (of another layout, maybe) must not mix with ours
+                for unfinished in checkpoint.unfinished_tags(self.checkpoint_dir):
+                    shutil.rmtree(unfinished, ignore_errors=True)
+                    print(f"start       removed {unfinished.name}, a save that did not finish", flush=True)
         self._print_header(start_step)
         if initial_val_loss is None:
             evaluation = self.evaluate()

@@ -22,7 +22,10 @@ def _command(run_dir: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "train", "model=gpt_tiny", f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=4",
         "trainer.checkpoint_every=1", "trainer.eval_every=4", "trainer.eval_batches=2", "logging.log_every=1",
-        "logging.progress_bar=false", f"data.cache_dir={ROOT / '.cache' / 'data'}", f"trainer.run_dir={run_dir}", *extra,
+        "logging.progress_bar=false", f"data.cache_dir={ROOT / '.cache' / 'data'}", f"trainer.run_dir={run_dir}",
+        # Router jitter draws random numbers every step: without the RNG states restored on resume,
+        # the trajectories would part (with no random draws, a broken restore would pass unseen).
+        "moe.jitter_eps=0.1", *extra,
     ]
 
 

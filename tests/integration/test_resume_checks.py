@@ -191,6 +191,7 @@ def test_a_tensor_parallel_checkpoint_at_another_layout_is_refused_in_one_line(t
 
     tag = tmp_path / "checkpoints" / "step_00000002"
     tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"")  # there in a real save; never read here
     portable_state.save(engine(2), tag)
     index = portable_state.read_index(tag)
     assert index["tensors"] is False and index["layout"]["tensor_parallel"] == 2
@@ -224,3 +225,49 @@ def test_data_that_changed_since_training_is_refused_by_resume_and_eval(compose_
         train(compose_run([*overrides[:1], "trainer.max_steps=6", *overrides[2:], "trainer.resume=true"]))
     with pytest.raises(ConfigError, match=r"has another tokenizer than the model's .*: data.files changed since training"):
         load_model(run_dir).validation_data_dir()
+
+
+@pytest.mark.slow
+def test_a_save_marks_its_tag_complete_last_and_a_broken_latest_is_one_line(compose_run, tmp_path, monkeypatch):
+    """The tag's config.yaml (what marks a tag complete when `latest` is missing) is written after
+    every other file of the tag is durable, and the checkpoints folder's entry is durable before
+    `latest` names the tag; a `latest` naming no checkpoint, or a checkpoint file cut short, is
+    refused in one line, not a traceback from DeepSpeed or torch."""
+    from train import checkpoint
+
+    order: list[str] = []
+    real_fsync, real_write = checkpoint.fsync_path, checkpoint.write_text_atomically
+    monkeypatch.setattr(checkpoint, "fsync_path", lambda path: (order.append(str(path)), real_fsync(path))[1])
+    monkeypatch.setattr(checkpoint, "write_text_atomically",
+                        lambda path, text: (order.append(f"write {path}"), real_write(path, text))[1])
+    run_dir = tmp_path / "run"
+    train(compose_run(_overrides(run_dir, 3)))
+    monkeypatch.undo()
+    tag_dir, checkpoints = run_dir / "checkpoints" / "step_00000003", run_dir / "checkpoints"
+    config_at = order.index(str(tag_dir / "config.yaml"))
+    tag_files = [i for i, path in enumerate(order) if path.startswith(str(tag_dir) + "/") and not path.endswith("config.yaml")]
+    assert tag_files and max(tag_files) < config_at
+    assert config_at < order.index(str(checkpoints)) < order.index(f"write {checkpoints / 'latest'}")
+
+    (checkpoints / "latest").write_text("step_00000004")
+    with pytest.raises(ConfigError, match=r"names .step_00000004., which is not a checkpoint in"):
+        train(compose_run(_overrides(run_dir, 6, "trainer.resume=true")))
+    (checkpoints / "latest").write_text("step_00000003")
+    states = tag_dir / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:1000])  # a copy stopped by a full disk
+    with pytest.raises(ConfigError) as broken:
+        train(compose_run(_overrides(run_dir, 6, "trainer.resume=true")))
+    assert "not a readable checkpoint" in str(broken.value) and "\n" not in str(broken.value)
+
+
+@pytest.mark.slow
+def test_auto_resume_starting_over_clears_a_killed_first_save(compose_run, tmp_path, capsys):
+    # What a first save killed before its tag was complete leaves: files, no config.yaml, no `latest`;
+    # here one from another layout, which the new save into the same tag must not keep.
+    run_dir = tmp_path / "run"
+    killed = run_dir / "checkpoints" / "step_00000003"
+    killed.mkdir(parents=True)
+    (killed / "mp_rank_01_model_states.pt").write_bytes(b"from a 2-rank layout")
+    train(compose_run(_overrides(run_dir, 3, "trainer.auto_resume=true")))
+    assert "removed step_00000003, a save that did not finish" in capsys.readouterr().out
+    assert not (killed / "mp_rank_01_model_states.pt").exists() and (killed / "config.yaml").is_file()
