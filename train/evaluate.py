@@ -172,6 +172,9 @@ def _main(argv: Sequence[str] | None) -> int:
         count = None if args.all_windows else (args.windows or run.trainer.eval_batches * run.trainer.micro_batch_size)
         windows = validation_windows(loaded.validation_data_dir(), seq_len, count)
         data_description = "validation split"
+        if count is not None and len(windows) < count:
+            print(f"note: the validation split holds {len(windows)} windows of {seq_len + 1} tokens, fewer than the "
+                  f"{count} asked for: all of them are evaluated", file=sys.stderr, flush=True)
     batch_sizes = batch_sizes or sorted({1, run.trainer.micro_batch_size, 64})
 
     predicted = sum(len(w) - 1 for w in windows)
@@ -195,17 +198,20 @@ def _main(argv: Sequence[str] | None) -> int:
         "predicted_tokens": predicted, "trained_mode": trained, "training_micro_batch_size": run.trainer.micro_batch_size,
         "router": run.moe.router if run.moe.every else "dense", "results": results,
     }
-    out = args.json or _default_json(loaded.source)
+    out = args.json or _default_json(loaded.source, args.text)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out, json.dumps(report, indent=2) + "\n")  # an earlier eval.json is never left half-replaced
     print(f"json        {out}")
     return 0
 
 
-def _default_json(source: Path) -> Path:
+def _default_json(source: Path, text: Path | None = None) -> Path:
+    """Beside the run (or the consolidated file): eval.json for its validation split, and
+    eval.<file>.json for a --text file, so that one never replaces the other."""
+    name = "eval.json" if text is None else f"eval.{text.stem}.json"
     if source.suffix == ".safetensors":
-        return source.with_name(source.stem + ".eval.json")
-    return source.parent.parent / "eval.json"
+        return source.with_name(f"{source.stem}.{name}")
+    return source.parent.parent / name
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -105,6 +105,24 @@ def test_eval_on_a_text_file(token_choice_run, tmp_path):
     assert again[("dropless", 1)] == losses[("dropless", 1)]
 
 
+def test_eval_of_a_text_file_keeps_the_runs_eval_json_and_a_short_split_is_noted(token_choice_run, tmp_path, capsys):
+    from train.evaluate import main
+    from train.load import resolve_checkpoint
+
+    text = tmp_path / "notes.txt"
+    text.write_text("a short note to evaluate on, twice over. " * 40, encoding="utf-8")
+    checkpoint = resolve_checkpoint(token_choice_run)  # the tag: its run directory gets the default files
+    run_json = checkpoint.parent.parent / "eval.json"
+    before = run_json.read_bytes() if run_json.exists() else None
+    assert _run_cli(main, [str(checkpoint), "--text", str(text), "--modes", "dropless", "--batch-sizes", "1"]) == 0
+    assert (checkpoint.parent.parent / "eval.notes.json").is_file()
+    assert (run_json.read_bytes() if run_json.exists() else None) == before  # the validation split's, untouched
+    capsys.readouterr()
+    assert _run_cli(main, [str(token_choice_run), "--windows", "1000000", "--modes", "dropless", "--batch-sizes", "64",
+                           "--json", str(tmp_path / "all.json")]) == 0
+    assert "fewer than the 1000000 asked for: all of them are evaluated" in capsys.readouterr().err
+
+
 def test_generation_is_reproducible_from_checkpoint_and_consolidated_file(token_choice_run, tmp_path, capsys):
     from train.consolidate import consolidate
     from train.generate import main as generate
