@@ -22,19 +22,17 @@ install: $(STAMP)  ## create .venv and install the project (CPU or CUDA torch)
 
 # constraints.txt: the exact versions CI last passed with (for the Python it ran; other Pythons
 # resolve pyproject.toml's ranges), so a new release upstream cannot change a clean install unseen.
+PIN ?= -c constraints.txt
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(if $(HAS_GPU),$(TORCH_GPU),$(TORCH_CPU))"
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q $(PIN) -e ".[dev]"
 	touch $(STAMP)
 
 constraints:  ## resolve pyproject.toml afresh in a scratch venv and pin what it got (then make test)
 	rm -rf .venv-constraints
-	python3 -m venv .venv-constraints
-	.venv-constraints/bin/python -m pip install -q --upgrade pip
-	.venv-constraints/bin/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_CPU)"
-	.venv-constraints/bin/python -m pip install -q -e ".[dev]"
+	$(MAKE) install VENV=.venv-constraints PIN= HAS_GPU=
 	.venv-constraints/bin/python -m pip freeze --exclude-editable | .venv-constraints/bin/python -m train.constraints > constraints.txt.partial
 	mv constraints.txt.partial constraints.txt
 	rm -rf .venv-constraints

@@ -9,6 +9,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -39,22 +40,23 @@ def run_command(body: Callable[[Sequence[str] | None], int | None], argv: Sequen
         return 2
 
 
-def _int_at_least(text: str, minimum: int, expected: str) -> int:
+def _parsed(text: str, convert: Callable[[str], Any], valid: Callable[[Any], bool], expected: str) -> Any:
+    """`convert(text)` when it converts and is `valid`, else argparse's one-line error naming `expected`."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        value = minimum - 1
-    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not valid(value):
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
 
 
 def positive_int(text: str) -> int:
-    return _int_at_least(text, 1, "a positive integer")
+    return _parsed(text, int, lambda value: value >= 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
-    return _int_at_least(text, 0, "an integer >= 0")
+    return _parsed(text, int, lambda value: value >= 0, "an integer >= 0")
 
 
 def inference_device(text: str) -> torch.device:
@@ -75,21 +77,9 @@ def inference_device(text: str) -> torch.device:
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
+    return _parsed(text, float, lambda value: math.isfinite(value) and value > 0, "a finite number > 0")
 
 
 def seed(text: str) -> int:
     """--seed: an integer torch's generator takes, 0 to 2**64 - 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**64 - 1, got {text!r}") from None
-    if not 0 <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**64 - 1, got {text!r}")
-    return value
+    return _parsed(text, int, lambda value: 0 <= value < 2**64, "an integer from 0 to 2**64 - 1")

@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -173,13 +174,15 @@ def _files_present(directory: Path, meta: dict) -> bool:
     prepared again rather than trusted (and failing at every start, or mid-run)."""
     try:
         shards = [shard for split in SPLITS for shard in meta["splits"][split]["shards"]]
-        names = [TOKENIZER_FILENAME, *(shard["file"] for shard in shards)]
-    except (KeyError, TypeError):
+        files = [{"file": TOKENIZER_FILENAME}, *shards]
+        for entry in files:  # one stat per file: this runs at every start that finds the dataset cached
+            status = (directory / entry["file"]).stat()
+            # (Datasets prepared before sizes were recorded have no "bytes": their shards are taken as they are.)
+            if not stat.S_ISREG(status.st_mode) or entry.get("bytes", status.st_size) != status.st_size:
+                return False
+    except (KeyError, TypeError, OSError):
         return False
-    if not all((directory / name).is_file() for name in names):
-        return False
-    # (Datasets prepared before sizes were recorded have no "bytes": their shards are taken as they are.)
-    return all("bytes" not in shard or (directory / shard["file"]).stat().st_size == shard["bytes"] for shard in shards)
+    return True
 
 
 def _reiterable_documents(source_spec: dict, text_field: str) -> Callable[[], Iterable[str]]:
