@@ -18,6 +18,7 @@ from __future__ import annotations
 import pickle
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -168,11 +169,29 @@ def load(engine, checkpoint_dir: Path, rank: int) -> dict[str, Any]:
                           f"{(str(error).strip().splitlines() or [''])[0][:200]}); resume from an earlier one by "
                           f"writing its name into {checkpoint_dir / 'latest'}") from None
     except RuntimeError as error:
-        if "PytorchStreamReader" in str(error) or "failed finding central directory" in str(error):
-            raise ConfigError(f"{tag_dir}: not a readable checkpoint (a file cut short: "
-                              f"{str(error).strip().splitlines()[0][:200]}); resume from an earlier one by writing "
-                              f"its name into {checkpoint_dir / 'latest'}") from None
+        earlier = f"resume from an earlier checkpoint by writing its name into {checkpoint_dir / 'latest'}"
+        if (cut_short := _first_cut_short_file(tag_dir)) is not None:
+            raise ConfigError(f"{cut_short}: cut short (a zip archive, as torch.save writes, without its end); "
+                              f"{earlier}") from None
+        if "PytorchStreamReader" in str(error):  # damaged inside: torch's reader says so, naming no file
+            raise ConfigError(f"{tag_dir}: not a readable checkpoint ({str(error).strip().splitlines()[0][:200]}); "
+                              f"{earlier}") from None
         raise  # a model that does not fit: the caller names what changed
+
+
+def _first_cut_short_file(tag_dir: Path) -> Path | None:
+    """The first of the tag's .pt files that begins as a zip archive (what torch.save writes) but has no
+    end (its central directory): a copy cut short by a full disk or a kill. Judged from the files
+    themselves, not from torch's message; a file in torch's older, non-zip format is not judged."""
+    for path in sorted(tag_dir.rglob("*.pt")):
+        try:
+            with path.open("rb") as file:
+                begins_as_zip = file.read(4) in (b"PK\x03\x04", b"")
+            if begins_as_zip and not zipfile.is_zipfile(path):
+                return path
+        except OSError:
+            return path
+    return None
 
 
 def _load_tag(engine, checkpoint_dir: Path, tag: str, rank: int) -> dict[str, Any]:

@@ -81,12 +81,16 @@ def text_windows(path: Path, tokenizer, eot: int, seq_len: int) -> list[np.ndarr
     """One document (end-of-text first, as documents start in training) cut into seq_len + 1 windows
     that do not overlap; a shorter tail of at least 2 tokens is a window of its own."""
     from train.config import ConfigError
+    from train.data.corpus import TextFile
+    from train.data.tokenizer import encode_pieces, streamed_pieces
 
+    # Read and encoded a piece at a time, as training data is (train/data/tokenizer.py): the encoder's
+    # own bookkeeping would cost some 100 bytes a token of a file encoded whole.
+    pieces = ((0, piece) for piece in streamed_pieces(TextFile(path).chunks()))
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"--text {path}: cannot read it as UTF-8 text ({error})") from None
-    ids = np.array([eot, *tokenizer.encode(text).ids], dtype=np.int64)
+        ids = np.concatenate([np.array([eot], dtype=np.int64), *(ids for _, ids in encode_pieces(tokenizer, pieces, np.int64))])
+    except ValueError as error:  # TextFile's one line: the path, and what is wrong with it
+        raise ConfigError(f"--text {error}") from None
     if len(ids) < 2:
         raise ConfigError(f"--text {path}: holds no text to predict")
     window = seq_len + 1

@@ -383,13 +383,7 @@ class Trainer:
             if world.is_main:
                 if changes:
                     print(f"resume      settings changed since the last save: {describe(changes)}", flush=True)
-                for unfinished in checkpoint.unfinished_tags(self.checkpoint_dir):  # killed mid-save: its space back
-                    # (Also a complete one, where `latest` was set back by hand: this run saves its
-                    # own steps under those names, which must not mix with another run's files.)
-                    why = ("newer than the one `latest` names" if (unfinished / "config.yaml").is_file()
-                           else "a save that did not finish")
-                    shutil.rmtree(unfinished, ignore_errors=True)
-                    print(f"resume      removed {unfinished.name}, {why}", flush=True)
+                self._remove_tags_after_latest("resume")
                 write_text_atomically(self.run_dir / "config.yaml", settings_yaml)
                 self._keep_tokenizer()  # the data's, as config.yaml is the settings', of the run as it goes on
             start_step, initial_val_loss = state["step"], state.get("initial_val_loss")
@@ -407,9 +401,7 @@ class Trainer:
         elif run.trainer.auto_resume:
             self.metrics.truncate_after(-1)  # killed before its first checkpoint: start the record over
             if world.is_main:  # and its first save's files (of another layout, maybe) must not mix with ours
-                for unfinished in checkpoint.unfinished_tags(self.checkpoint_dir):
-                    shutil.rmtree(unfinished, ignore_errors=True)
-                    print(f"start       removed {unfinished.name}, a save that did not finish", flush=True)
+                self._remove_tags_after_latest("start")
         self._print_header(start_step)
         if initial_val_loss is None:
             evaluation = self.evaluate()
@@ -601,16 +593,15 @@ class Trainer:
         the same shape: the full batches go round in turns, and what does not fill a round (the
         remainder, a shorter last batch) every replica computes, counted by the first alone."""
         self.engine.eval()
-        batches = list(self.val_data.eval_batches(self.run.trainer.micro_batch_size, self.run.model.seq_len,
-                                                  self.run.trainer.eval_batches))
+        batches = self.val_data.eval_batches(self.run.trainer.micro_batch_size, self.run.model.seq_len,
+                                             self.run.trainer.eval_batches)
         replicas, replica = self.world.data_parallel_size, self.world.data_parallel_rank
-        full = sum(1 for batch in batches if batch.shape == batches[0].shape)
-        shared_out = full - full % replicas
+        shared_out = batches.full_batches - batches.full_batches % replicas
         total, count = 0.0, 0
-        for index, batch in enumerate(batches):
+        for index in range(len(batches)):
             if index < shared_out and index % replicas != replica:
-                continue
-            loss_sum, predicted = token_loss_sum(self.engine, batch, self.world.device)
+                continue  # another replica's: not even read
+            loss_sum, predicted = token_loss_sum(self.engine, batches[index], self.world.device)
             if index < shared_out or replica == 0:
                 total, count = total + loss_sum, count + predicted
         sums = torch.tensor([total, count], dtype=torch.float64, device=self.world.device)
@@ -659,6 +650,16 @@ class Trainer:
         self.metrics.write(record)
         for sink in self.sinks:  # after metrics.jsonl: the plot sink draws from it
             sink.write(record)
+
+    def _remove_tags_after_latest(self, label: str) -> None:
+        """Remove the tags newer than the one `latest` names (all of them when there is none), and say
+        so. Mostly saves killed before they finished: their space back. On resume, also a complete one
+        where `latest` was set back by hand: this run saves its own steps under those names, which
+        must not mix with another run's files."""
+        for tag_dir in checkpoint.unfinished_tags(self.checkpoint_dir):
+            why = "newer than the one `latest` names" if (tag_dir / "config.yaml").is_file() else "a save that did not finish"
+            shutil.rmtree(tag_dir, ignore_errors=True)
+            print(f"{label:<11} removed {tag_dir.name}, {why}", flush=True)
 
     def _print_header(self, start_step: int) -> None:
         p, run = self.params, self.run

@@ -30,7 +30,7 @@ import wandb
 from omegaconf import OmegaConf
 
 from train.durable import write_text_atomically
-from train.wandb_mode import falls_back_offline, resolve_mode
+from train.wandb_mode import ONLINE_MODES, falls_back_offline, resolve_mode
 
 RUN_ID_FILE = "wandb_run_id"
 """In the run directory: a resumed run continues the same W&B run."""
@@ -130,6 +130,6 @@ class WandbSink:
         if self.mode == "offline":
             local = Path(self.run.dir).parent
             print(f"wandb       offline run {local} (upload: wandb sync {local})", flush=True)
-        elif self.mode in ("online", "shared"):
+        elif self.mode in ONLINE_MODES:
             print(f"wandb       {self.run.url}", flush=True)
         self.run.finish()

@@ -254,10 +254,16 @@ def test_a_save_marks_its_tag_complete_last_and_a_broken_latest_is_one_line(comp
         train(compose_run(_overrides(run_dir, 6, "trainer.resume=true")))
     (checkpoints / "latest").write_text("step_00000003")
     states = tag_dir / "mp_rank_00_model_states.pt"
-    states.write_bytes(states.read_bytes()[:1000])  # a copy stopped by a full disk
+    whole = states.read_bytes()
+    states.write_bytes(whole[:1000])  # a copy stopped by a full disk
     with pytest.raises(ConfigError) as broken:
         train(compose_run(_overrides(run_dir, 6, "trainer.resume=true")))
-    assert "not a readable checkpoint" in str(broken.value) and "\n" not in str(broken.value)
+    assert str(broken.value).startswith(f"{states}: cut short") and "\n" not in str(broken.value)
+    second_entry = whole.index(b"PK\x03\x04", 4)  # damaged inside: the archive's end is intact
+    states.write_bytes(whole[:second_entry] + b"XXXX" + whole[second_entry + 4:])
+    with pytest.raises(ConfigError) as broken:
+        train(compose_run(_overrides(run_dir, 6, "trainer.resume=true")))
+    assert str(broken.value).startswith(f"{tag_dir}: not a readable checkpoint") and "\n" not in str(broken.value)
 
 
 @pytest.mark.slow

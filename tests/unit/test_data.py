@@ -14,6 +14,7 @@ import pytest
 
 from train.data import (
     EOT,
+    TextFile,
     TokenDataset,
     load_tokenizer,
     preparation,
@@ -106,7 +107,20 @@ def test_read_text_documents_reads_txt_whole_and_jsonl_by_line(tmp_path):
     (tmp_path / "a.txt").write_text("first line\n\nsecond paragraph\n", encoding="utf-8")
     (tmp_path / "b.jsonl").write_text('{"body": "one"}\n\n{"body": "two", "id": 2}\n', encoding="utf-8")
     documents = list(read_text_documents([tmp_path / "a.txt", tmp_path / "b.jsonl"], text_field="body"))
-    assert documents == ["first line\n\nsecond paragraph\n", "one", "two"]
+    assert isinstance(documents[0], TextFile) and documents[0].path == tmp_path / "a.txt"  # read when gone through
+    assert [documents[0].read(), *documents[1:]] == ["first line\n\nsecond paragraph\n", "one", "two"]
+
+
+def test_a_txt_file_is_read_in_chunks_with_text_modes_line_ends(tmp_path, monkeypatch):
+    text = "".join(f"line {i}" + ("\r\n", "\r", "\n")[i % 3] for i in range(400))
+    path = tmp_path / "a.txt"
+    path.write_bytes(text.encode("utf-8"))
+    monkeypatch.setattr(TextFile, "CHUNK_CHARS", 7)
+    chunks = list(TextFile(path).chunks())
+    assert len(chunks) > 100 and max(map(len, chunks)) <= 7  # a \r\n split between chunks is still one \n
+    assert "".join(chunks) == path.read_text(encoding="utf-8") == text.replace("\r\n", "\n").replace("\r", "\n")
+    (tmp_path / "empty.txt").write_text("")
+    assert list(TextFile(tmp_path / "empty.txt").chunks()) == [""]
 
 
 @pytest.mark.parametrize(
@@ -119,6 +133,11 @@ def test_read_text_documents_reads_txt_whole_and_jsonl_by_line(tmp_path):
         # By line, not by the offset within a decoder's chunk; and a JSON-escaped lone surrogate.
         ("bytes.jsonl", '{"text": "fine"}\n' * 3000 + '{"text": "\udcff"}\n', "text",
          r"bytes.jsonl:3001: not valid UTF-8 text \(invalid start byte at byte 10 of the line\)"),
+        # Counted from the start of the file, not of the chunk text mode was decoding.
+        ("bytes.txt", "fine\n" * 300_000 + "\udcff", "text",
+         r"bytes.txt: not valid UTF-8 text \(invalid start byte at byte 1500000\)"),
+        ("cut.txt", "fine\n" * 3 + "\udce2\udc82", "text",
+         r"cut.txt: not valid UTF-8 text \(unexpected end of data at byte 15\)"),
         ("surrogate.jsonl", '{"text": "fine"}\n{"text": "a\\ud800b"}\n', "text",
          r"surrogate.jsonl:2: text field 'text' is not valid Unicode"),
     ],
@@ -127,7 +146,8 @@ def test_bad_user_files_raise_value_error_naming_the_file(tmp_path, filename, co
     path = tmp_path / filename
     path.write_text(content, encoding="utf-8", errors="surrogateescape")  # (\udcff: the lone byte 0xff)
     with pytest.raises(ValueError, match=expected_in_message):
-        list(read_text_documents([path], text_field=text_field))
+        [document.read() if isinstance(document, TextFile) else document
+         for document in read_text_documents([path], text_field=text_field)]
     with pytest.raises(ValueError, match=expected_in_message):
         prepare_dataset([path], tmp_path / "cache", vocab_size=SMALL_VOCAB, text_field=text_field)
     assert not list((tmp_path / "cache").rglob("meta.json"))
@@ -403,6 +423,30 @@ def test_eval_batches_are_deterministic_consecutive_and_non_overlapping(small_da
     assert len(list(dataset.eval_batches(3, seq_len, max_batches=2))) == 2
 
 
+def test_eval_batches_read_only_the_batch_asked_for(small_dataset, monkeypatch):
+    dataset = TokenDataset(small_dataset, "val")
+    seq_len, batch_size = 7, 4
+    num_windows = dataset.num_tokens // (seq_len + 1)
+    assert num_windows % batch_size, "the fixture must leave a shorter last batch for this test"
+    batches = dataset.eval_batches(batch_size, seq_len)
+    everything = list(batches)
+    assert len(batches) == len(everything) == -(-num_windows // batch_size)
+    assert batches.full_batches == num_windows // batch_size == len(everything) - 1
+    assert [batches.rows(i) for i in range(len(batches))] == [batch.shape[0] for batch in everything]
+
+    reads: list[int] = []
+    real_read = dataset.read
+    monkeypatch.setattr(dataset, "read", lambda start, length: (reads.append(start), real_read(start, length))[1])
+    np.testing.assert_array_equal(batches[2], everything[2])
+    assert reads == [(2 * batch_size + row) * (seq_len + 1) for row in range(batch_size)]
+    reads.clear()
+    assert batches.rows(len(batches) - 1) == num_windows % batch_size and not reads
+    with pytest.raises(IndexError, match=f"eval batch {len(batches)} out of range: there are {len(batches)}"):
+        batches[len(batches)]
+    with pytest.raises(IndexError):
+        batches.rows(-1)
+
+
 def test_seq_len_longer_than_the_split_raises(small_dataset):
     dataset = TokenDataset(small_dataset, "val")
     with pytest.raises(ValueError, match=f"seq_len={dataset.num_tokens}.*{dataset.num_tokens}"):
@@ -471,6 +515,59 @@ def test_a_file_written_to_while_it_is_prepared_is_refused(tmp_path, documents, 
     assert not list((tmp_path / "cache").rglob("meta.json"))
 
 
+def test_txt_files_stream_through_preparation_to_the_same_dataset(tmp_path, documents, monkeypatch):
+    """Files read a few characters at a time and cut into small pieces give the shards and tokenizer
+    of files read whole and encoded whole."""
+    from train.data import tokenizer as tokenizer_module
+
+    long_texts = ["\n\n".join(documents[i : i + 6]) for i in range(0, 24, 6)]
+    files = write_corpus(tmp_path / "corpus", long_texts + documents[24:30])
+    kwargs = dict(vocab_size=SMALL_VOCAB, val_fraction=0.3, tokens_per_sample=64, samples_per_shard=4)
+    whole = prepare_dataset(files, tmp_path / "whole", **kwargs)
+    monkeypatch.setattr(TextFile, "CHUNK_CHARS", 13)
+    monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", 50)
+    monkeypatch.setattr(tokenizer_module, "BATCH_CHARS", 120)
+    read: list[int] = []
+    real_chunks = TextFile.chunks
+    monkeypatch.setattr(TextFile, "chunks", lambda self: (read.append(len(c)) or c for c in real_chunks(self)))
+    streamed = prepare_dataset(files, tmp_path / "streamed", **kwargs)
+    assert read and max(read) <= 13
+    assert sorted(p.name for p in whole.iterdir()) == sorted(p.name for p in streamed.iterdir())
+    for path in whole.iterdir():
+        assert path.read_bytes() == (streamed / path.name).read_bytes(), path.name
+
+
+def test_an_evaluated_text_file_streams_to_the_tokens_of_the_whole_file(tmp_path, documents, monkeypatch):
+    from train.config import ConfigError
+    from train.data import tokenizer as tokenizer_module
+    from train.evaluate import text_windows
+
+    tokenizer = train_bpe_tokenizer(documents, SMALL_VOCAB)
+    path = tmp_path / "held_out.txt"
+    path.write_bytes("\r\n\n".join(documents[:8]).encode("utf-8"))
+    monkeypatch.setattr(TextFile, "CHUNK_CHARS", 11)
+    monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", 30)
+    windows = text_windows(path, tokenizer, eot=7, seq_len=16)
+    whole = [7, *tokenizer.encode(path.read_text(encoding="utf-8")).ids]
+    assert np.concatenate(windows).tolist() == whole and all(len(w) == 17 for w in windows[:-1])
+    path.write_bytes(b"fine\n\xff")
+    with pytest.raises(ConfigError, match=rf"^--text {path}: not valid UTF-8 text \(invalid start byte at byte 5\)$"):
+        text_windows(path, tokenizer, eot=7, seq_len=16)
+
+
+def test_more_documents_than_counted_are_refused_in_one_line(tmp_path, documents, monkeypatch):
+    calls = []
+
+    def growing(source_spec, text_field):  # a .jsonl still being written: one line more at every pass
+        return lambda: calls.append(1) or iter(documents[:10 + len(calls)])
+
+    monkeypatch.setattr(preparation, "_reiterable_documents", growing)
+    files = write_corpus(tmp_path / "corpus", documents[:10])
+    with pytest.raises(ValueError, match=r"^the data files changed while being prepared \(more documents than counted\)"):
+        prepare_dataset(files, tmp_path / "cache", vocab_size=SMALL_VOCAB)
+    assert len(calls) == 2 and not list((tmp_path / "cache").rglob("meta.json"))  # stopped in the tokenizer's pass
+
+
 def test_long_documents_encode_in_pieces_to_the_same_tokens(monkeypatch, documents):
     """The oracle is the tokenizer on each whole document; pieces small enough that every document is
     cut many times, at newlines next to spaces, tabs, blank lines, digits, punctuation and accents."""
@@ -508,6 +605,14 @@ def test_long_documents_encode_in_pieces_to_the_same_tokens(monkeypatch, documen
     unbroken = "word " * 100
     assert tokenizer_module.document_pieces(unbroken) == [unbroken]
     assert tokenizer_module.encode_documents(tokenizer, [unbroken], dtype)[0].tolist() == tokenizer.encode(unbroken).ids
+    # Read in chunks (a .txt file), cut only where both sides are read: the same tokens, for any chunk size.
+    for chunk_size in (1, 2, 3, 7, 40, 41, 97, 10_000):
+        chunks = [texts[2][i : i + chunk_size] for i in range(0, len(texts[2]), chunk_size)]
+        pieces = list(tokenizer_module.streamed_pieces(chunks))
+        assert "".join(pieces) == texts[2] and len(pieces) > 50 and max(map(len, pieces)) <= 40 + chunk_size, chunk_size
+        encoded = [ids for _, ids in tokenizer_module.encode_pieces(tokenizer, ((0, p) for p in pieces), dtype)]
+        assert np.concatenate(encoded).tolist() == expected[2], chunk_size
+    assert list(tokenizer_module.streamed_pieces([])) == [""] == list(tokenizer_module.streamed_pieces(["", ""]))
     # The trainer, given the pieces, learns the merges it learns from the whole documents.
     whole = train_bpe_tokenizer(texts, SMALL_VOCAB)
     pieced = train_bpe_tokenizer((p for text in texts for p in tokenizer_module.document_pieces(text)), SMALL_VOCAB)

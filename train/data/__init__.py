@@ -7,7 +7,7 @@ Typical use:
     batch = train.sample_batch(seed, step, batch_size, seq_len)  # [batch_size, seq_len + 1] int64
 """
 
-from train.data.corpus import embedded_corpus_documents, read_text_documents
+from train.data.corpus import TextFile, embedded_corpus_documents, read_text_documents
 from train.data.layout import FORMAT_VERSION
 from train.data.loader import TokenDataset, read_meta
 from train.data.preparation import EMBEDDED_SOURCE, prepare_dataset
@@ -17,6 +17,7 @@ __all__ = [
     "EMBEDDED_SOURCE",
     "EOT",
     "FORMAT_VERSION",
+    "TextFile",
     "TokenDataset",
     "embedded_corpus_documents",
     "load_tokenizer",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import codecs
 import itertools
 import json
 import os
@@ -111,14 +112,64 @@ def _stdlib_python_files() -> list[Path]:
     return sorted(found)
 
 
-def read_text_documents(paths: Sequence[str | os.PathLike[str]], text_field: str = "text") -> Iterator[str]:
-    """Yield documents from the user's files: a whole `.txt` file is one document, a `.jsonl` file
-    holds one document per line in `text_field` (blank lines are skipped).
+def read_text_documents(paths: Sequence[str | os.PathLike[str]], text_field: str = "text") -> Iterator[str | TextFile]:
+    """Yield documents from the user's files: a whole `.txt` file is one document (a `TextFile`, read
+    when it is gone through: a file can be larger than memory), a `.jsonl` file holds one document
+    per line in `text_field` (blank lines are skipped).
 
     Every path is checked before anything is yielded, so a typo fails at once rather than after
     minutes of work on the files that precede it.
     """
     return _iterate_documents(check_document_files(paths), text_field)
+
+
+class TextFile:
+    """A `.txt` file as one document, read CHUNK_CHARS characters at a time, never whole. Line ends
+    are read as Python's text mode reads them (\r\n and \r become \n), as `Path.read_text` would."""
+
+    CHUNK_CHARS = 1 << 20
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def chunks(self) -> Iterator[str]:
+        """The file's text in order, in chunks of up to CHUNK_CHARS characters (at least one, maybe "")."""
+        try:
+            with self.path.open(encoding="utf-8") as text:
+                chunk = text.read(self.CHUNK_CHARS)
+                yield chunk
+                while chunk := text.read(self.CHUNK_CHARS):
+                    yield chunk
+        except UnicodeDecodeError:
+            reason, offset = _first_utf8_error(self.path)
+            raise ValueError(f"{self.path}: not valid UTF-8 text ({reason} at byte {offset})") from None
+        except OSError as error:
+            raise ValueError(f"{self.path}: cannot be read ({error.strerror})") from None
+
+    def read(self) -> str:
+        """The whole text at once (for files known to be small)."""
+        return "".join(self.chunks())
+
+    def __repr__(self) -> str:
+        return f"TextFile({str(self.path)!r})"
+
+
+def _first_utf8_error(path: Path) -> tuple[str, int]:
+    """(reason, byte offset in the file) of the first byte sequence that is not UTF-8. Text mode's own
+    error counts from the start of its internal chunk, so the file is decoded again here, counting."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    consumed = 0
+    with path.open("rb") as raw:
+        while True:
+            block = raw.read(1 << 20)
+            held = len(decoder.getstate()[0])  # an incomplete character from the last block, decoded with this one
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as error:
+                return error.reason, consumed - held + error.start
+            if not block:
+                return "unexpected end of data", consumed  # (text mode said there was an error)
+            consumed += len(block)
 
 
 def check_document_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -146,21 +197,12 @@ def _checked_document_file(path: str | os.PathLike[str]) -> Path:
     return file
 
 
-def _iterate_documents(files: list[Path], text_field: str) -> Iterator[str]:
+def _iterate_documents(files: list[Path], text_field: str) -> Iterator[str | TextFile]:
     for file in files:
         if file.suffix.lower() == TEXT_SUFFIX:
-            yield _read_utf8(file)
+            yield TextFile(file)
         else:
             yield from _jsonl_documents(file, text_field)
-
-
-def _read_utf8(file: Path) -> str:
-    try:
-        return file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{file}: not valid UTF-8 text ({error.reason} at byte {error.start})") from None
-    except OSError as error:
-        raise ValueError(f"{file}: cannot be read ({error.strerror})") from None
 
 
 def _jsonl_documents(file: Path, text_field: str) -> Iterator[str]:

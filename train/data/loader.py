@@ -6,7 +6,7 @@ import bisect
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -113,10 +113,11 @@ class TokenDataset:
         starts = generator.integers(0, self._num_tokens - window, size=batch_size, endpoint=True)
         return np.stack([self.read(int(start), window) for start in starts])
 
-    def eval_batches(self, batch_size: int, seq_len: int, max_batches: int | None = None) -> Iterator[np.ndarray]:
+    def eval_batches(self, batch_size: int, seq_len: int, max_batches: int | None = None) -> EvalBatches:
         """Consecutive, non-overlapping `seq_len + 1` windows from the start of the split, in batches of
         `[batch_size, seq_len + 1]` (the last one may have fewer rows); at most `max_batches` batches
         (None: the whole split). The same every time, so validation losses are comparable across runs.
+        A sequence that reads a batch only when it is indexed (or iterated to).
         """
         _check_positive(batch_size=batch_size, seq_len=seq_len)
         if max_batches is not None:
@@ -125,12 +126,7 @@ class TokenDataset:
         num_windows = self._num_tokens // window
         if max_batches is not None:
             num_windows = min(num_windows, max_batches * batch_size)
-        return self._eval_batches(batch_size, window, num_windows)
-
-    def _eval_batches(self, batch_size: int, window: int, num_windows: int) -> Iterator[np.ndarray]:
-        for first in range(0, num_windows, batch_size):
-            rows = range(first, min(first + batch_size, num_windows))
-            yield np.stack([self.read(row * window, window) for row in rows])
+        return EvalBatches(self, batch_size, window, num_windows)
 
     def _checked_window(self, seq_len: int) -> int:
         window = seq_len + 1
@@ -151,6 +147,39 @@ class TokenDataset:
 
     def __repr__(self) -> str:
         return f"TokenDataset({str(self.data_dir)!r}, {self.split!r}, num_tokens={self._num_tokens})"
+
+
+class EvalBatches(Sequence[np.ndarray]):
+    """`TokenDataset.eval_batches`: batch i is windows [i * batch_size, (i + 1) * batch_size) of the split,
+    read when it is asked for. A rank that takes every n-th batch of a large validation split reads
+    only its own, and the shapes are known without reading any (`rows`)."""
+
+    def __init__(self, dataset: TokenDataset, batch_size: int, window: int, num_windows: int) -> None:
+        self.dataset, self.batch_size, self.window, self.num_windows = dataset, batch_size, window, num_windows
+
+    def __len__(self) -> int:
+        return -(-self.num_windows // self.batch_size)
+
+    @property
+    def full_batches(self) -> int:
+        """How many batches hold `batch_size` rows (all but a shorter last one)."""
+        return self.num_windows // self.batch_size
+
+    def rows(self, index: int) -> int:
+        """The number of rows of batch `index`, without reading it."""
+        return min(self.batch_size, self.num_windows - self._checked(index) * self.batch_size)
+
+    def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
+        first = self._checked(index) * self.batch_size
+        rows = range(first, min(first + self.batch_size, self.num_windows))
+        return np.stack([self.dataset.read(row * self.window, self.window) for row in rows])
+
+    def _checked(self, index: int) -> int:
+        if not _is_int(index):
+            raise TypeError(f"eval batch index must be an integer, got {type(index).__name__}")
+        if not 0 <= index < len(self):
+            raise IndexError(f"eval batch {index} out of range: there are {len(self)}")
+        return index
 
 
 def read_meta(data_dir: str | os.PathLike[str]) -> dict:

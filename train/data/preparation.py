@@ -23,6 +23,7 @@ import numpy as np
 
 from train.data.corpus import (
     EMBEDDED_CORPUS_VERSION,
+    TextFile,
     check_document_files,
     embedded_corpus_documents,
     read_text_documents,
@@ -36,13 +37,17 @@ from train.data.layout import (
 )
 from train.data.shards import TokenShardWriter
 from train.data.split import validation_mask
-from train.data.tokenizer import EOT, MIN_VOCAB_SIZE, document_pieces, encode_documents, eot_id, train_bpe_tokenizer
+from train.data.tokenizer import (
+    EOT,
+    MIN_VOCAB_SIZE,
+    document_pieces,
+    encode_pieces,
+    eot_id,
+    streamed_pieces,
+    train_bpe_tokenizer,
+)
 
 EMBEDDED_SOURCE = "embedded"
-
-# Documents are tokenized this many at a time: enough for the Rust encoder to use every core,
-# few enough that a batch of long documents still fits comfortably in memory.
-ENCODE_BATCH_DOCUMENTS = 256
 
 
 def prepare_dataset(
@@ -200,7 +205,7 @@ def _reiterable_documents(source_spec: dict, text_field: str) -> Callable[[], It
 def _build(directory: Path, source_spec: dict, parameters: dict, fingerprint: str) -> None:
     started = time.monotonic()
     documents = _reiterable_documents(source_spec, parameters["text_field"])
-    num_documents = sum(1 for _ in documents())
+    num_documents = _count_checking(documents())
     is_validation = validation_mask(num_documents, parameters["val_fraction"], parameters["seed"])
     _progress(
         f"{num_documents} documents ({int(is_validation.sum())} for validation), {time.monotonic() - started:.1f}s"
@@ -208,9 +213,9 @@ def _build(directory: Path, source_spec: dict, parameters: dict, fingerprint: st
 
     # Trained on the training documents only, so nothing about the validation text leaks into the vocabulary.
     # Long ones in pieces cut between pre-tokens: the same counts, so the same merges, in bounded memory.
-    training_documents = (piece for index, text in enumerate(documents()) if not is_validation[index]
-                          for piece in document_pieces(text))
-    tokenizer = train_bpe_tokenizer(training_documents, parameters["vocab_size"])
+    training_pieces = (piece for index, document in _numbered(documents(), num_documents) if not is_validation[index]
+                       for piece in _pieces(document))
+    tokenizer = train_bpe_tokenizer(training_pieces, parameters["vocab_size"])
     end_of_text = eot_id(tokenizer)
     dtype = token_dtype(tokenizer.get_vocab_size())
     _progress(f"trained tokenizer with {tokenizer.get_vocab_size()} tokens, {time.monotonic() - started:.1f}s")
@@ -222,22 +227,22 @@ def _build(directory: Path, source_spec: dict, parameters: dict, fingerprint: st
         for split in SPLITS
     }
     document_counts = dict.fromkeys(SPLITS, 0)
+    separator = np.array([end_of_text], dtype=dtype)
     # Text that spells out the end-of-text token is text: only the separator written below is one.
     tokenizer.encode_special_tokens = True
     try:
-        for first_index, batch in _batches(documents(), ENCODE_BATCH_DOCUMENTS):
-            if first_index + len(batch) > num_documents:
-                raise ValueError("the data files changed while being prepared (more documents than counted); "
-                                 "prepare again once they are written")
-            split_tokens: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
-            separator = np.array([end_of_text], dtype=dtype)
-            for offset, ids in enumerate(encode_documents(tokenizer, batch, dtype)):
-                split = "val" if is_validation[first_index + offset] else "train"
-                split_tokens[split] += [ids, separator]
-                document_counts[split] += 1
-            for split, parts in split_tokens.items():
-                if parts:
-                    writers[split].write(np.concatenate(parts))
+        # Piece by piece, each written as it is encoded: a document (a whole .txt file) of any size
+        # streams through. A document's pieces come one after the other; the separator follows its last.
+        pieces = ((index, piece) for index, document in _numbered(documents(), num_documents) for piece in _pieces(document))
+        current = -1
+        for index, ids in encode_pieces(tokenizer, pieces, dtype):
+            if index != current:
+                if current >= 0:
+                    _end_document(writers, document_counts, is_validation[current], separator)
+                current = index
+            writers["val" if is_validation[index] else "train"].write(ids)
+        if current >= 0:
+            _end_document(writers, document_counts, is_validation[current], separator)
         shards = {split: writer.finish() for split, writer in writers.items()}
     finally:
         for writer in writers.values():
@@ -273,18 +278,36 @@ def _build(directory: Path, source_spec: dict, parameters: dict, fingerprint: st
     (directory / META_FILENAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def _batches(documents: Iterable[str], size: int) -> Iterator[tuple[int, list[str]]]:
-    batch: list[str] = []
-    first_index = 0
-    for index, text in enumerate(documents):
-        if not batch:
-            first_index = index
-        batch.append(text)
-        if len(batch) == size:
-            yield first_index, batch
-            batch = []
-    if batch:
-        yield first_index, batch
+def _count_checking(documents: Iterable[str | TextFile]) -> int:
+    """How many documents there are. Each .txt file is read through (a chunk at a time) on the way, so
+    that a bad byte stops the preparation now, not after the tokenizer has been trained."""
+    count = 0
+    for document in documents:
+        if isinstance(document, TextFile):
+            for _ in document.chunks():
+                pass
+        count += 1
+    return count
+
+
+def _numbered(documents: Iterable[str | TextFile], num_documents: int) -> Iterator[tuple[int, str | TextFile]]:
+    """(index, document), refusing a document past the `num_documents` counted (a file still being written)."""
+    for index, document in enumerate(documents):
+        if index >= num_documents:
+            raise ValueError("the data files changed while being prepared (more documents than counted); "
+                             "prepare again once they are written")
+        yield index, document
+
+
+def _pieces(document: str | TextFile) -> Iterable[str]:
+    """The document in pieces cut where no token changes (train/data/tokenizer.py); a file is read as it goes."""
+    return document_pieces(document) if isinstance(document, str) else streamed_pieces(document.chunks())
+
+
+def _end_document(writers: dict[str, TokenShardWriter], counts: dict[str, int], validation: bool, separator: np.ndarray) -> None:
+    split = "val" if validation else "train"
+    writers[split].write(separator)
+    counts[split] += 1
 
 
 def _publish(staging: Path, target: Path, fingerprint: str) -> None:
