@@ -101,8 +101,13 @@ class ExpertChoiceRouter(StepStatefulRouter):
             weight_A = weight_A * kept_A
         if self.gathers_statistics:
             with torch.no_grad():
-                cth_largest_E = weight_GEC[..., -1].sum(dim=0)
-                self.pending_threshold[:num_experts] += cth_largest_E
+                cth_largest_GE = weight_GEC[..., -1]
+                if cfg.jitter_eps > 0:
+                    # Causal routing scores without jitter, so its thresholds are learned from scores
+                    # without it: jittered ones would set them off (by up to the jitter's spread).
+                    clean_TE = torch.softmax(router_logits(x_TD, self.weight, 0.0, training=False), dim=-1)
+                    cth_largest_GE = torch.topk(clean_TE.view(groups, group_size, num_experts), capacity, dim=1).values[:, -1]
+                self.pending_threshold[:num_experts] += cth_largest_GE.sum(dim=0)
                 self.pending_threshold[num_experts] += groups
         return Assignments(token_A, expert_A, weight_A, kept_A, probs_TE, logits_TE, groups * capacity)
 

@@ -13,14 +13,16 @@ from moe.counting import count_per_bin
 def load_balancing_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> torch.Tensor:
     """Switch Transformer / GShard load-balancing loss.
 
-    Fedus et al. 2021 (arXiv 2101.03961), eq. 4, generalised to top-k as in GShard:
+    Fedus et al. 2021 (arXiv 2101.03961), eq. 4, generalised to top-k as Megatron-Core does:
 
         L = E * sum_e f_e * P_e
 
     f_e = fraction of the T*K routing assignments that chose expert e (no gradient: it is a
     count), P_e = mean over tokens of the router probability of e. L = 1 when routing is
     perfectly uniform and grows towards E as it collapses onto one expert; its gradient
-    pushes probability away from over-used experts.
+    pushes probability away from over-used experts. (GShard and DeepSpeed's gates count f_e
+    from first choices only; transformers' Mixtral counts the T*K choices but divides by T, so
+    its loss is K times this one: see the export's `router_aux_loss_coef`.)
     """
     num_tokens, num_experts = probs_TE.shape
     counts_E = count_per_bin(topk_idx_TK, num_experts)

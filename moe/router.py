@@ -63,15 +63,14 @@ class TokenChoiceRouter(StepStatefulRouter):
         else:
             scores_TE = torch.sigmoid(logits_TE)
             probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-        if cfg.bias_update_rate > 0:
-            # The bias decides which experts are chosen; the weights stay the unbiased scores,
-            # so balancing never distorts what the experts' outputs are multiplied by.
-            topk_idx_TK = torch.topk(scores_TE.detach() + self.selection_bias, cfg.top_k, dim=-1).indices
-            topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
-        else:
-            # Among exact ties torch.topk's pick is fixed for a given input and device (not always the
-            # lowest index): eval is deterministic, and the references avoid ties in their inputs.
-            topk_weight_TK, topk_idx_TK = torch.topk(scores_TE, cfg.top_k, dim=-1)
+        # The bias decides which experts are chosen; the weights stay the unbiased scores, so balancing
+        # never distorts what the experts' outputs are multiplied by. Applied whatever the update rate:
+        # a run resumed or evaluated with moe.bias_update_rate=0 (the bias frozen) routes as it learned
+        # to. Zero (no bias balancing), it changes nothing: scores + 0 are the scores, bit for bit.
+        # Among exact ties torch.topk's pick is fixed for a given input and device (not always the
+        # lowest index): eval is deterministic, and the references avoid ties in their inputs.
+        topk_idx_TK = torch.topk(scores_TE.detach() + self.selection_bias, cfg.top_k, dim=-1).indices
+        topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
         # Not at K = 1: one renormalised weight is always 1, and the router would get no gradient
         # from the language-model loss (only from the auxiliary losses).
         if cfg.normalize_topk and cfg.top_k > 1:

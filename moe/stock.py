@@ -42,7 +42,9 @@ class StockDeepSpeedMoE(MoE):
             k=config.top_k,
             capacity_factor=config.capacity_factor or 1.0,
             eval_capacity_factor=config.eval_capacity_factor or 1.0,
-            min_capacity=config.min_capacity,
+            # Dropless, a capacity floor means nothing, and DeepSpeed's top-1 gate would still refuse
+            # fewer tokens than it (generation with a KV cache routes one token at a time).
+            min_capacity=config.min_capacity if config.capacity_factor is not None else 0,
             drop_tokens=config.capacity_factor is not None,
             use_rts=False,
             top2_2nd_expert_sampling=False,  # otherwise the 2nd expert is Gumbel-sampled, even in eval

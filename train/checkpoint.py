@@ -39,7 +39,9 @@ def tag_for(step: int) -> str:
 def rng_states() -> dict[str, Any]:
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's own device only: a resume on nodes with fewer devices (8 ranks on 2 x 4 GPUs
+        # instead of 1 x 8) is the same layout, and each rank only ever draws on its own device.
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
@@ -47,8 +49,14 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # written before: the state of every device the rank saw
+            index = torch.cuda.current_device()
+            if index >= len(cuda):  # a device the saving node did not have: nothing of it was saved
+                return
+            cuda = cuda[index]
+        torch.cuda.set_rng_state(cuda)
 
 
 def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], rank: int,
@@ -82,9 +90,9 @@ def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], 
             fsync_path(path)
         # The tag's config.yaml marks it complete (saved_tags_without_latest): written, and made
         # durable, only now that every other file is, and the last of the tag's own files.
+        # Atomically: a kill while it is written must not leave a torn file that marks the tag complete.
         for name, text in sorted((tag_files or {}).items(), key=lambda item: item[0] == "config.yaml"):
-            (tag_dir / name).write_text(text, encoding="utf-8")
-            fsync_path(tag_dir / name)
+            write_text_atomically(tag_dir / name, text)
         fsync_path(tag_dir)
         fsync_path(checkpoint_dir)  # its new entry for the tag, before `latest` names the tag
         fsync_path(checkpoint_dir.parent)  # the first save created checkpoints/ itself
@@ -115,7 +123,19 @@ def tag_or_run_file(tag_dir: Path, name: str) -> Path:
     """A tag's own copy of `name` (config.yaml, tokenizer.json: what its weights go with, see `save`),
     or, for tags written before they held one, its run directory's."""
     own = tag_dir / name
-    return own if own.is_file() else tag_dir.parent.parent / name
+    run_dir = run_dir_of(tag_dir)
+    return own if own.is_file() or run_dir is None else run_dir / name
+
+
+def run_dir_of(tag_dir: Path) -> Path | None:
+    """The run directory of a tag at <run>/checkpoints/<tag>; None for a tag copied anywhere else."""
+    return tag_dir.parent.parent if tag_dir.parent.name == "checkpoints" else None
+
+
+def outputs_beside(tag_dir: Path) -> Path:
+    """Where what is computed from a tag goes by default (eval.json, consolidated.safetensors): its run
+    directory, or the folder holding a tag copied elsewhere (never the folder above that)."""
+    return run_dir_of(tag_dir) or tag_dir.parent
 
 
 def unfinished_tags(checkpoint_dir: Path) -> list[Path]:
@@ -143,7 +163,14 @@ def step_of(tag: str) -> int | None:
 
 def latest_tag(checkpoint_dir: Path) -> str | None:
     latest = checkpoint_dir / "latest"
-    return latest.read_text().strip() if latest.exists() else None
+    if not latest.exists():
+        return None
+    try:
+        return latest.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not text"
+        raise ConfigError(f"{latest}: cannot be read as a checkpoint name ({reason}); write the name of a complete "
+                          "step_* folder there, or choose another trainer.run_dir") from None
 
 
 def load(engine, checkpoint_dir: Path, rank: int) -> dict[str, Any]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,6 +40,11 @@ def run_command(body: Callable[[Sequence[str] | None], int | None], argv: Sequen
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
+    except BrokenPipeError:
+        # The reader of the output went away (`moe-generate ... | head`): stop quietly, as a Unix
+        # tool does. Python would report the pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def _parsed(text: str, convert: Callable[[str], Any], valid: Callable[[Any], bool], expected: str) -> Any:

@@ -82,13 +82,15 @@ def _main(argv: Sequence[str] | None) -> int:
     parser = ArgumentParser(prog="moe-consolidate", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?", help="run directory, checkpoints/ directory or one checkpoint tag "
                         "(default: the newest run under runs/)")
-    parser.add_argument("--out", type=Path, help="output .safetensors file (default: <run dir>/consolidated.safetensors)")
+    parser.add_argument("--out", type=Path, help="output .safetensors file (default: <run dir>/consolidated.safetensors; "
+                        "beside a tag copied out of its run)")
     args = parser.parse_args(argv)
     quiet_deepspeed()
+    from train.checkpoint import outputs_beside
     from train.load import resolve_checkpoint
 
     tag_dir = resolve_checkpoint(args.checkpoint)
-    out = args.out or (tag_dir.parent.parent / "consolidated.safetensors")
+    out = args.out or (outputs_beside(tag_dir) / "consolidated.safetensors")
     header = consolidate(args.checkpoint, out)
     moe = header["moe"]
     source = Path(header["source"])  # the tag read: a newer one than `tag_dir` if that was pruned meanwhile

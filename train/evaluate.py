@@ -133,7 +133,8 @@ def _main(argv: Sequence[str] | None) -> int:
     how_many = parser.add_mutually_exclusive_group()
     how_many.add_argument("--windows", type=positive_int, help="validation windows (default: what training validates on)")
     how_many.add_argument("--all-windows", action="store_true", help="the whole validation split")
-    parser.add_argument("--json", type=Path, help="write the results here (default: <run dir>/eval.json)")
+    parser.add_argument("--json", type=Path, help="write the results here "
+                        "(default: <run dir>/eval.json; beside a tag copied out of its run)")
     parser.add_argument("--device", type=inference_device, default="cpu", help="cpu (default), cuda or cuda:N")
     args = parser.parse_args(argv)
     try:
@@ -215,7 +216,9 @@ def _default_json(source: Path, text: Path | None = None) -> Path:
     name = "eval.json" if text is None else f"eval.{text.stem}.json"
     if source.suffix == ".safetensors":
         return source.with_name(f"{source.stem}.{name}")
-    return source.parent.parent / name
+    from train.checkpoint import outputs_beside
+
+    return outputs_beside(source) / name
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -29,8 +29,9 @@ dense FFN blocks between MoE blocks (moe.every > 1), a dense model, stock DeepSp
 
 The checkpoint is written into a sibling `DIR.partial` and renamed into place once complete, so a
 crash or kill never leaves a half-written DIR that looks loadable (a later export removes the
-leftover). An existing DIR is replaced as a whole, as the export's own files always were: it is
-renamed away, the new one renamed in, and only then is the old one removed. A DIR that cannot be
+leftover; a folder of other files under that name is refused, not deleted). An existing DIR is
+replaced as a whole, as the export's own files always were: it is renamed away (to `DIR.replaced`),
+the new one renamed in, and only then is the old one removed. A DIR that cannot be
 renamed (a mount point, or a parent this user may not write) keeps its place: the files are written
 into DIR/.moe-export.partial and renamed one by one, config.json last. A DIR holding files the export
 does not write is refused with one line naming them, rather than deleted.
@@ -182,7 +183,9 @@ def export_mixtral(model: torch.nn.Module, out: Path, tokenizer_file: Path | Non
         tokenizer, eot_id = read_tokenizer(tokenizer_file, model)
     whole_directory = not _must_stay_in_place(out)
     partial = out.with_name(out.name + ".partial") if whole_directory else out / STAGING_DIR
-    shutil.rmtree(partial, ignore_errors=True)  # left by an export that was killed
+    _remove_leftover(partial)  # left by an export that was killed
+    if whole_directory:  # (refused now, not after the weights are written)
+        _remove_leftover(out.with_name(out.name + ".replaced"))
     partial.mkdir(parents=True)
     try:
         _write_checkpoint(model, partial, eot_id, tokenizer, vocab_size)
@@ -231,6 +234,19 @@ def _check_replaceable(out: Path) -> None:
                           "remove them or choose another directory")
 
 
+def _remove_leftover(path: Path) -> None:
+    """Remove what a killed export left at `path`, a name beside or inside --out that the export
+    uses; ConfigError when something else is there (a folder of the user's that happens to bear the
+    name), rather than delete it."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir() or any(
+            entry.name not in EXPORT_FILES or not entry.is_file() or entry.is_symlink() for entry in path.iterdir()):
+        raise ConfigError(f"{path}: in the way of the export, and not what an earlier export left there "
+                          "(it holds other files); move it away or choose another --out")
+    shutil.rmtree(path)
+
+
 def _write_checkpoint(model: torch.nn.Module, out: Path, eot_id: int | None, tokenizer, vocab_size: int | None) -> None:
     """The checkpoint's files, in the (empty) directory `out`."""
 
@@ -273,7 +289,7 @@ def _move_into_place(partial: Path, out: Path) -> None:
     """Rename the complete `partial` to `out`; a previous `out` is renamed away first and removed
     only once the new one is in place, so `out` is always either the old export or the new one."""
     old = out.with_name(out.name + ".replaced")
-    shutil.rmtree(old, ignore_errors=True)  # left by an export killed between the two renames
+    _remove_leftover(old)  # left by an export killed between the two renames
     if out.exists():
         os.replace(out, old)
     try:

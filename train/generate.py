@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from train.commands import ArgumentParser, inference_device, positive_int, quiet_deepspeed, run_command, seed
+from train.config import ConfigError
 from train.sampling import SamplingConfig, next_token
 
 
@@ -71,7 +72,10 @@ def generate_tokens(
         else:
             logits = model(torch.tensor([tokens[cached_upto:]], device=device), cache=cache).logits[:, -1]
             cached_upto = len(tokens)
-        token = int(next_token(logits, sampling, generator)[0])
+        try:
+            token = int(next_token(logits, sampling, generator)[0])
+        except ValueError as error:  # not the user's input: the weights (a diverged run?) give no number to sample from
+            raise ConfigError(f"generating token {len(new) + 1}: {error} (the checkpoint's weights give NaN or inf)") from None
         tokens.append(token)
         new.append(token)
         if on_token is not None:

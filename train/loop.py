@@ -332,6 +332,7 @@ class Trainer:
 
         self.sinks = open_sinks(run, world.is_main, run_dir)
         self.expert_counts = ExpertCounts(world.replica_group)
+        self.nonfinite = NonFiniteStreak(run.trainer.max_nonfinite_steps)
         trainer = run.trainer
         self.global_batch = trainer.micro_batch_size * trainer.grad_accum * world.data_parallel_size
         self.tokens_per_step = self.global_batch * run.model.seq_len
@@ -387,6 +388,8 @@ class Trainer:
                 write_text_atomically(self.run_dir / "config.yaml", settings_yaml)
                 self._keep_tokenizer()  # the data's, as config.yaml is the settings', of the run as it goes on
             start_step, initial_val_loss = state["step"], state.get("initial_val_loss")
+            # A save that ended a run may follow skipped steps (below): their count carries on.
+            self.nonfinite.in_a_row = state.get("nonfinite_in_a_row", 0)
             # Tokens trained before the resume, at the global batch of then (a resume may change it).
             self.tokens_before = state.get("tokens", start_step * self.tokens_per_step) - start_step * self.tokens_per_step
             # None in checkpoints written before it was saved: then not known to differ.
@@ -412,13 +415,12 @@ class Trainer:
         started = time.perf_counter()
         window.start_clock()  # (a restored window keeps its steps, sums and earlier training time)
         train_loss, val_loss = float("nan"), initial_val_loss
-        nonfinite = NonFiniteStreak(run.trainer.max_nonfinite_steps)
         final_evaluation: dict[str, float] = {}
         for step in range(start_step, run.trainer.max_steps):
             lm_loss, aux_loss = self.train_step(step)
             window.add(lm_loss, aux_loss, skipped=self.last_step_skipped)
             done = step + 1
-            self._stop_after_nonfinite_streak(nonfinite, done)
+            self._stop_after_nonfinite_streak(self.nonfinite, done)
             figures: dict[str, str] = {}
             if done % run.logging.log_every == 0 or done == run.trainer.max_steps:
                 train_loss, aux = (mean_over_ranks(float(total) / window.applied, world.device) if window.applied
@@ -446,9 +448,14 @@ class Trainer:
             # Asked before the save: a periodic save at the step a job stops on is the one it ends on
             # (trainer.portable_checkpoint=final writes the layout-free copy into it).
             received = preemption.agreed() if preemption is not None and done < run.trainer.max_steps else None
-            if due and not self.last_step_skipped:  # only after an applied update: `latest` is always a good state
+            ends_run = done == run.trainer.max_steps or bool(received)
+            # Periodic saves only after an applied update, so that `latest` is the last good state when
+            # a streak of non-finite losses stops the run. A save that ends the run is made after a
+            # skipped step too: nothing was updated, the state is the one the run goes on from, and
+            # without it the run's last steps would be lost (and redone, and skipped, at every resume).
+            if due and (ends_run or not self.last_step_skipped):
                 with window.excluding():  # tokens/s and MFU measure training only (summary.json's: the whole wall time)
-                    self._save(done, initial_val_loss, window, ends_run=done == run.trainer.max_steps or bool(received))
+                    self._save(done, initial_val_loss, window, ends_run=ends_run)
             if received:
                 self._stop_for_preemption(received, done, bool(due), initial_val_loss, window, progress)
             progress.update(1, **figures)
@@ -499,7 +506,8 @@ class Trainer:
         client_state = {"step": done, "tokens": self._tokens(done), "initial_val_loss": initial_val_loss,
                         "initial_validation_set": self.initial_validation_set,
                         "expert_counts": self.expert_counts.through_now(),
-                        "expert_counts_logged": self.expert_counts.total_state()}
+                        "expert_counts_logged": self.expert_counts.total_state(),
+                        "nonfinite_in_a_row": self.nonfinite.in_a_row}
         rank_state = {"log_window": window.state(), "expert_window": self.expert_counts.window_state()}
         checkpoint.save(self.engine, self.checkpoint_dir, done, client_state, self.world.rank, self._portable(ends_run),
                         self.run.trainer.keep_checkpoints, self.tag_files, rank_state)
@@ -510,9 +518,9 @@ class Trainer:
 
     def _stop_for_preemption(self, received: str, done: int, saved: bool, initial_val_loss: float, window: LogWindow,
                              progress) -> None:
-        """Checkpoint this step (unless the loop just did, or the step was skipped and `latest` is
-        the last good state), record the stop in metrics.jsonl, and leave with Preempted."""
-        if not saved and not self.last_step_skipped:
+        """Checkpoint this step (unless the loop just did; a skipped step's too, see `fit`), record the
+        stop in metrics.jsonl, and leave with Preempted."""
+        if not saved:
             self._save(done, initial_val_loss, window, ends_run=True)
         self._log({"event": "preempted", "step": done, "tokens": self._tokens(done), "signal": received,
                    "checkpoint": checkpoint.latest_tag(self.checkpoint_dir)})

@@ -98,7 +98,11 @@ def filtered_logits(logits_BV: torch.Tensor, config: SamplingConfig) -> torch.Te
 
 def next_token(logits_BV: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token id per row ([B] int64). Greedy takes the argmax (lowest id on ties); otherwise a draw
-    from the softmax of the filtered logits with `generator`, so a seed reproduces the text."""
+    from the softmax of the filtered logits with `generator`, so a seed reproduces the text.
+    NaN or +inf logits (a model whose output is not finite) raise ValueError: argmax would pick a NaN,
+    and a draw would fail on inf - inf. (-inf is a masked token, as the filters make them.)"""
+    if bool(torch.isnan(logits_BV).any() | torch.isposinf(logits_BV).any()):
+        raise ValueError("the logits hold NaN or +inf: the model's output is not finite")
     if config.greedy:
         return without_padding(logits_BV, config.vocab_size).argmax(dim=-1)
     probs_BV = torch.softmax(filtered_logits(logits_BV, config), dim=-1)

@@ -104,3 +104,26 @@ def test_nan_steps_are_skipped_counted_and_a_streak_stops_the_run(compose_run, t
     assert not (run_dir / "summary.json").exists()
     # The sinks were finished all the same: the expert-load plots of the steps that ran are drawn.
     assert sorted(p.name for p in (run_dir / "plots").glob("*.png")), "no plots after the stop"
+
+
+@pytest.mark.slow
+def test_a_skipped_last_step_is_still_saved_and_the_streak_carries_over_a_resume(compose_run, tmp_path, monkeypatch):
+    """The save that ends a run is made after a skipped step too (nothing was updated; without it the
+    last steps would be lost, and skipped again at every resume), with the streak's count, which a
+    resume carries on."""
+    run_dir = tmp_path / "run"
+    _inject_nan_losses(monkeypatch, {4, 5, 6})  # the 6th training forward is the resumed run's first
+    overrides = [
+        "model=gpt_tiny", "trainer.micro_batch_size=4", "trainer.checkpoint_every=2", "trainer.eval_every=0",
+        "trainer.eval_batches=1", "trainer.max_nonfinite_steps=3", "logging.progress_bar=false",
+        "deepspeed.warmup_steps=1", f"data.cache_dir={ROOT / '.cache' / 'data'}", f"trainer.run_dir={run_dir}",
+    ]
+    loop.train(compose_run([*overrides, "trainer.max_steps=5"]))
+    checkpoints = run_dir / "checkpoints"
+    # Step 4's periodic save is not made (skipped), step 5's final one is.
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000002", "step_00000005"]
+    assert (checkpoints / "latest").read_text().strip() == "step_00000005"
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 5
+
+    with pytest.raises(NonFiniteLossStop, match=r"3 non-finite losses in a row \(steps 4-6;"):
+        loop.train(compose_run([*overrides, "trainer.max_steps=8", "trainer.resume=true"]))

@@ -244,7 +244,7 @@ def test_a_save_marks_its_tag_complete_last_and_a_broken_latest_is_one_line(comp
     train(compose_run(_overrides(run_dir, 3)))
     monkeypatch.undo()
     tag_dir, checkpoints = run_dir / "checkpoints" / "step_00000003", run_dir / "checkpoints"
-    config_at = order.index(str(tag_dir / "config.yaml"))
+    config_at = order.index(f"write {tag_dir / 'config.yaml'}")
     tag_files = [i for i, path in enumerate(order) if path.startswith(str(tag_dir) + "/") and not path.endswith("config.yaml")]
     assert tag_files and max(tag_files) < config_at
     assert config_at < order.index(str(checkpoints)) < order.index(f"write {checkpoints / 'latest'}")

@@ -173,6 +173,18 @@ def test_a_killed_exports_leftovers_do_not_stop_the_next(tmp_path):
     assert (tmp_path / "hf" / "model.safetensors").stat().st_size > len(b"truncated")
 
 
+@pytest.mark.parametrize("name", ["hf.partial", "hf.replaced"])
+def test_a_folder_of_the_users_under_a_leftovers_name_is_not_deleted(tmp_path, name):
+    (tmp_path / "hf").mkdir()  # an earlier export, so that the old one is renamed away too
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "notes.md").write_text("mine")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / name}: in the way of the export, and not what an earlier export"):
+        export_mixtral(_model(), tmp_path / "hf")
+    assert (tmp_path / name / "notes.md").read_text() == "mine"
+    assert (tmp_path / "hf" / "config.json").read_text() == "{}"
+
+
 def test_an_existing_export_is_replaced_as_a_whole(tmp_path):
     out = tmp_path / "hf"
     out.mkdir()

@@ -224,3 +224,21 @@ def test_cli_bad_input_is_one_line_and_exit_2(command, argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def test_a_closed_output_pipe_ends_a_command_quietly(tmp_path):
+    """`moe-generate ... | head`: the reader goes away; the command stops with 128 + SIGPIPE and no traceback."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    code = ("import sys\nfrom train.commands import run_command\n"
+            "def body(argv):\n    while True:\n        print('token ' * 1000, flush=True)\n"
+            "sys.exit(run_command(body, []))\n")
+    reader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=subprocess_env(), cwd=tmp_path)
+    reader.stdout.read(100)
+    reader.stdout.close()
+    _, err = reader.communicate(timeout=60)
+    assert reader.returncode == 141 and b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()

@@ -64,6 +64,19 @@ def test_token_choice_variants_equal_reference(score_func, drop_policy, with_bia
         bias if with_bias else None, drop_policy)[0])
 
 
+def test_a_learned_bias_routes_with_its_update_rate_at_zero():
+    """Resuming or evaluating an aux-loss-free run with moe.bias_update_rate=0 (the bias frozen) must
+    route as the run learned to: the bias selects, the rate only moves it."""
+    layer = _layer(top_k=2, capacity_factor=None, bias_update_rate=0.0, aux_loss_scope="micro_batch")
+    bias = torch.tensor([0.3, -0.2, 0.0, 0.1])
+    layer.router.selection_bias.copy_(bias)
+    x = torch.randn(2, 10, HIDDEN, dtype=torch.float64, requires_grad=True)
+    _compare(layer, x, lambda x_TD: reference_token_choice(
+        x_TD, layer.router.weight, list(layer.local_experts), 2, None, True, "softmax", bias)[0])
+    update_routing_state(layer)
+    assert torch.equal(layer.router.selection_bias, bias.float()), "a rate of 0 leaves the bias where it is"
+
+
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("normalize_topk", [True, False])
 def test_top1_router_learns_from_the_output(score_func, normalize_topk):
@@ -144,8 +157,10 @@ def test_expert_choice_causal_mode_equals_threshold_reference_and_is_causal():
         assert not torch.allclose(layer(changed)[0][:, :6], layer(x.detach())[0][:, :6])
 
 
-def test_threshold_tracks_the_cth_largest_score():
-    layer = _layer(router="expert_choice", capacity_factor=2.0, ec_threshold_momentum=1.0)
+@pytest.mark.parametrize("jitter_eps", [0.0, 0.5])
+def test_threshold_tracks_the_cth_largest_score(jitter_eps):
+    """The C-th largest score without jitter, jitter or not: causal routing scores without it."""
+    layer = _layer(router="expert_choice", capacity_factor=2.0, ec_threshold_momentum=1.0, jitter_eps=jitter_eps)
     x = torch.randn(32, HIDDEN, dtype=torch.float64)
     layer.train()
     layer(x)

@@ -149,3 +149,13 @@ def test_padded_vocabulary_ids_are_never_chosen():
         assert int(draws.max()) < 10
     # Without the size the padding wins, so the test above can fail.
     assert next_token(logits, SamplingConfig(temperature=0)).tolist() == [10, 10, 10, 10]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_non_finite_logits_are_refused_not_sampled(bad, temperature):
+    logits = torch.tensor([[1.0, 2.0, 3.0, bad]])
+    with pytest.raises(ValueError, match=r"^the logits hold NaN or \+inf"):
+        next_token(logits, SamplingConfig(temperature=temperature))
+    masked = torch.tensor([[1.0, float("-inf"), 3.0, 0.0]])  # -inf is a masked token, not an error
+    assert int(next_token(masked, SamplingConfig(temperature=temperature), torch.Generator().manual_seed(0))[0]) != 1

@@ -32,3 +32,17 @@ def test_dropless_stock_layer_reports_no_capacity():
     layer = StockDeepSpeedMoE(8, 16, MoEConfig(implementation="deepspeed", num_experts=4, capacity_factor=None))
     _, aux = layer(torch.randn(1, 16, 8))
     assert aux.capacity is None
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_dropless_stock_layer_routes_a_single_token(top_k):
+    """Generation with a KV cache routes one token at a time; DeepSpeed's top-1 gate refuses fewer
+    tokens than min_capacity, which means nothing without drops."""
+    init_world("cpu")
+    config = MoEConfig(implementation="deepspeed", num_experts=4, top_k=top_k, capacity_factor=None, min_capacity=4)
+    layer = StockDeepSpeedMoE(8, 16, config).eval()
+    x = torch.randn(1, 5, 8)
+    with torch.no_grad():
+        whole, _ = layer(x)
+        one_at_a_time = torch.cat([layer(x[:, i : i + 1])[0] for i in range(5)], dim=1)
+    torch.testing.assert_close(one_at_a_time, whole)
