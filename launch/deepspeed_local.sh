@@ -6,7 +6,8 @@
 #
 # Environment (all optional): MASTER_PORT (default 29500; two jobs on one machine need two ports),
 # LOG_DIR (one log file per rank there, instead of this terminal), PYTHON (default
-# $VENV/bin/python, VENV default .venv; the Docker image sets VENV=/opt/conda), DRY_RUN=1 (print the command, run nothing). Everything else in the
+# $VENV/bin/python, VENV default .venv; the Docker image sets VENV=/opt/conda), DRY_RUN=1 (print the command, run nothing),
+# CUDA_VISIBLE_DEVICES (the GPUs to use, one rank each: NUM_RANKS must be their number). Everything else in the
 # environment (NCCL_*, WANDB_*, ...) reaches the ranks as it is.
 set -euo pipefail
 ranks="${1:?usage: $0 NUM_RANKS [hydra overrides...]}"
@@ -21,7 +22,18 @@ export MOE_GPT_CALLER_DIR="$PWD"
 cd "$here"
 source launch/preflight.sh
 # DeepSpeed's launcher logs every command and rank it starts at INFO; warnings and failures are kept.
-command=("${PYTHON:-${VENV:-.venv}/bin/python}" -m deepspeed.launcher.runner --num_gpus "$ranks" --no_local_rank
+# Given --num_gpus, DeepSpeed's runner ignores CUDA_VISIBLE_DEVICES and takes GPUs 0..N-1 (on a shared
+# node, someone else's); without it, the runner runs one rank on each device the variable names.
+devices=(--num_gpus "$ranks")
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+  IFS=, read -ra visible <<<"$CUDA_VISIBLE_DEVICES"
+  if [ "${#visible[@]}" -ne "$ranks" ]; then
+    echo "error: NUM_RANKS is $ranks but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES names ${#visible[@]} device(s); run one rank per visible device" >&2
+    exit 2
+  fi
+  devices=()
+fi
+command=("${PYTHON:-${VENV:-.venv}/bin/python}" -m deepspeed.launcher.runner "${devices[@]}" --no_local_rank
   --master_port "${MASTER_PORT:-29500}" --log_level "${DS_LOG_LEVEL:-warning}")
 if [ -n "$log_dir" ]; then
   command+=(--enable_each_rank_log "$log_dir")

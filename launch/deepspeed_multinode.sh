@@ -76,6 +76,13 @@ if [ "$log_dir" != none ]; then
   command+=(--enable_each_rank_log "$log_dir")
 fi
 [ -n "${NODE_RANK:-}" ] && command+=(--no_ssh --node_rank "$NODE_RANK")
+# One active host that is not this machine: DeepSpeed would start the ranks here, on this machine, while
+# MASTER_ADDR names that host (the rendezvous would hang); --force_multi sends them to it.
+active_hosts="$(awk -v nodes="${NUM_NODES:-0}" '!/^[[:space:]]*(#|$)/ { hosts++ } END { print (nodes > 0 && nodes < hosts) ? nodes : hosts }' "$hostfile")"
+if [ -z "${NODE_RANK:-}" ] && [ "$active_hosts" -eq 1 ] \
+  && ! [[ "$first_host" =~ ^(localhost|127\.0\.0\.1|$(hostname -s)|$(hostname))$ ]]; then
+  command+=(--force_multi)
+fi
 command+=(--module train "$@")
 
 # The overrides, composed and checked against the job's world size once here: one error line in

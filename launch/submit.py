@@ -29,6 +29,19 @@ SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|UNLIMITED|INFINITE",
 """sbatch --time's forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (and no limit)."""
 
 
+def slurm_seconds(limit: str) -> int | None:
+    """A time limit in sbatch --time's forms, in seconds; None for no limit."""
+    if limit.upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    days, _, clock = limit.rpartition("-")
+    parts = [int(part) for part in clock.split(":")]
+    if days:  # D-H, D-H:M, D-H:M:S
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    else:  # M, M:S, H:M:S
+        hours, minutes, seconds = [0, *parts, 0][:3] if len(parts) < 3 else parts
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,6 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not SLURM_TIME.fullmatch(args.time):
         parser.error(f"--time must be a Slurm time limit (minutes, H:MM:SS, D-HH, D-HH:MM:SS, ...), got {args.time!r}")
+    limit = slurm_seconds(args.time)
+    if limit is not None and args.warning_seconds >= limit:
+        # The warning would come before (or as) the job starts: during its checks, with nothing to save.
+        parser.error(f"--warning-seconds={args.warning_seconds} must be shorter than --time={args.time} ({limit} s)")
     if args.gpus_per_node < 0:
         parser.error(f"--gpus-per-node must be >= 0, got {args.gpus_per_node}")
     if args.ranks_per_node is None:

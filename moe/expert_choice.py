@@ -63,8 +63,8 @@ class ExpertChoiceRouter(StepStatefulRouter):
 
     FP32_BUFFERS = ("threshold", "threshold_ready", "pending_threshold")
 
-    def __init__(self, hidden_size: int, config: MoEConfig) -> None:
-        super().__init__(hidden_size, config)
+    def __init__(self, hidden_size: int, config: MoEConfig, init_std: float = 0.02) -> None:
+        super().__init__(hidden_size, config, init_std)
         num_experts = config.num_experts
         self.register_buffer("threshold", torch.zeros(num_experts))
         self.register_buffer("threshold_ready", torch.zeros(()))

@@ -138,7 +138,7 @@ class MoELayer(MoE):
         self.config = config
         self._init = (seed, layer_index, init_std, out_std)
         router_class = ExpertChoiceRouter if config.router == "expert_choice" else TokenChoiceRouter
-        self.deepspeed_moe.gate = router_class(hidden_size, config)
+        self.deepspeed_moe.gate = router_class(hidden_size, config, init_std)
         self.ec_eval_mode = config.ec_eval_mode
         """Expert choice at eval: causal or batch; an attribute so an evaluation can measure both."""
         self.tensor_parallel_group = None

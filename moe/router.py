@@ -45,8 +45,8 @@ class TokenChoiceRouter(StepStatefulRouter):
 
     FP32_BUFFERS = ("selection_bias", "balance_fraction", "pending_routed")
 
-    def __init__(self, hidden_size: int, config: MoEConfig) -> None:
-        super().__init__(hidden_size, config)
+    def __init__(self, hidden_size: int, config: MoEConfig, init_std: float = 0.02) -> None:
+        super().__init__(hidden_size, config, init_std)
         num_experts = config.num_experts
         # Aux-loss-free balancing: added to the scores for selection only (DeepSeek-V3, eq. 16).
         self.register_buffer("selection_bias", torch.zeros(num_experts))

@@ -50,10 +50,10 @@ class StepStatefulRouter(nn.Module):
 
     FP32_BUFFERS: tuple[str, ...] = ()
 
-    def __init__(self, hidden_size: int, config: MoEConfig) -> None:
+    def __init__(self, hidden_size: int, config: MoEConfig, init_std: float = 0.02) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size))
-        nn.init.normal_(self.weight, std=0.02)
+        nn.init.normal_(self.weight, std=init_std)
         self.config = config
         self.ep_group = None
 

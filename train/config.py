@@ -241,6 +241,9 @@ class RunConfig:
         tp, moe = self.model.tensor_parallel, self.moe
         if moe.every == 0 and moe.ep_size > 1:
             raise ValueError(f"moe.ep_size={moe.ep_size} splits experts, and this model has none (moe.every=0: dense)")
+        if moe.every > self.model.num_layers:
+            raise ValueError(f"moe.every={moe.every} puts no MoE layer in model.num_layers={self.model.num_layers} "
+                             "(every n-th block is an MoE block); use moe.every=0 for a dense model")
         if tp > 1 and moe.every > 0:
             # Each expert's (and the shared expert's) hidden units are split over the tensor-parallel
             # ranks; without expert_hidden the experts take model.ffn_hidden, which ModelConfig checks.

@@ -6,6 +6,7 @@ Readable in one sitting on purpose (nanoGPT): every block is a few lines.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,7 +42,8 @@ class ModelConfig:
     init_std: float = 0.02
     tensor_parallel: int = 1
     """Ranks that split attention heads and dense-FFN units (megatron-core layers, train/tensor_parallel.py).
-    Experts are split by moe.ep_size instead; the world size must be a multiple of tensor_parallel * ep_size."""
+    Experts are spread over moe.ep_size ranks, and each expert's hidden units over these ranks too
+    (moe/expert_sharding.py); the world size must be a multiple of tensor_parallel * ep_size."""
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "num_layers", "hidden_size", "num_heads", "ffn_hidden"):
@@ -58,6 +60,11 @@ class ModelConfig:
             )
         if (self.hidden_size // self.num_heads) % 2 != 0:
             raise ValueError("model.hidden_size / model.num_heads must be even (rotary embeddings rotate pairs)")
+        # NaN fails every comparison, so `not value > 0` refuses it too.
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"model.{name} must be a positive finite number, got {value}")
 
 
 class RMSNorm(nn.Module):

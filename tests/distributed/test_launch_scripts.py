@@ -68,6 +68,29 @@ def test_local_dry_run_prints_the_launcher_command(tmp_path):
     assert bad.returncode == 2 and "NUM_RANKS must be a positive integer, got 'two'" in bad.stderr
 
 
+def test_local_launch_runs_on_the_visible_devices_not_on_the_first_ones():
+    """Given --num_gpus, DeepSpeed's runner drops CUDA_VISIBLE_DEVICES and takes GPUs 0..N-1: with the
+    variable set, the script leaves the choice to the runner, which then uses exactly those."""
+    result = _run(LOCAL, "2", DRY_RUN="1", PYTHON="python3", CUDA_VISIBLE_DEVICES="4,5")
+    assert result.returncode == 0, result.stderr
+    assert "--num_gpus" not in result.stdout.split() and "deepspeed.launcher.runner" in result.stdout
+    mismatch = _run(LOCAL, "3", DRY_RUN="1", PYTHON="python3", CUDA_VISIBLE_DEVICES="4,5")
+    assert mismatch.returncode == 2 and "NUM_RANKS is 3 but CUDA_VISIBLE_DEVICES=4,5 names 2 device(s)" in mismatch.stderr
+
+
+def test_one_remote_host_gets_the_ranks_sent_to_it(tmp_path):
+    """With one active host DeepSpeed starts the ranks on the launching machine unless told otherwise."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("far-0 slots=1\nfar-1 slots=1\n")
+    one = _run(MULTINODE, str(hostfile), DRY_RUN="1", PYTHON="python3", LOG_DIR="none", NUM_NODES="1")
+    assert one.returncode == 0 and one.stdout.split()[-3:] == ["--force_multi", "--module", "train"], one.stdout
+    both = _run(MULTINODE, str(hostfile), DRY_RUN="1", PYTHON="python3", LOG_DIR="none")
+    assert both.returncode == 0 and "--force_multi" not in both.stdout
+    hostfile.write_text("localhost slots=2\n")
+    here = _run(MULTINODE, str(hostfile), DRY_RUN="1", PYTHON="python3", LOG_DIR="none")
+    assert here.returncode == 0 and "--force_multi" not in here.stdout
+
+
 def test_multinode_dry_run_names_the_master_and_forwards_the_environment(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two nodes\n\nworker-0 slots=8\nworker-1 slots=8\n")

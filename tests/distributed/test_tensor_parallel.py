@@ -15,7 +15,7 @@ from train import tp_layout
 
 pytestmark = pytest.mark.distributed
 
-# moe.every=2: block 0 has a dense FFN (split by TP), block 1 an MoE layer (experts whole).
+# moe.every=2: block 0 has a dense FFN (split by TP), block 1 an MoE layer (each expert's hidden units split by TP).
 # grad_clip 0.05 is far below the gradient norm (about 1), so every step is clipped and a wrong
 # norm would change the update, not just the logged figure.
 COMMON = [

@@ -78,6 +78,12 @@ def test_unknown_key_fails_at_compose(compose_run):
          "moe.shared_expert_hidden=33 must be divisible by model.tensor_parallel=2"),
         (["moe=dense", "moe.ep_size=2"], "moe.ep_size=2 splits experts, and this model has none (moe.every=0: dense)"),
         (["model.hidden_size=100", "model.num_heads=3"], "model.num_heads"),
+        # NaN rotary tables, a square root of a negative, torch's traceback on a negative std.
+        (["model.rope_theta=-1"], "model.rope_theta must be a positive finite number, got -1"),
+        (["model.rope_theta=nan"], "model.rope_theta must be a positive finite number, got nan"),
+        (["model.norm_eps=-1e-5"], "model.norm_eps must be a positive finite number, got -1e-05"),
+        (["model.init_std=-0.5"], "model.init_std must be a positive finite number, got -0.5"),
+        (["model.num_layers=4", "moe.every=7"], "moe.every=7 puts no MoE layer in model.num_layers=4"),
         (["deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
         (["deepspeed.zero_stage=0"], "wrong gradient norm under expert parallelism"),
         (["deepspeed.precision=fp16"], "deepspeed.precision"),

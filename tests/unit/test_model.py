@@ -58,3 +58,12 @@ def test_parameter_counts():
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert counts["total"] - counts["active"] == 2 * (4 - 2) * one_expert
     assert counts["active_matmul"] == counts["active"]  # tied: the embedding is the output matmul
+
+
+def test_model_init_std_reaches_the_router():
+    from moe import MoEConfig as _MoEConfig
+
+    model = GPT(ModelConfig(seq_len=8, num_layers=1, hidden_size=256, num_heads=4, ffn_hidden=64, init_std=0.2),
+                _MoEConfig(num_experts=64, top_k=1, capacity_factor=None), 32)
+    router_std = float(model.blocks[0].ffn.router.weight.std())
+    assert 0.18 < router_std < 0.22, router_std

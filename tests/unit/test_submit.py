@@ -78,6 +78,17 @@ def test_a_malformed_time_limit_is_refused(submit, capsys):
         assert submit.parse_args(["--time", good]).time == good
 
 
+def test_a_warning_as_long_as_the_time_limit_is_refused(submit, capsys):
+    """SIGUSR1 would come during the job's checks, before any rank could save."""
+    with pytest.raises(SystemExit):
+        submit.parse_args(["--time", "2", "--warning-seconds", "120"])
+    assert "--warning-seconds=120 must be shorter than --time=2 (120 s)" in capsys.readouterr().err
+    assert submit.parse_args(["--time", "3", "--warning-seconds", "120"]).warning_seconds == 120
+    assert submit.parse_args(["--time", "UNLIMITED", "--warning-seconds", "99999"]).warning_seconds == 99999
+    assert [submit.slurm_seconds(t) for t in ("30", "30:15", "1:00:00", "2-3", "2-3:04", "2-3:04:05")] == [
+        1800, 1815, 3600, 183600, 183840, 183845]
+
+
 def test_without_slurm_the_error_is_one_line(submit, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(submit.shutil, "which", lambda name: None)
     monkeypatch.setattr(submit.subprocess, "Popen", lambda *a, **k: pytest.fail("sbatch was called"))
