@@ -350,3 +350,32 @@ def test_the_batch_script_hands_its_cpus_per_task_to_srun(tmp_path):
     result = run(["bash", str(ROOT / "launch" / "slurm" / "train.sbatch"), "model=gpt_tiny"], env=env, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert record.read_text().split() == ["SRUN_CPUS_PER_TASK=6", f"python={venv / 'bin' / 'python'}"]
+
+
+def test_a_warning_signal_during_the_batch_scripts_checks_requeues_without_starting_ranks(tmp_path):
+    """SIGUSR1 can come while the job still checks its settings (a time limit near the warning): the
+    script must neither die of it (no requeue) nor start ranks that would be killed before they save."""
+    import signal
+    import time
+
+    scontrol = FAKE_SCONTROL.replace("#!/bin/sh\n", '#!/bin/sh\necho "$*" >> "$SCONTROL_RECORD"\n')
+    bin_dir = _stand_ins(tmp_path, srun=FAKE_SRUN, scontrol=scontrol)
+    venv = _venv(tmp_path)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\ntouch "{tmp_path / "checking"}"\nsleep 3\nexec "{sys.executable}" "$@"\n')
+    env = {k: v for k, v in subprocess_env().items() if k != "PYTHON"}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", SRUN_RECORD=str(tmp_path / "srun.txt"), VENV=str(venv),
+               SCONTROL_RECORD=str(tmp_path / "scontrol.txt"), SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_NAME="t",
+               SLURM_JOB_ID="7", SLURM_JOB_NODELIST="node-0", SLURM_JOB_NUM_NODES="1", SLURM_NTASKS="1",
+               RUN_DIR=str(tmp_path / "run"))
+    job = subprocess.Popen(["bash", str(ROOT / "launch" / "slurm" / "train.sbatch"), "model=gpt_tiny"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "checking").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)  # during the check
+    out, _ = job.communicate(timeout=120)
+    assert job.returncode == 0, out
+    assert "SIGUSR1 came before the ranks started; not starting them" in out
+    assert not (tmp_path / "srun.txt").exists(), "a rank was started"
+    assert "requeue 7" in (tmp_path / "scontrol.txt").read_text()
