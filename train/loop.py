@@ -39,6 +39,7 @@ from train.model import GPT, expert_choice_layers, padded_vocab_size
 from train.nonfinite import NonFiniteLossStop, NonFiniteStreak, discard_routing_statistics, poison_if_nonfinite
 from train.preemption import PREEMPTED_EXIT_STATUS, Preempted, PreemptionWatch
 from train.routing_modes import RoutingMode, routing, thresholds_ready
+from train.run_lock import RunDirectoryLock
 from train.settings_diff import SHAPE_SECTIONS, changed_settings, describe, saved_settings
 
 
@@ -333,6 +334,7 @@ class Trainer:
         self.sinks = open_sinks(run, world.is_main, run_dir)
         self.expert_counts = ExpertCounts(world.replica_group)
         self.nonfinite = NonFiniteStreak(run.trainer.max_nonfinite_steps)
+        self.run_lock = RunDirectoryLock(run_dir)
         trainer = run.trainer
         self.global_batch = trainer.micro_batch_size * trainer.grad_accum * world.data_parallel_size
         self.tokens_per_step = self.global_batch * run.model.seq_len
@@ -357,7 +359,14 @@ class Trainer:
     # ------------------------------------------------------------------ the job
     def fit(self, preemption: PreemptionWatch | None = None) -> dict[str, Any]:
         """The loop. With `preemption`, a stop signal to any rank ends it at the next step boundary
-        with a checkpoint (train/preemption.py)."""
+        with a checkpoint (train/preemption.py). Rank 0 holds the run directory's lock throughout
+        (train/run_lock.py)."""
+        try:
+            return self._fit(preemption)
+        finally:
+            self.run_lock.release()
+
+    def _fit(self, preemption: PreemptionWatch | None) -> dict[str, Any]:
         run, world = self.run, self.world
         start_step, initial_val_loss = 0, None
         window = LogWindow(world.device)  # the steps the next train record averages
@@ -366,13 +375,20 @@ class Trainer:
         # Into every checkpoint this session saves: what its weights go with (train/checkpoint.py save).
         self.tag_files = {"config.yaml": settings_yaml,
                           "tokenizer.json": (self.train_data.data_dir / "tokenizer.json").read_text(encoding="utf-8")}
-        if world.is_main and not run.trainer.resume:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as error:  # what `_unusable_directory` cannot foresee (a read-only mount, /proc)
-                raise ConfigError(f"trainer.run_dir: cannot create {self.run_dir}: {error.strerror}") from None
-            write_text_atomically(self.run_dir / "config.yaml", settings_yaml)
-            self._keep_tokenizer()
+        in_use: list[str | None] = [None]
+        if world.is_main:
+            if not run.trainer.resume:
+                try:
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as error:  # what `_unusable_directory` cannot foresee (a read-only mount, /proc)
+                    raise ConfigError(f"trainer.run_dir: cannot create {self.run_dir}: {error.strerror}") from None
+            in_use[0] = self.run_lock.acquire()  # before anything of this run is written into the directory
+            if in_use[0] is None and not run.trainer.resume:
+                write_text_atomically(self.run_dir / "config.yaml", settings_yaml)
+                self._keep_tokenizer()
+        dist.broadcast_object_list(in_use, src=0)  # every rank stops, not rank 0 alone
+        if in_use[0] is not None:
+            raise ConfigError(in_use[0])
         dist.barrier()
         if run.trainer.resume:
             # Compared with the settings the checkpoint was saved with (its own config.yaml). The run

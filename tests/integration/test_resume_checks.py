@@ -277,3 +277,22 @@ def test_auto_resume_starting_over_clears_a_killed_first_save(compose_run, tmp_p
     train(compose_run(_overrides(run_dir, 3, "trainer.auto_resume=true")))
     assert "removed step_00000003, a save that did not finish" in capsys.readouterr().out
     assert not (killed / "mp_rank_01_model_states.pt").exists() and (killed / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_a_run_directory_in_use_by_another_run_is_refused_in_one_line(compose_run, tmp_path):
+    """A second job training into the same directory (a requeued job and a hand-made copy) would
+    save into the same tags: refused while the first holds the directory, allowed once it is gone."""
+    from train.run_lock import RunDirectoryLock
+
+    run_dir = tmp_path / "run"
+    train(compose_run(_overrides(run_dir, 3)))
+    other = RunDirectoryLock(run_dir)
+    assert other.acquire() is None  # the first job, still training
+    with pytest.raises(ConfigError) as refused:
+        train(compose_run(_overrides(run_dir, 6, "trainer.resume=true")))
+    assert str(refused.value).startswith(f"trainer.run_dir: {run_dir} is in use by another training run (pid ")
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    other.release()
+    train(compose_run(_overrides(run_dir, 6, "trainer.resume=true")))
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
