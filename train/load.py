@@ -151,7 +151,9 @@ def resolve_checkpoint(path: str | Path | None) -> Path:
     for checkpoints in (path / "checkpoints", path):
         latest = checkpoints / "latest"
         if latest.is_file():
-            tag_dir = checkpoints / latest.read_text().strip()
+            from train.checkpoint import latest_tag
+
+            tag_dir = checkpoints / latest_tag(checkpoints)  # (an unreadable one: one line)
             if not (tag_dir / NON_EXPERT_FILE).is_file():
                 raise ConfigError(f"{latest} names {tag_dir.name}, which holds no {NON_EXPERT_FILE}")
             return tag_dir
