@@ -113,6 +113,14 @@ def checked_for_start(run: RunConfig, world_size: int, source: str) -> RunConfig
     if problem is not None:  # found now, not after the model and the engine are built
         raise ConfigError(f"trainer.run_dir={run.trainer.run_dir!r}: {problem}" if run.trainer.run_dir
                           else f"{problem} (runs go under runs/<name>/ by default: set trainer.run_dir=DIR)")
+    if run.trainer.run_dir and Path(run.trainer.run_dir).is_dir() and os.environ.get("RANK", "0") == "0":
+        # Another run training there: said now, not after the engine is built (rank 0 takes the lock
+        # then). Rank 0 alone looks: ranks probing at once would each find the others' probe.
+        probe = RunDirectoryLock(Path(run.trainer.run_dir))
+        in_use = probe.acquire()
+        probe.release()
+        if in_use is not None:
+            raise ConfigError(in_use)
     return run
 
 

@@ -292,6 +292,14 @@ def test_a_run_directory_in_use_by_another_run_is_refused_in_one_line(compose_ru
     with pytest.raises(ConfigError) as refused:
         train(compose_run(_overrides(run_dir, 6, "trainer.resume=true")))
     assert str(refused.value).startswith(f"trainer.run_dir: {run_dir} is in use by another training run (pid ")
+    # Past the start-up check (the other run took the directory while this one built its engine):
+    # rank 0's own lock refuses it before it writes anything.
+    from train import loop
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "checked_for_start", lambda run, *args: run)
+        with pytest.raises(ConfigError, match=r"is in use by another training run \(pid "):
+            train(compose_run(_overrides(run_dir, 6, "trainer.resume=true")))
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     other.release()
     train(compose_run(_overrides(run_dir, 6, "trainer.resume=true")))
