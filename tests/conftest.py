@@ -36,6 +36,27 @@ def pytest_collection_modifyitems(config, items):
 DISTRIBUTED_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 
+def ctrl_c_as_at_a_terminal() -> None:
+    """A Popen preexec_fn: SIGINT back to its default in the child. A test suite started as a shell's
+    background job (`bash .ci/run &`) runs with SIGINT ignored, every child inherits that, and the
+    training keeps an ignored SIGINT on purpose (train/preemption.py): a test of what Ctrl-C does
+    needs the terminal's case."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def ctrl_c_enabled():
+    """In this process, SIGINT handled as Python does at a terminal (KeyboardInterrupt) for the test,
+    whatever the suite was started with (see `ctrl_c_as_at_a_terminal`)."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a training subprocess: in-process tests set RANK, MASTER_PORT, ... in
     this process (a world of one), and a child inheriting them would try to join that world."""

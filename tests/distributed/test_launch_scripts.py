@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from conftest import ctrl_c_as_at_a_terminal, subprocess_env
 
 from distributed.processes import ROOT, free_port, run, tail
 
@@ -215,6 +215,7 @@ def _start_local_training(tmp_path: Path, run_dir: Path) -> subprocess.Popen:
          f"trainer.run_dir={run_dir}"],
         env=subprocess_env(PYTHON=sys.executable, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=ctrl_c_as_at_a_terminal,
     )
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from conftest import ctrl_c_as_at_a_terminal, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def _overrides(run_dir: Path) -> list[str]:
 def _start(run_dir: Path, cwd: Path, overrides: list[str] | None = None) -> subprocess.Popen:
     command = [sys.executable, "-m", "train", *(overrides or _overrides(run_dir))]
     return subprocess.Popen(command, cwd=cwd, env=subprocess_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_as_at_a_terminal)
 
 
 def _wait_for_steps(run_dir: Path, steps: int) -> None:
@@ -64,7 +64,7 @@ def test_first_ctrl_c_checkpoints_and_exits_130(tmp_path):
     assert again.returncode == 130 and "error:" not in err, err[-3000:]
 
 
-def test_second_ctrl_c_stops_at_once_in_one_line(compose_run, tmp_path, monkeypatch, capsys):
+def test_second_ctrl_c_stops_at_once_in_one_line(compose_run, tmp_path, monkeypatch, capsys, ctrl_c_enabled):
     # In process: two signals sent together from outside can merge into one (a pending signal is
     # not queued twice); from inside a step the first is handled before the second is sent.
     from train.cli import train_command

@@ -57,7 +57,7 @@ def test_auto_resume_needs_a_run_dir(compose_run):
         to_run_config(compose_run(["trainer.auto_resume=true"]))
 
 
-def test_ctrl_c_stops_at_the_step_boundary_and_a_second_one_stops_at_once(capfd):
+def test_ctrl_c_stops_at_the_step_boundary_and_a_second_one_stops_at_once(capfd, ctrl_c_enabled):
     before = signal.getsignal(signal.SIGINT)
     with PreemptionWatch() as watch:
         os.kill(os.getpid(), signal.SIGINT)  # recorded, not raised
