@@ -226,12 +226,17 @@ def _check_replaceable(out: Path) -> None:
         return
     if not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a directory")
-    foreign = sorted(path.name for path in out.iterdir()
-                     if path.name != STAGING_DIR and (path.name not in EXPORT_FILES or not path.is_file()))
+    foreign = _foreign_entries(out, also_allowed=STAGING_DIR)
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise ConfigError(f"{out}: holds files moe-export does not write ({shown}); "
                           "remove them or choose another directory")
+
+
+def _foreign_entries(directory: Path, also_allowed: str | None = None) -> list[str]:
+    """The names in `directory` that are not files an export writes (nor `also_allowed`), sorted."""
+    return sorted(path.name for path in directory.iterdir() if path.name != also_allowed
+                  and (path.name not in EXPORT_FILES or not path.is_file()))
 
 
 def _remove_leftover(path: Path) -> None:
@@ -240,8 +245,7 @@ def _remove_leftover(path: Path) -> None:
     name), rather than delete it."""
     if not path.exists() and not path.is_symlink():
         return
-    if path.is_symlink() or not path.is_dir() or any(
-            entry.name not in EXPORT_FILES or not entry.is_file() or entry.is_symlink() for entry in path.iterdir()):
+    if path.is_symlink() or not path.is_dir() or _foreign_entries(path) or any(e.is_symlink() for e in path.iterdir()):
         raise ConfigError(f"{path}: in the way of the export, and not what an earlier export left there "
                           "(it holds other files); move it away or choose another --out")
     shutil.rmtree(path)
@@ -288,8 +292,7 @@ def generation_config(model: torch.nn.Module, eot_id: int | None, tokenizer_voca
 def _move_into_place(partial: Path, out: Path) -> None:
     """Rename the complete `partial` to `out`; a previous `out` is renamed away first and removed
     only once the new one is in place, so `out` is always either the old export or the new one."""
-    old = out.with_name(out.name + ".replaced")
-    _remove_leftover(old)  # left by an export killed between the two renames
+    old = out.with_name(out.name + ".replaced")  # (a leftover there was removed before the export began)
     if out.exists():
         os.replace(out, old)
     try:

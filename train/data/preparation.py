@@ -40,7 +40,6 @@ from train.data.split import validation_mask
 from train.data.tokenizer import (
     EOT,
     MIN_VOCAB_SIZE,
-    document_pieces,
     encode_pieces,
     eot_id,
     streamed_pieces,
@@ -301,7 +300,7 @@ def _numbered(documents: Iterable[str | TextFile], num_documents: int) -> Iterat
 
 def _pieces(document: str | TextFile) -> Iterable[str]:
     """The document in pieces cut where no token changes (train/data/tokenizer.py); a file is read as it goes."""
-    return document_pieces(document) if isinstance(document, str) else streamed_pieces(document.chunks())
+    return streamed_pieces((document,) if isinstance(document, str) else document.chunks())
 
 
 def _end_document(writers: dict[str, TokenShardWriter], counts: dict[str, int], validation: bool, separator: np.ndarray) -> None:
