@@ -61,7 +61,7 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], rank: int,
          portable: bool = True, keep: int = 0, tag_files: dict[str, str] | None = None,
-         rank_state: dict[str, Any] | None = None) -> None:
+         rank_state: dict[str, Any] | None = None, local_rank: int = 0) -> None:
     """Collective: every rank calls it. RNG states go in a per-rank file inside the tag,
     written before DeepSpeed moves `latest`, so a tag that `latest` names is complete.
     `portable=False` skips the layout-free optimizer copy (train/portable_state.py). `keep` >= 1:
@@ -70,7 +70,8 @@ def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], 
     and tokenizer the weights go with (the run directory's copies follow the run from the start of a
     session, so a resume killed before its first save would leave them ahead of `latest`).
     `rank_state`: this rank's own state besides its RNGs (its part of the unlogged metrics window),
-    given back by `load` at the same layout as client_state["rank_state"]."""
+    given back by `load` at the same layout as client_state["rank_state"].
+    `local_rank`: the rank's index on its node; the first of each node flushes the tag's files."""
     tag = tag_for(step)
     tag_dir = checkpoint_dir / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
@@ -85,9 +86,14 @@ def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], 
             shutil.rmtree(tag_dir, ignore_errors=True)
         raise
     # DeepSpeed's save and ours end with a barrier: every rank's files are closed here.
-    if rank == 0:
+    if local_rank == 0:
+        # One rank per node flushes the tag: fsync writes back what this node's page cache holds of a
+        # file, whichever process wrote it, and only that. On a shared file system (Lustre, GPFS, NFS)
+        # each client caches its own writes, so rank 0 alone could not flush another node's files.
         for path in sorted(tag_dir.rglob("*"), reverse=True):  # files before the folders holding them
             fsync_path(path)
+    dist.barrier()  # every node's part is on disk before `latest` can name the tag
+    if rank == 0:
         # The tag's config.yaml marks it complete (saved_tags_without_latest): written, and made
         # durable, only now that every other file is, and the last of the tag's own files.
         # Atomically: a kill while it is written must not leave a torn file that marks the tag complete.

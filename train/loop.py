@@ -534,7 +534,7 @@ class Trainer:
                         "nonfinite_in_a_row": self.nonfinite.in_a_row}
         rank_state = {"log_window": window.state(), "expert_window": self.expert_counts.window_state()}
         checkpoint.save(self.engine, self.checkpoint_dir, done, client_state, self.world.rank, self._portable(ends_run),
-                        self.run.trainer.keep_checkpoints, self.tag_files, rank_state)
+                        self.run.trainer.keep_checkpoints, self.tag_files, rank_state, self.world.local_rank)
 
     def _tokens(self, step: int) -> int:
         """Tokens trained up to `step`, counting the steps before a resume at their own global batch."""
