@@ -56,7 +56,7 @@ consolidate: $(STAMP)  ## one safetensors file of a checkpoint of any expert-par
 	$(PY) -m train.consolidate $(ARGS)
 
 test: $(STAMP)  ## all CPU tests: unit, multi-process (gloo) and whole runs
-	$(PY) -m pytest -m "not gpu" -q
+	$(PY) -m pytest -m "not gpu" -q --durations=30  # the slowest, to keep CI short
 
 test-fast: $(STAMP)  ## the fast CPU tier only (what a plain `pytest` runs)
 	$(PY) -m pytest -q

@@ -588,23 +588,23 @@ def test_long_documents_encode_in_pieces_to_the_same_tokens(monkeypatch, documen
     monkeypatch.setattr(tokenizer_module, "BATCH_CHARS", 100)
     assert len(tokenizer_module.document_pieces(texts[2])) > 50
     assert "".join(tokenizer_module.document_pieces(texts[2])) == texts[2]
-    encoded = tokenizer_module.encode_documents(tokenizer, texts, dtype)
+    encoded = _encoded_documents(tokenizer, texts, dtype)
     assert [array.dtype for array in encoded] == [dtype] * 3 and [array.tolist() for array in encoded] == expected
     # Many random texts, cut at every piece size from 5 to 60 characters.
     palette = words + gaps + ["é", "ß", "😀", "1", "-", ".", "\x1f"]
     for size in range(5, 61, 5):
         monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", size)
         text = "".join(rng.choice(palette) for _ in range(300))
-        assert tokenizer_module.encode_documents(tokenizer, [text], dtype)[0].tolist() == tokenizer.encode(text).ids, size
+        assert _encoded_documents(tokenizer, [text], dtype)[0].tolist() == tokenizer.encode(text).ids, size
     monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", 40)
     # Text whose only breaks are blank lines and indentation (code, paragraphs) is cut too.
     paragraphs = "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(20))
     assert len(tokenizer_module.document_pieces(paragraphs)) > 10
-    assert tokenizer_module.encode_documents(tokenizer, [paragraphs], dtype)[0].tolist() == tokenizer.encode(paragraphs).ids
+    assert _encoded_documents(tokenizer, [paragraphs], dtype)[0].tolist() == tokenizer.encode(paragraphs).ids
     # A document with no safe place to cut is encoded whole.
     unbroken = "word " * 100
     assert tokenizer_module.document_pieces(unbroken) == [unbroken]
-    assert tokenizer_module.encode_documents(tokenizer, [unbroken], dtype)[0].tolist() == tokenizer.encode(unbroken).ids
+    assert _encoded_documents(tokenizer, [unbroken], dtype)[0].tolist() == tokenizer.encode(unbroken).ids
     # Read in chunks (a .txt file), cut only where both sides are read: the same tokens, for any chunk size.
     for chunk_size in (1, 2, 3, 7, 40, 41, 97, 10_000):
         chunks = [texts[2][i : i + chunk_size] for i in range(0, len(texts[2]), chunk_size)]
@@ -617,3 +617,14 @@ def test_long_documents_encode_in_pieces_to_the_same_tokens(monkeypatch, documen
     whole = train_bpe_tokenizer(texts, SMALL_VOCAB)
     pieced = train_bpe_tokenizer((p for text in texts for p in tokenizer_module.document_pieces(text)), SMALL_VOCAB)
     assert pieced.get_vocab() == whole.get_vocab()
+
+
+def _encoded_documents(tokenizer, documents: list[str], dtype) -> list[np.ndarray]:
+    """Each document's ids as preparation produces them: cut into pieces, the pieces encoded in calls."""
+    from train.data import tokenizer as tokenizer_module
+
+    ids: list[list[np.ndarray]] = [[] for _ in documents]
+    pieces = ((index, piece) for index, text in enumerate(documents) for piece in tokenizer_module.document_pieces(text))
+    for index, piece_ids in tokenizer_module.encode_pieces(tokenizer, pieces, dtype):
+        ids[index].append(piece_ids)
+    return [np.concatenate(parts) if parts else np.zeros(0, dtype) for parts in ids]

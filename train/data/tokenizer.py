@@ -72,16 +72,6 @@ BATCH_CHARS = 1 << 22
 instead of 75 s, a peak resident set of 454 MiB instead of 1114 MiB; the same shards.)"""
 
 
-def encode_documents(tokenizer: Tokenizer, documents: list[str], dtype: np.dtype) -> list[np.ndarray]:
-    """The token ids of each document (as `dtype`), as `tokenizer.encode` gives them, with
-    bounded memory (see `encode_pieces`)."""
-    ids: list[list[np.ndarray]] = [[] for _ in documents]
-    pieces = ((index, piece) for index, text in enumerate(documents) for piece in document_pieces(text))
-    for index, piece_ids in encode_pieces(tokenizer, pieces, dtype):
-        ids[index].append(piece_ids)
-    return [np.concatenate(parts) if parts else np.zeros(0, dtype) for parts in ids]
-
-
 def encode_pieces(tokenizer: Tokenizer, pieces: Iterable[tuple[int, str]], dtype: np.dtype) -> Iterator[tuple[int, np.ndarray]]:
     """(document, ids) for each (document, piece) of `pieces`, in order: the pieces (`document_pieces`,
     `streamed_pieces`) are encoded in calls of at most about BATCH_CHARS characters, and each piece's
