@@ -45,7 +45,8 @@ pack() {
 # The steps, in order; run once with `listing` set to learn their names.
 run_steps() {
   step device nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  step gpu_tests "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
+  # -rs lists every skip and its reason; without a CUDA device the step fails (tests/conftest.py).
+  step gpu_tests env MOE_REQUIRE_CUDA=1 "$PY" -m pytest -m gpu tests -q -rs -p no:cacheprovider
   step layer_gpu "$PY" -m bench.moe_layer --device cuda --shapes gpu --json "$RESULTS_DIR/layer_gpu.json"
   # The 350M preset takes 65,536 tokens per optimizer step (4 micro-batches), so fewer timed steps do.
   step e2e_350m "$PY" -m bench.end_to_end --compile --steps 8 --warmup 3 experiment=h100_350m --json "$RESULTS_DIR/e2e_350m.json"

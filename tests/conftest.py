@@ -27,6 +27,10 @@ def compose_run():
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
+    if os.environ.get("MOE_REQUIRE_CUDA") == "1":
+        # bench/gpu_all.sh: on the GPU machine, GPU tests that all skip (a CPU-only torch, a driver
+        # torch cannot use) must fail the step, not pass it.
+        raise pytest.UsageError("MOE_REQUIRE_CUDA=1 but torch sees no CUDA device: the GPU tests cannot run")
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:

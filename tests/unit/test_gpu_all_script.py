@@ -134,3 +134,20 @@ def test_wheels_that_do_not_import_stop_the_run_with_one_error(tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "does not import" in result.stderr
     assert not (tmp_path / "results" / "device.log").exists()
+
+
+def test_the_gpu_test_step_fails_where_torch_sees_no_gpu():
+    """The step runs `pytest -m gpu` with MOE_REQUIRE_CUDA=1: on a machine where every GPU test would
+    skip (a CPU-only torch on the GPU box), the step fails instead of passing with nothing run."""
+    import sys
+
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: the GPU tests run here")
+    assert "step gpu_tests env MOE_REQUIRE_CUDA=1 " in (ROOT / "bench" / "gpu_all.sh").read_text()
+    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-q", "-p", "no:cacheprovider"],
+                            cwd=ROOT, env={**os.environ, "MOE_REQUIRE_CUDA": "1"}, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "MOE_REQUIRE_CUDA=1 but torch sees no CUDA device" in result.stdout + result.stderr

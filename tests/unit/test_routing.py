@@ -171,6 +171,36 @@ def test_threshold_tracks_the_cth_largest_score(jitter_eps):
     torch.testing.assert_close(layer.router.threshold, expected.float(), rtol=1e-6, atol=1e-7)
 
 
+
+def test_thresholds_average_the_groups_and_move_by_the_momentum_after_the_first_step():
+    """The threshold is the mean over groups (and micro-batches) of each group's C-th largest score,
+    taken as it is at the first step and moved a momentum's share of the way after that."""
+    momentum = 0.25
+    layer = _layer(router="expert_choice", capacity_factor=2.0, ec_group="sequence", ec_threshold_momentum=momentum)
+    layer.train()
+    capacity = group_capacity(8, EXPERTS, 2.0, 0)
+
+    def observed(batches):  # the mean over every sequence of every micro-batch of its C-th largest score
+        cth = []
+        for x in batches:
+            probs = torch.softmax(x.float() @ layer.router.weight.float().t(), dim=-1)
+            cth.append(probs.topk(capacity, dim=1).values[:, -1])
+        return torch.cat(cth).mean(dim=0)
+
+    first = [torch.randn(3, 8, HIDDEN, dtype=torch.float64) for _ in range(2)]  # 2 micro-batches of 3 sequences
+    for x in first:
+        layer(x)
+    update_routing_state(layer)
+    torch.testing.assert_close(layer.router.threshold, observed(first), rtol=1e-6, atol=1e-7)
+    before = layer.router.threshold.clone()
+    second = [torch.randn(4, 8, HIDDEN, dtype=torch.float64) * 2]
+    layer(second[0])
+    update_routing_state(layer)
+    expected = before + momentum * (observed(second) - before)
+    assert not torch.allclose(expected, observed(second)) and not torch.allclose(expected, before)
+    torch.testing.assert_close(layer.router.threshold, expected, rtol=1e-6, atol=1e-7)
+
+
 # ---------------------------------------------------------------- balancing
 def test_global_balancing_loss_is_split_invariant_in_value_and_gradient():
     torch.manual_seed(0)

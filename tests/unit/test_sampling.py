@@ -79,6 +79,12 @@ def test_filters_compose_and_only_write_minus_infinity():
     assert torch.isneginf(out[~finite]).all()
     # Scaled by the temperature after the row maximum is shifted to 0 (which leaves the softmax alone).
     torch.testing.assert_close(out[finite], ((logits - logits.max()) / 0.5)[finite])
+    # Both filters apply, on the tempered scores: top-k keeps four, then top-p two (0.82 + 0.11 >= 0.9);
+    # at temperature 1 top-p keeps three of the four. With a wide top-p, top-k decides.
+    assert finite[0].nonzero()[:, 0].tolist() == [0, 1]
+    wide = filtered_logits(logits, SamplingConfig(temperature=0.5, top_k=2, top_p=0.999))
+    assert torch.isfinite(wide[0]).nonzero()[:, 0].tolist() == [0, 1]
+    assert torch.isfinite(filtered_logits(logits, SamplingConfig(top_k=4, top_p=0.9))[0]).nonzero()[:, 0].tolist() == [0, 1, 2]
     # A zero logit that is kept stays a real score (it is not a mask value).
     assert not torch.isfinite(filtered_logits(torch.tensor([[5.0, 0.0, 0.0]]), SamplingConfig(top_k=1))[0, 1:]).any()
 
