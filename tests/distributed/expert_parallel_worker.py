@@ -1,4 +1,7 @@
-"""One rank of the expert-parallel oracle check (run by test_expert_parallel.py, 2 processes).
+"""One rank of the expert-parallel oracle check (run by test_expert_parallel.py, 2 processes, every
+case in one launch).
+
+    expert_parallel_worker.py CASE...      CASE: CAPACITY_FACTOR:TOP_K:ROUTER:DTYPE, e.g. none:2:token_choice:float64
 
 The ep_size=2 layer, whose all-to-all exchanges capacity slots over gloo, must equal an
 ep_size=1 layer holding all experts: outputs, input gradients, expert gradients (each rank's
@@ -21,11 +24,9 @@ from train.distributed import close_world
 HIDDEN, EXPERT_HIDDEN, EXPERTS = 16, 24, 4
 
 
-def main(capacity_factor: float | None, top_k: int, router: str, dtype: torch.dtype = torch.float64) -> None:
-    """float64 by default, so the comparison is exact to 1e-6 whatever the summation order; float32
-    takes torch._grouped_mm on the CPU where float64 takes the per-expert loop."""
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+def check(capacity_factor: float | None, top_k: int, router: str, dtype: torch.dtype) -> None:
+    """One case, on fresh layers. float64 compares to 1e-6 whatever the summation order; float32 takes
+    torch._grouped_mm on the CPU where float64 takes the per-expert loop."""
     rank = dist.get_rank()
     common = dict(num_experts=EXPERTS, top_k=top_k, capacity_factor=capacity_factor, min_capacity=0)
     causal = router == "expert_choice_causal"
@@ -60,6 +61,9 @@ def main(capacity_factor: float | None, top_k: int, router: str, dtype: torch.dt
     y_refs = [whole(t)[0] for t in x_refs]
     sum((yr * g).sum() for yr, g in zip(y_refs, grads, strict=False)).backward()
 
+    # Summed before any check, so that a failing check cannot leave the other rank in a collective.
+    router_grad = parallel.router.weight.grad.clone()
+    dist.all_reduce(router_grad)
     assert_close(y, y_refs[rank], "y")
     assert_close(x.grad, x_refs[rank].grad, "gradient of x")
     local = parallel.num_local_experts
@@ -70,16 +74,23 @@ def main(capacity_factor: float | None, top_k: int, router: str, dtype: torch.dt
             ref_param = dict(reference.named_parameters())[name]
             assert torch.equal(param.data, ref_param.data), f"global expert {rank * local + i} initialised differently"
             assert_close(param.grad, ref_param.grad, f"gradient of expert {rank * local + i} {name}")
-    router_grad = parallel.router.weight.grad.clone()
-    dist.all_reduce(router_grad)
     assert_close(router_grad, whole.router.weight.grad, "gradient of the router")
     if capacity_factor is None or causal:
         assert torch.equal(aux.kept_E, aux.routed_E)
-    dist.barrier()
-    print(f"rank {rank}: ok", flush=True)
+
+
+def main(cases: list[str]) -> None:
+    """Every case in one world (one start-up for all): CASE is CAPACITY_FACTOR:TOP_K:ROUTER:DTYPE."""
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    rank = dist.get_rank()
+    for case in cases:
+        capacity_factor, top_k, router, dtype = case.split(":")
+        check(None if capacity_factor == "none" else float(capacity_factor), int(top_k), router, getattr(torch, dtype))
+        dist.barrier()
+        print(f"rank {rank}: ok {case}", flush=True)
     close_world()
 
 
 if __name__ == "__main__":
-    cf = None if sys.argv[1] == "none" else float(sys.argv[1])
-    main(cf, int(sys.argv[2]), sys.argv[3], getattr(torch, sys.argv[4]) if len(sys.argv) > 4 else torch.float64)
+    main(sys.argv[1:])

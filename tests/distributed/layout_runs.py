@@ -28,7 +28,7 @@ not. A wrong norm would then change the relative size of the updates, which Adam
 COMMON = [
     "model=gpt_tiny", f"trainer.max_steps={STEPS}", f"trainer.checkpoint_every={CHECKPOINT_EVERY}",
     "trainer.eval_every=0", "trainer.eval_batches=1", "logging.log_every=1", "logging.progress_bar=false",
-    "deepspeed.precision=fp32", "deepspeed.warmup_steps=1", f"deepspeed.grad_clip={GRAD_CLIP}",
+    "deepspeed.precision=fp32", "deepspeed.warmup_steps=1", f"deepspeed.grad_clip={GRAD_CLIP}", "logging.plots=off",
     f"data.cache_dir={ROOT / '.cache' / 'data'}",
 ]
 TOKEN_CHOICE = ["moe=top2_dropless", "moe.aux_loss_scope=global"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,22 +16,28 @@ from distributed.processes import ROOT, deepspeed_launch, launch_ranks
 pytestmark = pytest.mark.distributed
 
 
-@pytest.mark.parametrize(
-    "capacity_factor, top_k, router, dtype",
-    [
-        ("none", 2, "token_choice", "float64"),  # dropless: all-to-all-v
-        ("1.0", 2, "token_choice", "float64"),  # capacity: fixed-shape all-to-all, some drops; filled slots only
-        ("1.0", 2, "token_choice", "float32"),  # the same through torch._grouped_mm (float64 takes the loop)
-        ("0.5", 1, "token_choice", "float64"),
-        ("2.0", 2, "expert_choice", "float64"),  # fixed-shape all-to-all, index_add combine
-        ("2.0", 2, "expert_choice_causal", "float64"),  # thresholds: all-to-all-v
-    ],
-)
-def test_ep2_layer_equals_single_process_oracle(capacity_factor, top_k, router, dtype):
+ORACLE_CASES = [
+    ("none", 2, "token_choice", "float64"),  # dropless: all-to-all-v
+    ("1.0", 2, "token_choice", "float64"),  # capacity: fixed-shape all-to-all, some drops; filled slots only
+    ("1.0", 2, "token_choice", "float32"),  # the same through torch._grouped_mm (float64 takes the loop)
+    ("0.5", 1, "token_choice", "float64"),
+    ("2.0", 2, "expert_choice", "float64"),  # fixed-shape all-to-all, index_add combine
+    ("2.0", 2, "expert_choice_causal", "float64"),  # thresholds: all-to-all-v
+]
+
+
+@pytest.fixture(scope="module")
+def oracle_outputs() -> list[str]:
+    """Both ranks' output of every case, run in one launch (each case on fresh layers)."""
     worker = ROOT / "tests" / "distributed" / "expert_parallel_worker.py"
-    outputs = launch_ranks(2, [sys.executable, str(worker), capacity_factor, str(top_k), router, dtype], timeout=180)
-    for rank, out in enumerate(outputs):
-        assert f"rank {rank}: ok" in out, out
+    cases = [":".join(map(str, case)) for case in ORACLE_CASES]
+    return launch_ranks(2, [sys.executable, str(worker), *cases], timeout=300)
+
+
+@pytest.mark.parametrize("capacity_factor, top_k, router, dtype", ORACLE_CASES)
+def test_ep2_layer_equals_single_process_oracle(oracle_outputs, capacity_factor, top_k, router, dtype):
+    for rank, out in enumerate(oracle_outputs):
+        assert f"rank {rank}: ok {capacity_factor}:{top_k}:{router}:{dtype}\n" in out, out
 
 
 def test_deepspeed_launcher_trains_with_ep2_zero2(tmp_path):
@@ -59,6 +66,12 @@ def test_deepspeed_launcher_trains_with_ep2_zero2(tmp_path):
     assert not torch.equal(*first_weights), "experts on the two ranks must not start (or end) identical"
 
 
+def _train_two_ranks(cwd: Path, overrides: list[str]) -> None:
+    """`python -m train` on 2 gloo ranks, as the launcher starts them (the launcher itself: the test above),
+    without plots, which rank 0 would draw while the other waits."""
+    launch_ranks(2, [sys.executable, "-m", "train", *overrides, "logging.plots=off"], cwd=cwd)
+
+
 def test_ep2_checkpoint_loads_at_ep1_with_identical_weights(tmp_path, compose_run):
     """Weights saved by 2 ranks at ep_size=2 load into 1 rank at ep_size=1 (DeepSpeed's per-expert
     files are renumbered from global ids). With optimizer state: test_layout_resume.py."""
@@ -69,8 +82,8 @@ def test_ep2_checkpoint_loads_at_ep1_with_identical_weights(tmp_path, compose_ru
 
     run_dir = tmp_path / "run"
     common = ["model=gpt_tiny", "trainer.micro_batch_size=4", f"data.cache_dir={ROOT / '.cache' / 'data'}"]
-    deepspeed_launch(2, tmp_path, [*common, "moe.ep_size=2", "trainer.max_steps=2", "trainer.eval_every=0",
-                                   "logging.progress_bar=false", f"trainer.run_dir={run_dir}"])
+    _train_two_ranks(tmp_path, [*common, "moe.ep_size=2", "trainer.max_steps=2", "trainer.eval_every=0",
+                                 "logging.progress_bar=false", f"trainer.run_dir={run_dir}"])
 
     run = to_run_config(compose_run([*common, "moe.ep_size=1"]))
     world = init_world("cpu")
@@ -111,8 +124,8 @@ def test_consolidate_ep2_checkpoint_equals_the_model_loaded_at_ep1(tmp_path, com
     common = ["model=gpt_tiny", "moe=top2_shared", "moe.eval_capacity_factor=2.0", "trainer.micro_batch_size=4",
               f"trainer.eval_batches={eval_batches}",
               f"data.cache_dir={ROOT / '.cache' / 'data'}"]
-    deepspeed_launch(2, tmp_path, [*common, "moe.ep_size=2", "trainer.max_steps=2", "trainer.eval_every=0",
-                                   "logging.progress_bar=false", f"trainer.run_dir={run_dir}"])
+    _train_two_ranks(tmp_path, [*common, "moe.ep_size=2", "trainer.max_steps=2", "trainer.eval_every=0",
+                                 "logging.progress_bar=false", f"trainer.run_dir={run_dir}"])
     out = tmp_path / "whole.safetensors"
     header = consolidate(run_dir, out)
     assert header["moe"]["ep_size"] == 1 and header["step"] == 2
