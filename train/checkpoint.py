@@ -18,6 +18,7 @@ from __future__ import annotations
 import pickle
 import random
 import shutil
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,29 @@ def unfinished_tags(checkpoint_dir: Path) -> list[Path]:
     newest = step_of(latest) if latest is not None else -1
     return sorted(path for path in checkpoint_dir.glob("step_*")
                   if path.is_dir() and (step := step_of(path.name)) is not None and step > newest)
+
+
+SET_ASIDE = "set_aside"
+"""The folder inside checkpoints/ where a resume moves complete tags newer than `latest` (`set_aside`)."""
+
+
+def set_aside(tag_dir: Path) -> Path:
+    """Move a complete tag out of the resumed run's way, to checkpoints/set_aside/<tag>-<time>: where
+    `latest` was set back by hand (past a loss spike), the run saves its own steps under the later tags'
+    names, which must not mix with the abandoned run's files, and those checkpoints are the user's to
+    delete, not ours. A rename within the folder: nothing is copied. Returns the new path."""
+    folder = tag_dir.parent / SET_ASIDE
+    folder.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = folder / f"{tag_dir.name}-{stamp}"
+    suffix = 1
+    while target.exists():  # two resumes in one second
+        suffix += 1
+        target = folder / f"{tag_dir.name}-{stamp}-{suffix}"
+    tag_dir.rename(target)
+    fsync_path(folder)
+    fsync_path(tag_dir.parent)
+    return target
 
 
 def saved_tags_without_latest(checkpoint_dir: Path) -> list[Path]:

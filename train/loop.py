@@ -684,14 +684,18 @@ class Trainer:
             sink.write(record)
 
     def _remove_tags_after_latest(self, label: str) -> None:
-        """Remove the tags newer than the one `latest` names (all of them when there is none), and say
-        so. Mostly saves killed before they finished: their space back. On resume, also a complete one
-        where `latest` was set back by hand: this run saves its own steps under those names, which
-        must not mix with another run's files."""
+        """Clear the tags newer than the one `latest` names (all of them when there is none), and say
+        so. A save that did not finish (no config.yaml: killed) is removed, its space back. A complete
+        one, where `latest` was set back by hand, is moved to checkpoints/set_aside/ instead: this run
+        saves its own steps under those names, but the checkpoint may still be wanted."""
         for tag_dir in checkpoint.unfinished_tags(self.checkpoint_dir):
-            why = "newer than the one `latest` names" if (tag_dir / "config.yaml").is_file() else "a save that did not finish"
-            shutil.rmtree(tag_dir, ignore_errors=True)
-            print(f"{label:<11} removed {tag_dir.name}, {why}", flush=True)
+            if (tag_dir / "config.yaml").is_file():
+                kept = checkpoint.set_aside(tag_dir)
+                print(f"{label:<11} moved {tag_dir.name}, newer than the one `latest` names, to {kept} "
+                      "(delete it when it is not needed)", flush=True)
+            else:
+                shutil.rmtree(tag_dir, ignore_errors=True)
+                print(f"{label:<11} removed {tag_dir.name}, a save that did not finish", flush=True)
 
     def _print_header(self, start_step: int) -> None:
         p, run = self.params, self.run

@@ -304,3 +304,25 @@ def test_a_run_directory_in_use_by_another_run_is_refused_in_one_line(compose_ru
     other.release()
     train(compose_run(_overrides(run_dir, 6, "trainer.resume=true")))
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+
+
+@pytest.mark.slow
+def test_a_complete_checkpoint_after_a_hand_set_latest_is_set_aside_not_deleted(compose_run, tmp_path, capsys):
+    """`latest` set back by hand (past a loss spike): the resumed run saves its own step 6, so the
+    abandoned run's step_00000006 moves to checkpoints/set_aside/ whole, for the user to keep or delete."""
+    from train import checkpoint
+
+    run_dir = tmp_path / "run"
+    checkpoints = run_dir / "checkpoints"
+    train(compose_run(_overrides(run_dir, 6)))
+    abandoned = sorted(path.name for path in (checkpoints / "step_00000006").iterdir())
+    (checkpoints / "latest").write_text("step_00000003")
+    capsys.readouterr()
+    train(compose_run(_overrides(run_dir, 6, "trainer.resume=true", "deepspeed.lr=1e-4")))
+    out = capsys.readouterr().out
+    (kept,) = (checkpoints / checkpoint.SET_ASIDE).iterdir()
+    assert kept.name.startswith("step_00000006-") and sorted(path.name for path in kept.iterdir()) == abandoned
+    assert f"resume      moved step_00000006, newer than the one `latest` names, to {kept}" in out
+    assert "lr: 0.0001" in (checkpoints / "step_00000006" / "config.yaml").read_text()  # the resumed run's own
+    assert "lr: 0.0001" not in (kept / "config.yaml").read_text()
+    assert checkpoint.latest_tag(checkpoints) == "step_00000006"
