@@ -146,7 +146,8 @@ def outputs_beside(tag_dir: Path) -> Path:
 
 
 def unfinished_tags(checkpoint_dir: Path) -> list[Path]:
-    """Tag directories newer than the one `latest` names: saves that did not finish (killed)."""
+    """Tag directories newer than the one `latest` names: saves that did not finish (killed), or, with
+    their config.yaml, complete ones after a `latest` set back by hand (`set_aside`)."""
     latest = latest_tag(checkpoint_dir)
     newest = step_of(latest) if latest is not None else -1
     return sorted(path for path in checkpoint_dir.glob("step_*")

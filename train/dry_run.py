@@ -161,7 +161,7 @@ def print_plan(plan: dict) -> None:
     per_save, final_save = plan["checkpoint_gib_per_save"], plan["checkpoint_gib_final_save"]
     last = f", {_size(final_save)} the save a run ends on (with the layout-free copy)" if final_save != per_save else ""
     print(f"checkpoint: {_size(per_save)} per save{last}, all ranks together "
-          "(trainer.keep_checkpoints bounds how many stay)")
+          "(trainer.keep_checkpoints bounds how many stay, not those a resume sets aside)")
 
 
 def check_fits(plan: dict, device_gib: float | None) -> None:

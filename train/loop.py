@@ -90,8 +90,7 @@ def checked_for_start(run: RunConfig, world_size: int, source: str) -> RunConfig
         checkpoint_dir = Path(run.trainer.run_dir) / "checkpoints"
         has_checkpoint = checkpoint.latest_tag(checkpoint_dir) is not None
         if not has_checkpoint and (problem := _checkpoints_without_latest(checkpoint_dir)):
-            # Starting over would write new tags among these, and a later resume would remove the
-            # ones newer than its `latest` as unfinished: the run's checkpoints would be lost.
+            # Starting over would save new tags under these names: the two runs' files would mix.
             raise ConfigError(problem)
         run = replace(run, trainer=replace(run.trainer, resume=run.trainer.resume or has_checkpoint))
     elif run.trainer.resume is False and run.trainer.run_dir and _holds_a_run(Path(run.trainer.run_dir)):
@@ -405,12 +404,19 @@ class Trainer:
             changes = changed_settings(saved_settings(self.run_dir), settings)
             self._check_same_tokenizer()
             state = self._load_checkpoint(changes)
+            failed: list[str | None] = [None]
             if world.is_main:
                 if changes:
                     print(f"resume      settings changed since the last save: {describe(changes)}", flush=True)
-                self._remove_tags_after_latest("resume")
-                write_text_atomically(self.run_dir / "config.yaml", settings_yaml)
-                self._keep_tokenizer()  # the data's, as config.yaml is the settings', of the run as it goes on
+                try:
+                    self._remove_tags_after_latest("resume")
+                    write_text_atomically(self.run_dir / "config.yaml", settings_yaml)
+                    self._keep_tokenizer()  # the data's, as config.yaml is the settings', of the run as it goes on
+                except OSError as error:  # a full disk after a crash: one line, and no rank left waiting for rank 0
+                    failed[0] = f"trainer.run_dir: cannot prepare {self.run_dir} for the resume: {error}"
+            dist.broadcast_object_list(failed, src=0)
+            if failed[0] is not None:
+                raise ConfigError(failed[0])
             start_step, initial_val_loss = state["step"], state.get("initial_val_loss")
             # A save that ended a run may follow skipped steps (below): their count carries on.
             self.nonfinite.in_a_row = state.get("nonfinite_in_a_row", 0)

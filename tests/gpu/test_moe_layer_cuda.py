@@ -23,6 +23,12 @@ def _full_fp32_matmuls():
     torch.set_float32_matmul_precision(before)
 
 
+def _parameter_grads(layer: MoELayer) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient; zeros for one that got none (an expert no token reached may get no
+    gradient on one path and zeros on the other)."""
+    return {name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for name, p in layer.named_parameters()}
+
+
 def _assert_equals_reference(layer: MoELayer, x: torch.Tensor, reference_fn) -> None:
     """Output, input gradient and every parameter gradient of layer(x) against reference_fn(x [T, D])
     on the same device, each relative to its norm: the outputs are of order 1e-3 at this init, so an
@@ -30,13 +36,14 @@ def _assert_equals_reference(layer: MoELayer, x: torch.Tensor, reference_fn) -> 
     y, _ = layer(x)
     grad = torch.randn_like(y)
     (y * grad).sum().backward()
-    fast = {"x": x.grad.clone(), **{name: p.grad.clone() for name, p in layer.named_parameters() if p.grad is not None}}
+    fast = {"x": x.grad.clone(), **_parameter_grads(layer)}
     x.grad = None
     layer.zero_grad(set_to_none=True)
     y_ref = reference_fn(x.reshape(-1, x.shape[-1])).view_as(y)
     (y_ref * grad).sum().backward()
-    reference = {"x": x.grad, **{name: p.grad for name, p in layer.named_parameters() if p.grad is not None}}
-    assert fast.keys() == reference.keys() and any("experts" in name for name in fast) and len(fast) > 2
+    reference = {"x": x.grad, **_parameter_grads(layer)}
+    for part in ("gate", "experts"):  # the comparison is of gradients that exist
+        assert any(part in name and g.norm() > 0 for name, g in reference.items()), part
     for name, want, got in [("y", y_ref, y), *((f"gradient of {name}", reference[name], fast[name]) for name in reference)]:
         error = (got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)
         assert error <= 1e-4, f"{name}: relative error {error:.2e}"

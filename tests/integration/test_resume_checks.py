@@ -326,3 +326,11 @@ def test_a_complete_checkpoint_after_a_hand_set_latest_is_set_aside_not_deleted(
     assert "lr: 0.0001" in (checkpoints / "step_00000006" / "config.yaml").read_text()  # the resumed run's own
     assert "lr: 0.0001" not in (kept / "config.yaml").read_text()
     assert checkpoint.latest_tag(checkpoints) == "step_00000006"
+    # A move that fails (a full disk after a crash) stops the resume in one line, on every rank.
+    (checkpoints / "latest").write_text("step_00000003")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint, "set_aside", lambda tag_dir: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+        with pytest.raises(ConfigError) as refused:
+            train(compose_run(_overrides(run_dir, 6, "trainer.resume=true")))
+    assert str(refused.value) == (f"trainer.run_dir: cannot prepare {run_dir} for the resume: "
+                                  "[Errno 28] No space left on device")

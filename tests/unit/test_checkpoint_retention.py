@@ -80,4 +80,3 @@ def test_a_failed_save_takes_its_part_written_tag_with_it(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         checkpoint.save(FullDisk(), tmp_path, 4, {"step": 4}, rank=0)
     assert _left(tmp_path) == ["latest", "step_00000002"]
-

@@ -171,7 +171,6 @@ def test_threshold_tracks_the_cth_largest_score(jitter_eps):
     torch.testing.assert_close(layer.router.threshold, expected.float(), rtol=1e-6, atol=1e-7)
 
 
-
 def test_thresholds_average_the_groups_and_move_by_the_momentum_after_the_first_step():
     """The threshold is the mean over groups (and micro-batches) of each group's C-th largest score,
     taken as it is at the first step and moved a momentum's share of the way after that."""
