@@ -223,23 +223,6 @@ def test_bf16_forward_runs_and_tracks_fp32():
         assert (got.float() - reference).norm() <= 2e-2 * reference.norm()
 
 
-def test_bf16_backward_on_the_grouped_path_tracks_fp32():
-    """bf16 through torch._grouped_mm, forward and backward (input and every expert's gradients),
-    within bf16 rounding of the fp32 loop."""
-    if not grouped_mm_available("cpu", torch.bfloat16):
-        pytest.skip("this torch has no bf16 torch._grouped_mm on the CPU")
-    counts = [5, 0, 7, 3]
-    experts = _experts(4, torch.float32)
-    x = torch.randn(15, DIM, requires_grad=True)
-    grad = torch.randn(15, DIM)
-    ref = _run(lambda x: swiglu_loop(x, counts, experts), x, experts, grad)
-    experts = [e.to(torch.bfloat16) for e in experts]
-    x16 = x.detach().bfloat16().requires_grad_()
-    assert uses_grouped_mm(x16, *stack_expert_weights(experts)[::2]), "this test is about the grouped-GEMM path"
-    fast = _run(lambda x: _grouped(counts)(x, experts), x16, experts, grad.bfloat16())
-    _assert_close_by_norm(fast, ref, 2e-2)
-
-
 @pytest.mark.parametrize("path", ["grouped", "grouped-loop", "capacity-bmm", "capacity-loop"])
 def test_autocast_runs_in_the_autocast_dtype(path):
     """fp32 operands under bf16 autocast run in bf16 on every path, as `@` would, including the
@@ -504,8 +487,12 @@ def test_split_loop_node_gradients_of_only_what_requires_them(frozen):
         torch.testing.assert_close(dx, dx_ref, rtol=1e-12, atol=1e-12)
 
 
-def test_split_loop_node_bf16_tracks_fp32():
-    """bf16 through the loop's node (fp32 accumulation inside each GEMM): within bf16 rounding of fp32."""
+@pytest.mark.parametrize("use_grouped_mm", [False, True], ids=["loop", "grouped"])
+def test_bf16_tracks_fp32_forward_and_backward(use_grouped_mm):
+    """bf16 through the loop's node (fp32 accumulation inside each GEMM) and through torch._grouped_mm:
+    output, input and every expert's gradients within bf16 rounding of the fp32 loop."""
+    if use_grouped_mm and not grouped_mm_available("cpu", torch.bfloat16):
+        pytest.skip("this torch has no bf16 torch._grouped_mm on the CPU")
     counts = [5, 0, 7, 3]
     experts = _experts(4, torch.float32)
     x = torch.randn(15, DIM, requires_grad=True)
@@ -513,6 +500,6 @@ def test_split_loop_node_bf16_tracks_fp32():
     ref = _run(lambda x: swiglu_loop(x, counts, experts), x, experts, grad)
     experts = [e.to(torch.bfloat16) for e in experts]
     x16 = x.detach().bfloat16().requires_grad_()
-    fast = _run(lambda x: swiglu_grouped(x, counts, *stack_expert_weights(experts), use_grouped_mm=False),
+    fast = _run(lambda x: swiglu_grouped(x, counts, *stack_expert_weights(experts), use_grouped_mm=use_grouped_mm),
                 x16, experts, grad.bfloat16())
     _assert_close_by_norm(fast, ref, 2e-2)
