@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from train.config import ConfigError, RunConfig
-from train.model import GPT, experts_per_token
+from train.model import GPT, expert_choice_group, experts_per_token
 from train.tp_layout import split_kind
 
 GIB = 2**30
@@ -39,7 +39,8 @@ def parallel_plan(run: RunConfig, world_size: int, vocab_size: int) -> dict:
     data_parallel = world_size // tp
     with torch.device("meta"):
         model = GPT(model_cfg, moe, vocab_size=vocab_size, seed=0)
-    counts = model.parameter_counts()
+    routing_group = expert_choice_group(moe, trainer.micro_batch_size, model_cfg.seq_len)
+    counts = model.parameter_counts(routing_group)
     # A tensor-parallel rank holds 1/tp of every split weight (train/tp_layout.py) and the rest whole.
     local_expert = sum(
         p.numel() // (tp if split_kind(name) else 1) for name, p in model.named_parameters() if "deepspeed_experts" in name
@@ -61,7 +62,7 @@ def parallel_plan(run: RunConfig, world_size: int, vocab_size: int) -> dict:
 
     b, s, d = trainer.micro_batch_size, model_cfg.seq_len, model_cfg.hidden_size
     expert_hidden = moe.expert_hidden or model_cfg.ffn_hidden
-    per_token = experts_per_token(moe)
+    per_token = experts_per_token(moe, routing_group)
     act_elem = 2 if bf16 else 4
     # Per layer, in bytes at 2 per element: norms, block inputs and the like are whole on every
     # tensor-parallel rank (10), attention and FFN internals split (24); Korthikanti et al. 2022, eq. 2.

@@ -35,7 +35,7 @@ from train.load import newest_run
 from train.log_window import LogWindow
 from train.lr_schedule import short_warmup_warning
 from train.metrics import ExpertCounts, MetricsFile, Progress, figures_per_layer, finite_or_none, mean_over_ranks
-from train.model import GPT, expert_choice_layers, padded_vocab_size
+from train.model import GPT, expert_choice_group, expert_choice_layers, padded_vocab_size
 from train.nonfinite import NonFiniteLossStop, NonFiniteStreak, discard_routing_statistics, poison_if_nonfinite
 from train.preemption import PREEMPTED_EXIT_STATUS, Preempted, PreemptionWatch
 from train.routing_modes import RoutingMode, routing, thresholds_ready
@@ -345,7 +345,7 @@ class Trainer:
         trainer = run.trainer
         self.global_batch = trainer.micro_batch_size * trainer.grad_accum * world.data_parallel_size
         self.tokens_per_step = self.global_batch * run.model.seq_len
-        self.params = model.parameter_counts()
+        self.params = model.parameter_counts(expert_choice_group(run.moe, trainer.micro_batch_size, run.model.seq_len))
         self.flops_per_token = flops_per_token(
             self.params["active_matmul"], run.model.num_layers, run.model.hidden_size, run.model.seq_len
         )

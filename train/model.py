@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from moe import MoEAux, MoEConfig, MoELayer, SwiGLUExpert
+from moe.expert_choice import group_capacity
 from moe.experts import default_out_std
 from moe.stock import StockDeepSpeedMoE
 from train.activation_checkpointing import checkpointed_block
@@ -151,9 +152,21 @@ def padded_vocab_size(tokenizer_vocab: int) -> int:
     return -(-tokenizer_vocab // 64) * 64
 
 
-def experts_per_token(moe: MoEConfig) -> float:
-    """Average experts a token runs through: K for token choice, the capacity factor for expert choice."""
-    return moe.top_k if moe.router == "token_choice" else float(moe.capacity_factor)
+def experts_per_token(moe: MoEConfig, routing_group: int | None = None) -> float:
+    """Average experts a token runs through: K for token choice; for expert choice E * C / S, the
+    capacity C each expert fills from a group of S = `routing_group` tokens: the capacity factor,
+    unless moe.min_capacity (or rounding up) gives more. Without the group size, the capacity factor."""
+    if moe.router == "token_choice":
+        return moe.top_k
+    if routing_group is None:
+        return float(moe.capacity_factor)
+    capacity = group_capacity(routing_group, moe.num_experts, moe.capacity_factor, moe.min_capacity)
+    return moe.num_experts * capacity / routing_group
+
+
+def expert_choice_group(moe: MoEConfig, micro_batch_size: int, seq_len: int) -> int:
+    """Tokens an expert chooses from in training (moe.ec_group): a rank's micro-batch, or one sequence."""
+    return micro_batch_size * seq_len if moe.ec_group == "batch" else seq_len
 
 
 def expert_choice_layers(model: nn.Module) -> list[MoELayer]:
@@ -235,11 +248,12 @@ class GPT(nn.Module):
         aux_loss = sum((a.loss for a in moe_aux), start=logits.new_zeros((), dtype=torch.float32))
         return GPTOutput(logits, aux_loss, moe_aux)
 
-    def parameter_counts(self) -> dict[str, int]:
+    def parameter_counts(self, routing_group: int | None = None) -> dict[str, int]:
         """Total and active (per token) parameters across all ranks, for FLOPs and reports.
 
-        Active counts K of E experts per MoE layer (expert choice: cf on average); embeddings are excluded from the FLOPs
-        count (a lookup, not a matmul) but the tied output projection is included.
+        Active counts K of E experts per MoE layer (expert choice: the experts a token runs through on
+        average, `experts_per_token` for groups of `routing_group` tokens); embeddings are excluded from
+        the FLOPs count (a lookup, not a matmul) but the tied output projection is included.
         """
         def whole(p: torch.Tensor) -> int:
             # Once sharded (train/tensor_parallel.py), a rank holds 1/tp of each split weight.
@@ -255,7 +269,7 @@ class GPT(nn.Module):
                 one_expert = sum(whole(p) for p in module.deepspeed_moe.experts.deepspeed_experts[0].parameters())
                 expert_per_layer = one_expert
                 total_experts += one_expert * module.num_experts
-                active_experts += round(one_expert * experts_per_token(module.config))
+                active_experts += round(one_expert * experts_per_token(module.config, routing_group))
         local_expert_params = sum(
             whole(p) for m in self.modules() if isinstance(m, MoE) for p in m.deepspeed_moe.experts.parameters()
         )

@@ -60,6 +60,25 @@ def test_parameter_counts():
     assert counts["active_matmul"] == counts["active"]  # tied: the embedding is the output matmul
 
 
+def test_expert_choice_counts_the_experts_its_capacity_gives():
+    """E * C / S experts per token: the capacity factor for large groups, more where min_capacity (or
+    rounding up) gives each expert more than S * cf / E of the group's tokens."""
+    from moe import MoEConfig as _MoEConfig
+    from train.model import expert_choice_group, experts_per_token
+
+    moe = _MoEConfig(num_experts=4, router="expert_choice", capacity_factor=1.0, min_capacity=4, aux_loss_coef=0.0)
+    assert experts_per_token(moe) == 1.0 and experts_per_token(moe, 4096) == 1.0
+    assert experts_per_token(moe, 8) == 2.0  # C = 4 (min_capacity) of 8 tokens, for each of 4 experts
+    assert experts_per_token(moe, 10) == 4 * 4 / 10  # ceil(2.5) = 3 < 4
+    assert expert_choice_group(moe, 4, 16) == 64
+    assert expert_choice_group(_MoEConfig(router="expert_choice", capacity_factor=2.0, ec_group="sequence",
+                                          aux_loss_coef=0.0), 4, 16) == 16
+    model = GPT(ModelConfig(seq_len=8, num_layers=1, hidden_size=16, num_heads=2, ffn_hidden=24), moe, 64)
+    one_expert = model.parameter_counts()["expert_one"]
+    assert model.parameter_counts(8)["active"] - model.parameter_counts()["active"] == one_expert
+    assert experts_per_token(_MoEConfig(num_experts=4, top_k=2), 8) == 2  # token choice: K, whatever the group
+
+
 def test_model_init_std_reaches_the_router():
     from moe import MoEConfig as _MoEConfig
 
