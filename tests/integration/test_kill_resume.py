@@ -45,8 +45,12 @@ def _records(run_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_gives_the_same_metrics(tmp_path):
+    # The reference trains alongside the run that is killed (one thread each, on two cores): the
+    # trajectory does not depend on timing, and a kill at a random step is random either way.
     reference = tmp_path / "reference"
-    _run(_command(reference), tmp_path)
+    reference_log = (tmp_path / "reference.log").open("w+")
+    reference_run = subprocess.Popen(_command(reference), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+                                     stderr=reference_log)
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(_command(killed), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
@@ -64,6 +68,10 @@ def test_sigkill_then_resume_gives_the_same_metrics(tmp_path):
     latest = (killed / "checkpoints" / "latest").read_text().strip()
     assert (killed / "checkpoints" / latest / "mp_rank_00_model_states.pt").exists()
 
+    status = reference_run.wait(timeout=300)
+    reference_log.seek(0)
+    with reference_log:
+        assert status == 0, reference_log.read()[-4000:]
     _run(_command(killed, "trainer.resume=true"), tmp_path)
     assert _records(killed) == _records(reference)
     summary = json.loads((killed / "summary.json").read_text())
