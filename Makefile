@@ -55,8 +55,12 @@ export: $(STAMP)  ## Hugging Face Mixtral checkpoint of the newest run (ARGS='--
 consolidate: $(STAMP)  ## one safetensors file of a checkpoint of any expert-parallel layout (ARGS='RUN_DIR --out F')
 	$(PY) -m train.consolidate $(ARGS)
 
+# `make test` runs the test files on TEST_WORKERS processes (pytest-xdist; each file's tests stay together,
+# for its module fixtures): the suite alone keeps about 1.2 of 2 cores busy (start-ups, rank 0 saving while
+# the others wait, Slurm's waits). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)  ## all CPU tests: unit, multi-process (gloo) and whole runs
-	$(PY) -m pytest -m "not gpu" -q --durations=30  # the slowest, to keep CI short
+	$(PY) -m pytest -m "not gpu" -q --durations=30 -n $(TEST_WORKERS) --dist loadfile  # the slowest, to keep CI short
 
 test-fast: $(STAMP)  ## the fast CPU tier only (what a plain `pytest` runs)
 	$(PY) -m pytest -q
