@@ -40,6 +40,11 @@ class Assignments:
     """Slots per expert when every expert has exactly that many (batch mode), else None."""
 
 
+def choice_group_size(ec_group: str, num_tokens: int, sequence_length: int) -> int:
+    """S, the tokens each expert chooses from (moe.ec_group): all `num_tokens` of a rank's batch, or one sequence."""
+    return num_tokens if ec_group == "batch" else sequence_length
+
+
 def group_capacity(group_size: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
     """C = ceil(S * cf / E) tokens per expert and group, at least min_capacity, at most S."""
     return max(1, min(group_size, max(ceil_slots(group_size * capacity_factor / num_experts), min_capacity)))

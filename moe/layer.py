@@ -32,7 +32,7 @@ from moe.dispatch import (
     expert_capacity,
     filled_slots_first,
 )
-from moe.expert_choice import ExpertChoiceRouter
+from moe.expert_choice import ExpertChoiceRouter, choice_group_size
 from moe.expert_sharding import run_sharded, shard_swiglu_experts
 from moe.expert_storage import pack_expert_weights
 from moe.experts import SwiGLUExpert, expert_generator
@@ -317,7 +317,7 @@ class MoELayer(MoE):
             assignments = router.causal(x_TD)
             capacity = None
         else:
-            group_size = x_TD.shape[0] if cfg.ec_group == "batch" else sequence_length
+            group_size = choice_group_size(cfg.ec_group, x_TD.shape[0], sequence_length)
             capacity_factor = cfg.capacity_factor if self.training else (cfg.eval_capacity_factor or cfg.capacity_factor)
             assignments = router(x_TD, group_size, capacity_factor)
             # Expert-major, exactly `capacity` per expert: the fixed layout already (no slots to assign).

@@ -75,6 +75,15 @@ def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
         return trainer.fit(preemption)
 
 
+def stop_every_rank_on(problem: str | None) -> None:
+    """Collective: rank 0's `problem` (what only rank 0 checked; the others pass None) raised as a
+    ConfigError on every rank, so that no rank is left waiting for one that stopped."""
+    shared = [problem]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        raise ConfigError(shared[0])
+
+
 def checked_for_start(run: RunConfig, world_size: int, source: str) -> RunConfig:
     """What a run must pass before a rank starts (ConfigError otherwise): the parallel degrees against
     `world_size` (`source` says where it comes from), the data files, and a run directory that can
@@ -204,10 +213,7 @@ def _prepared_data(run: RunConfig, world: World) -> Path:
             data_dir = prepare_dataset(source, **kwargs)
         except ValueError as exc:
             error = str(exc)
-    shared = [error]
-    dist.broadcast_object_list(shared, src=0)
-    if shared[0] is not None:
-        raise ConfigError(f"data: {shared[0]}")
+    stop_every_rank_on(None if error is None else f"data: {error}")
     if not world.is_main and world.local_rank == 0:
         try:
             data_dir = prepare_dataset(source, **kwargs, announce_cached=False)
@@ -382,20 +388,18 @@ class Trainer:
         # Into every checkpoint this session saves: what its weights go with (train/checkpoint.py save).
         self.tag_files = {"config.yaml": settings_yaml,
                           "tokenizer.json": (self.train_data.data_dir / "tokenizer.json").read_text(encoding="utf-8")}
-        in_use: list[str | None] = [None]
+        in_use: str | None = None
         if world.is_main:
             if not run.trainer.resume:
                 try:
                     self.run_dir.mkdir(parents=True, exist_ok=True)
                 except OSError as error:  # what `_unusable_directory` cannot foresee (a read-only mount, /proc)
                     raise ConfigError(f"trainer.run_dir: cannot create {self.run_dir}: {error.strerror}") from None
-            in_use[0] = self.run_lock.acquire()  # before anything of this run is written into the directory
-            if in_use[0] is None and not run.trainer.resume:
+            in_use = self.run_lock.acquire()  # before anything of this run is written into the directory
+            if in_use is None and not run.trainer.resume:
                 write_text_atomically(self.run_dir / "config.yaml", settings_yaml)
                 self._keep_tokenizer()
-        dist.broadcast_object_list(in_use, src=0)  # every rank stops, not rank 0 alone
-        if in_use[0] is not None:
-            raise ConfigError(in_use[0])
+        stop_every_rank_on(in_use)
         dist.barrier()
         if run.trainer.resume:
             # Compared with the settings the checkpoint was saved with (its own config.yaml). The run
@@ -404,7 +408,7 @@ class Trainer:
             changes = changed_settings(saved_settings(self.run_dir), settings)
             self._check_same_tokenizer()
             state = self._load_checkpoint(changes)
-            failed: list[str | None] = [None]
+            failed: str | None = None
             if world.is_main:
                 if changes:
                     print(f"resume      settings changed since the last save: {describe(changes)}", flush=True)
@@ -413,10 +417,8 @@ class Trainer:
                     write_text_atomically(self.run_dir / "config.yaml", settings_yaml)
                     self._keep_tokenizer()  # the data's, as config.yaml is the settings', of the run as it goes on
                 except OSError as error:  # a full disk after a crash: one line, and no rank left waiting for rank 0
-                    failed[0] = f"trainer.run_dir: cannot prepare {self.run_dir} for the resume: {error}"
-            dist.broadcast_object_list(failed, src=0)
-            if failed[0] is not None:
-                raise ConfigError(failed[0])
+                    failed = f"trainer.run_dir: cannot prepare {self.run_dir} for the resume: {error}"
+            stop_every_rank_on(failed)
             start_step, initial_val_loss = state["step"], state.get("initial_val_loss")
             # A save that ended a run may follow skipped steps (below): their count carries on.
             self.nonfinite.in_a_row = state.get("nonfinite_in_a_row", 0)

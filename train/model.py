@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from moe import MoEAux, MoEConfig, MoELayer, SwiGLUExpert
-from moe.expert_choice import group_capacity
+from moe.expert_choice import choice_group_size, group_capacity
 from moe.experts import default_out_std
 from moe.stock import StockDeepSpeedMoE
 from train.activation_checkpointing import checkpointed_block
@@ -165,8 +165,8 @@ def experts_per_token(moe: MoEConfig, routing_group: int | None = None) -> float
 
 
 def expert_choice_group(moe: MoEConfig, micro_batch_size: int, seq_len: int) -> int:
-    """Tokens an expert chooses from in training (moe.ec_group): a rank's micro-batch, or one sequence."""
-    return micro_batch_size * seq_len if moe.ec_group == "batch" else seq_len
+    """Tokens an expert chooses from in training: from a rank's micro-batch, as the layer groups them."""
+    return choice_group_size(moe.ec_group, micro_batch_size * seq_len, seq_len)
 
 
 def expert_choice_layers(model: nn.Module) -> list[MoELayer]:
