@@ -3,9 +3,10 @@ client state (step, tokens, data position), every rank's RNG states and a layout
 the optimizer state (train/portable_state.py).
 
 Each save goes into its own tag directory. `latest` is ours, not DeepSpeed's (which truncates
-and rewrites it in place): only after every rank has finished writing, the files are flushed to
-disk and `latest` is replaced atomically, so a process killed at any moment leaves `latest`
-naming a complete checkpoint, and a half-written tag directory is never picked.
+and rewrites it in place): only after every rank has written its files and flushed them to disk,
+`latest` is replaced atomically, so a process killed at any moment leaves `latest` naming a
+complete checkpoint, and a half-written tag directory is never picked. A write that fails on one
+rank stops every rank together (train/rank_writes.py).
 
 Resuming at the layout a checkpoint was saved at (ranks, expert-parallel size, ZeRO stage,
 precision) is DeepSpeed's own load and continues the identical trajectory. At another layout
@@ -29,8 +30,10 @@ import torch.distributed as dist
 
 from train import portable_state
 from train.config import ConfigError
+from train.distributed import stop_every_rank_on
 from train.durable import fsync_path, write_text_atomically
 from train.engine import optimizer_settings, restore_optimizer_settings
+from train.rank_writes import RankWrites
 
 
 def tag_for(step: int) -> str:
@@ -60,11 +63,17 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(cuda)
 
 
+class CheckpointNotSaved(ConfigError):
+    """A save that failed on some rank (a full disk, a quota): every rank stops with this one line,
+    `latest` unchanged. Reported as a configuration error is (one line, exit status 2): the fix is on
+    the user's side, and nothing about it is a bug to trace."""
+
+
 def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], rank: int,
          portable: bool = True, keep: int = 0, tag_files: dict[str, str] | None = None,
-         rank_state: dict[str, Any] | None = None, local_rank: int = 0) -> None:
+         rank_state: dict[str, Any] | None = None) -> None:
     """Collective: every rank calls it. RNG states go in a per-rank file inside the tag,
-    written before DeepSpeed moves `latest`, so a tag that `latest` names is complete.
+    written before `latest` moves, so a tag that `latest` names is complete.
     `portable=False` skips the layout-free optimizer copy (train/portable_state.py). `keep` >= 1:
     afterwards, only the newest `keep` checkpoints stay (`prune`); 0 keeps them all.
     `tag_files`: name -> text, written into the tag by rank 0 before `latest` moves: the settings
@@ -72,40 +81,62 @@ def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], 
     session, so a resume killed before its first save would leave them ahead of `latest`).
     `rank_state`: this rank's own state besides its RNGs (its part of the unlogged metrics window),
     given back by `load` at the same layout as client_state["rank_state"].
-    `local_rank`: the rank's index on its node; the first of each node flushes the tag's files."""
+
+    A write that fails on any rank stops every rank with `CheckpointNotSaved`, after the collectives
+    of the save (train/rank_writes.py): `latest` still names the last complete checkpoint, and the
+    part-written tag is removed."""
     tag = tag_for(step)
     tag_dir = checkpoint_dir / tag
-    tag_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.save({**rng_states(), "rank_state": rank_state}, tag_dir / f"rng_rank{rank:05d}.pt")
+    writes = RankWrites(rank)
+    writes.make_folder(tag_dir)
+    writes.save({**rng_states(), "rank_state": rank_state}, tag_dir / f"rng_rank{rank:05d}.pt")
+    with writes.through(engine):
         engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
-        portable_state.save(engine, tag_dir, with_tensors=portable)
-    except Exception:
-        # A failed save (a full disk) leaves `latest` where it was; its part-written tag would hold
-        # the space the next save needs.
+    portable_state.save(engine, tag_dir, writes, with_tensors=portable)
+    # Each rank flushes what it wrote: fsync writes back what this node's page cache holds of a file,
+    # and on a shared file system (Lustre, GPFS, NFS) each node caches its own writes.
+    writes.flush()
+    failures, written = writes.agree()  # every rank's files are written and flushed, or one failed
+    if failures:
         if rank == 0 and latest_tag(checkpoint_dir) != tag:
+            # Its part-written tag would hold the space the next save needs.
             shutil.rmtree(tag_dir, ignore_errors=True)
-        raise
-    # DeepSpeed's save and ours end with a barrier: every rank's files are closed here.
-    if local_rank == 0:
-        # One rank per node flushes the tag: fsync writes back what this node's page cache holds of a
-        # file, whichever process wrote it, and only that. On a shared file system (Lustre, GPFS, NFS)
-        # each client caches its own writes, so rank 0 alone could not flush another node's files.
-        for path in sorted(tag_dir.rglob("*"), reverse=True):  # files before the folders holding them
+        dist.barrier()  # the tag is gone before any rank reports
+        more = f" (and {len(failures) - 1} more rank{'s' if len(failures) > 2 else ''})" if len(failures) > 1 else ""
+        raise CheckpointNotSaved(f"checkpoint {tag} not saved: {failures[0]}{more}; {_still_latest(checkpoint_dir)}")
+    stop_every_rank_on(_complete(checkpoint_dir, tag, written, tag_files or {}, keep) if rank == 0 else None,
+                       CheckpointNotSaved)
+
+
+def _complete(checkpoint_dir: Path, tag: str, written: list[Path], tag_files: dict[str, str], keep: int) -> str | None:
+    """Rank 0's end of a save that every rank finished: flush what no rank flushed, write the tag's own
+    files, move `latest` to it, prune. What went wrong (then the tag is removed), or None."""
+    tag_dir = checkpoint_dir / tag
+    try:
+        # Files no rank recorded (DeepSpeed's recovery scripts, which rank 0 copies), then the folders.
+        for path in sorted(set(tag_dir.rglob("*")) - set(written), reverse=True):  # files before their folders
             fsync_path(path)
-    dist.barrier()  # every node's part is on disk before `latest` can name the tag
-    if rank == 0:
         # The tag's config.yaml marks it complete (saved_tags_without_latest): written, and made
         # durable, only now that every other file is, and the last of the tag's own files.
         # Atomically: a kill while it is written must not leave a torn file that marks the tag complete.
-        for name, text in sorted((tag_files or {}).items(), key=lambda item: item[0] == "config.yaml"):
+        for name, text in sorted(tag_files.items(), key=lambda item: item[0] == "config.yaml"):
             write_text_atomically(tag_dir / name, text)
         fsync_path(tag_dir)
         fsync_path(checkpoint_dir)  # its new entry for the tag, before `latest` names the tag
         fsync_path(checkpoint_dir.parent)  # the first save created checkpoints/ itself
         write_text_atomically(checkpoint_dir / "latest", tag)
-        prune(checkpoint_dir, keep)
-    dist.barrier()
+    except OSError as error:
+        if latest_tag(checkpoint_dir) != tag:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        return f"checkpoint {tag} not saved: rank 0 could not write {error.filename or tag_dir} ({error.strerror}); " + \
+            _still_latest(checkpoint_dir)
+    prune(checkpoint_dir, keep)
+    return None
+
+
+def _still_latest(checkpoint_dir: Path) -> str:
+    last = latest_tag(checkpoint_dir)
+    return f"{checkpoint_dir / 'latest'} still names {last}, the last complete one" if last else "no earlier checkpoint was saved"
 
 
 def prune(checkpoint_dir: Path, keep: int) -> list[Path]:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from train.config import ConfigError
+
 
 @dataclass(frozen=True)
 class World:
@@ -108,6 +110,15 @@ def megatron_parallel_state():
         warnings.simplefilter("ignore")
         from megatron.core import parallel_state
     return parallel_state
+
+
+def stop_every_rank_on(problem: str | None, error: type[Exception] = ConfigError) -> None:
+    """Collective: rank 0's `problem` (what only rank 0 checked or did; the others pass None) raised as
+    `error` on every rank, so that no rank is left waiting for one that stopped."""
+    shared = [problem]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        raise error(shared[0])
 
 
 def close_world() -> None:

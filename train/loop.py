@@ -24,7 +24,7 @@ from moe.router_state import update_routing_state
 from train import checkpoint
 from train.config import ConfigError, RunConfig, to_run_config
 from train.data import TokenDataset, prepare_dataset
-from train.distributed import World, init_world, launcher_world_size
+from train.distributed import World, init_world, launcher_world_size, stop_every_rank_on
 from train.dry_run import check_fits, parallel_plan, print_plan
 from train.durable import write_text_atomically
 from train.engine import build_engine
@@ -73,15 +73,6 @@ def train(cfg: DictConfig | RunConfig) -> dict[str, Any]:
                 print(f"resume      {complete}", flush=True)
             return {"run_dir": str(complete.run_dir), "already_complete": True, "checkpoint": complete.tag}
         return trainer.fit(preemption)
-
-
-def stop_every_rank_on(problem: str | None) -> None:
-    """Collective: rank 0's `problem` (what only rank 0 checked; the others pass None) raised as a
-    ConfigError on every rank, so that no rank is left waiting for one that stopped."""
-    shared = [problem]
-    dist.broadcast_object_list(shared, src=0)
-    if shared[0] is not None:
-        raise ConfigError(shared[0])
 
 
 def checked_for_start(run: RunConfig, world_size: int, source: str) -> RunConfig:
@@ -542,7 +533,7 @@ class Trainer:
                         "nonfinite_in_a_row": self.nonfinite.in_a_row}
         rank_state = {"log_window": window.state(), "expert_window": self.expert_counts.window_state()}
         checkpoint.save(self.engine, self.checkpoint_dir, done, client_state, self.world.rank, self._portable(ends_run),
-                        self.run.trainer.keep_checkpoints, self.tag_files, rank_state, self.world.local_rank)
+                        self.run.trainer.keep_checkpoints, self.tag_files, rank_state)
 
     def _tokens(self, step: int) -> int:
         """Tokens trained up to `step`, counting the steps before a resume at their own global batch."""

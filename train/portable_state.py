@@ -38,6 +38,7 @@ from deepspeed.utils import (
 )
 
 from train.durable import write_text_atomically
+from train.rank_writes import RankWrites
 
 DIRECTORY = "portable"
 INDEX = "index.json"
@@ -115,8 +116,10 @@ def _link_moments(zero) -> None:
     zero._lazy_init_hp_params_optimizer_state()
 
 
-def save(engine, tag_dir: Path, with_tensors: bool = True) -> None:
-    """Collective: every rank calls it, before `latest` moves to this tag.
+def save(engine, tag_dir: Path, writes: RankWrites, with_tensors: bool = True) -> None:
+    """Collective: every rank calls it, before `latest` moves to this tag. Its files are written
+    through `writes`, which records a failure instead of raising it, so every rank still reaches
+    the gather and the barrier (train/rank_writes.py).
 
     `with_tensors=False` (trainer.portable_checkpoint=false) writes only the index, with the layout and
     no tensors: the checkpoint then resumes at its own layout only, and a resume elsewhere is
@@ -124,7 +127,9 @@ def save(engine, tag_dir: Path, with_tensors: bool = True) -> None:
     supported (tensor parallelism) the index alone is written too, for the same refusal."""
     if not supported(engine):
         if dist.get_rank() == 0:
-            _write_index(engine, tag_dir / DIRECTORY, step=None, keys=[], files={}, with_tensors=False)
+            directory = tag_dir / DIRECTORY
+            writes.run(directory / INDEX, lambda: _write_index(engine, directory, step=None, keys=[], files={},
+                                                               with_tensors=False))
         return
     keys, step = _inner_state(engine)
     if keys and with_tensors:
@@ -138,15 +143,19 @@ def save(engine, tag_dir: Path, with_tensors: bool = True) -> None:
             mine[name] = {k: v.detach().cpu().clone() for k, v in tensors.items()}
     rank = dist.get_rank()
     directory = tag_dir / DIRECTORY
-    directory.mkdir(parents=True, exist_ok=True)
     file_name = f"rank_{rank:05d}.pt"
-    if mine:
+
+    def write_mine() -> None:
+        directory.mkdir(parents=True, exist_ok=True)
         torch.save(mine, directory / file_name)
+
+    if mine:
+        writes.run(directory / file_name, write_mine)
     written: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(written, (file_name, sorted(mine)))
     if rank == 0:
         files = {name: file for file, names in written for name in names}
-        _write_index(engine, directory, step, keys, files, with_tensors)
+        writes.run(directory / INDEX, lambda: _write_index(engine, directory, step, keys, files, with_tensors))
     dist.barrier()
 
 

@@ -54,12 +54,13 @@ def deepspeed_launch(ranks: int, cwd: Path, overrides: list[str], timeout: float
     return run(command, cwd, timeout=timeout)
 
 
-def launch_ranks(ranks: int, command: list[str], cwd: Path | None = None, timeout: float = 600) -> list[str]:
+def launch_ranks(ranks: int, command: list[str], cwd: Path | None = None, timeout: float = 600,
+                 status: int = 0) -> list[str]:
     """`ranks` processes of `command`, with the variables a launcher sets (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR, MASTER_PORT): what `deepspeed --num_gpus <ranks> --no_local_rank` runs,
     without its two extra Python start-ups per run (tests that use deepspeed_launch cover the launcher).
     Returns each rank's output under a `--- rank <r> (exit status <s>)` line; fails the test, after
-    stopping the other ranks, as soon as one exits with an error or the time is up."""
+    stopping the other ranks, as soon as one exits with another status than `status` or the time is up."""
     port = str(free_port())
     logs = [tempfile.TemporaryFile(mode="w+") for _ in range(ranks)]  # a pipe nobody reads could fill and block a rank
     processes = [
@@ -74,7 +75,7 @@ def launch_ranks(ranks: int, command: list[str], cwd: Path | None = None, timeou
         # Poll every rank each time: any(p.poll() ...) stops at the first running rank and would not
         # see a later one fail.
         while None in (codes := [p.poll() for p in processes]):
-            if any(code not in (None, 0) for code in codes):
+            if any(code not in (None, status) for code in codes):
                 break
             if time.monotonic() > deadline:
                 timed_out = True
@@ -91,5 +92,6 @@ def launch_ranks(ranks: int, command: list[str], cwd: Path | None = None, timeou
         outputs.append(f"--- rank {rank} (exit status {processes[rank].returncode})\n{log.read()}")
         log.close()
     output = "\n".join(outputs)
-    assert all(p.returncode == 0 for p in processes), (f"timed out after {timeout} s\n" if timed_out else "") + output[-6000:]
+    timed_out_line = f"timed out after {timeout} s\n" if timed_out else ""
+    assert all(p.returncode == status for p in processes), timed_out_line + output[-6000:]
     return outputs

@@ -181,6 +181,7 @@ def test_a_tensor_parallel_checkpoint_at_another_layout_is_refused_in_one_line(t
 
     from train import checkpoint, portable_state
     from train.distributed import init_world
+    from train.rank_writes import RankWrites
 
     init_world("cpu")
 
@@ -192,7 +193,9 @@ def test_a_tensor_parallel_checkpoint_at_another_layout_is_refused_in_one_line(t
     tag = tmp_path / "checkpoints" / "step_00000002"
     tag.mkdir(parents=True)
     (tag / "mp_rank_00_model_states.pt").write_bytes(b"")  # there in a real save; never read here
-    portable_state.save(engine(2), tag)
+    writes = RankWrites(0)
+    portable_state.save(engine(2), tag, writes)
+    assert writes.failure is None
     index = portable_state.read_index(tag)
     assert index["tensors"] is False and index["layout"]["tensor_parallel"] == 2
     (tmp_path / "checkpoints" / "latest").write_text("step_00000002")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -75,36 +73,3 @@ def test_outputs_of_a_tag_copied_out_of_its_run_stay_beside_it(tmp_path):
     # A tag without its own config.yaml falls back to its run's, never to a file above a copied tag.
     assert tag_or_run_file(in_run, "config.yaml") == tmp_path / "run" / "config.yaml"
     assert tag_or_run_file(copied, "config.yaml") == copied / "config.yaml"
-
-
-def test_the_first_rank_of_every_node_flushes_the_tag_before_latest_moves(tmp_path, monkeypatch):
-    """On a shared file system each node caches its own writes, so rank 0's fsync cannot flush another
-    node's files: the first rank of each node flushes the tag, and all of it is flushed before `latest`
-    names the tag."""
-    from train import checkpoint
-
-    events = []
-    monkeypatch.setattr(checkpoint, "fsync_path", lambda path: events.append(("fsync", path.name)))
-    monkeypatch.setattr(checkpoint.dist, "barrier", lambda: events.append(("barrier", None)))
-    monkeypatch.setattr(checkpoint.portable_state, "save", lambda engine, tag_dir, with_tensors: None)
-
-    class Engine:
-        def save_checkpoint(self, save_dir, tag, **kwargs):
-            (Path(save_dir) / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"shard")
-
-    def saved_by(rank, local_rank):
-        events.clear()
-        checkpoint.save(Engine(), tmp_path / f"r{rank}l{local_rank}", 4, {"step": 4}, rank=rank, local_rank=local_rank)
-        return list(events)
-
-    # The first rank on the second node: its node's files, then the barrier rank 0 waits at; no `latest`.
-    assert saved_by(1, 0) == [("fsync", "zero_pp_rank_1_mp_rank_00_optim_states.pt"), ("fsync", "rng_rank00001.pt"),
-                              ("barrier", None), ("barrier", None)]
-    assert not (tmp_path / "r1l0" / "latest").exists()
-    assert saved_by(1, 1) == [("barrier", None), ("barrier", None)]  # another rank on a node that flushes
-    main = saved_by(0, 0)
-    first_barrier = main.index(("barrier", None))
-    assert {name for kind, name in main[:first_barrier]} == {"zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                                                              "rng_rank00000.pt"}
-    assert ("fsync", "r0l0") in main[first_barrier:-1]  # the checkpoint folder's new entry, after every node
-    assert checkpoint.latest_tag(tmp_path / "r0l0") == "step_00000004"

@@ -63,20 +63,3 @@ def test_unfinished_saves_are_the_tags_newer_than_latest_and_loading_one_is_refu
     with pytest.raises(ConfigError, match=r"step_00000006: a save that did not finish \(newer than latest, step_00000004\)"):
         resolve_checkpoint(tmp_path / "step_00000006")
     assert resolve_checkpoint(tmp_path / "step_00000002") == tmp_path / "step_00000002"  # finished, only older
-
-
-def test_a_failed_save_takes_its_part_written_tag_with_it(tmp_path, monkeypatch):
-    import pytest
-
-    from train import checkpoint
-
-    _tags(tmp_path, [2], latest=2)
-
-    class FullDisk:
-        def save_checkpoint(self, save_dir, tag, **kwargs):
-            (tmp_path / tag / "mp_rank_00_model_states.pt").write_bytes(b"half")
-            raise OSError(28, "No space left on device")
-
-    with pytest.raises(OSError, match="No space left"):
-        checkpoint.save(FullDisk(), tmp_path, 4, {"step": 4}, rank=0)
-    assert _left(tmp_path) == ["latest", "step_00000002"]
