@@ -14,7 +14,7 @@ Compiled:
 Not compiled: stock DeepSpeed MoE layers (`moe.implementation=deepspeed`), whose gate reads values to
 the host; our MoE layers whose experts are split by tensor parallelism, whose collectives sit inside
 autograd functions. Attention and dense FFNs split by tensor parallelism (megatron-core's parallel
-layers) are compiled; no test covers that combination yet.
+layers) are compiled, and follow the eager run (tests/distributed/test_tensor_parallel.py).
 
 `nn.Module.compile()` keeps the module and its parameter names, so DeepSpeed, checkpoints and
 tensor parallelism see the same model; the first steps are slower while inductor compiles.

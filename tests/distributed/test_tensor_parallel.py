@@ -74,6 +74,17 @@ def test_tp2_equals_tp1_and_checkpoint_shards_merge_to_the_whole(tmp_path):
                                        rtol=1e-5, atol=1e-6)
 
 
+def test_tp2_compiled_follows_the_eager_tp2_run(tmp_path):
+    """trainer.compile=true with the blocks split over tensor-parallel pairs (megatron-core's column and
+    row layers, their all-reduces inside the compiled blocks): the eager TP=2 run's losses and clipped
+    gradient norms, within the rounding of inductor's fused kernels."""
+    eager = _run(2, tmp_path / "eager", "trainer.micro_batch_size=4", "model.tensor_parallel=2")
+    compiled = _run(2, tmp_path / "compiled", "trainer.micro_batch_size=4", "model.tensor_parallel=2", "trainer.compile=true")
+    loss_diff, norm_diff = _differences(eager, compiled)
+    print(f"TP=2 compiled vs eager: max |loss diff| {loss_diff:.2e}, max |grad-norm diff| {norm_diff:.2e}")
+    assert loss_diff < 1e-5 and norm_diff < 1e-5
+
+
 def test_tp2_times_ep2_on_four_ranks_equals_one_process(tmp_path):
     """TP 2 x EP 2 x DP 2... of 4 ranks: data parallel 2, so each replica gets half the batch.
     Dropless routing and the split-invariant balancing loss make the run independent of how the
