@@ -66,3 +66,12 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     this process (a world of one), and a child inheriting them would try to join that world."""
     env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARIABLES}
     return {**env, **extra}
+
+
+def assert_close_by_norm(got: torch.Tensor, want: torch.Tensor, rtol: float, name: str) -> None:
+    """||got - want|| <= rtol ||want||, in fp32, with no absolute floor: the MoE layers' outputs and
+    gradients are of order 1e-4 at their init, where an absolute tolerance of 1e-5 would pass elements
+    a few percent off, or a layer that gave zeros."""
+    got, want = got.float(), want.float()
+    error = (got - want).norm() / want.norm().clamp_min(1e-30)
+    assert error <= rtol, f"{name}: relative error {error:.2e} (allowed {rtol:.0e})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_close_by_norm
 
 from moe import MoEConfig, MoELayer
 from moe.dispatch import expert_capacity
@@ -45,8 +46,7 @@ def _assert_equals_reference(layer: MoELayer, x: torch.Tensor, reference_fn) -> 
     for part in ("gate", "experts"):  # the comparison is of gradients that exist
         assert any(part in name and g.norm() > 0 for name, g in reference.items()), part
     for name, want, got in [("y", y_ref, y), *((f"gradient of {name}", reference[name], fast[name]) for name in reference)]:
-        error = (got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)
-        assert error <= 1e-4, f"{name}: relative error {error:.2e}"
+        assert_close_by_norm(got, want, 1e-4, name)
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_close_by_norm
 
 from moe import MoEConfig, MoELayer
 from moe.grouped_experts import grouped_mm_available
@@ -55,8 +56,7 @@ def _assert_matches(eager, compiled, rtol: float) -> None:
     torch.testing.assert_close(stats_c, stats_e, rtol=1e-6, atol=1e-9)
     for name, want, got in [("y", y_e, y_c), ("aux loss", loss_e, loss_c), ("gradient of x", dx_e, dx_c),
                             *((f"gradient of {name}", grads_e[name], grads_c[name]) for name in grads_e)]:
-        error = (got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)
-        assert error <= rtol, f"{name}: relative error {error:.2e}"
+        assert_close_by_norm(got, want, rtol, name)
 
 
 @pytest.mark.slow
@@ -112,7 +112,7 @@ def test_compiled_expert_choice_causal_evaluation_equals_eager():
         y_eager, aux_eager = eager(x)
         y_compiled, aux_compiled = compiled(x)
     assert torch.equal(aux_compiled.kept_E, aux_eager.kept_E)
-    assert (y_compiled - y_eager).norm() <= 1e-5 * y_eager.norm()  # relative: the outputs are small
+    assert_close_by_norm(y_compiled, y_eager, 1e-5, "y")
     torch._dynamo.reset()
 
 

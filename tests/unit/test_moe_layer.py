@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_close_by_norm
 
 from moe import MoEConfig, MoELayer, SwiGLUExpert
 from moe.dispatch import assign_slots, expert_capacity
@@ -20,13 +21,6 @@ def _layer(num_experts=4, top_k=2, capacity_factor=1.25, eval_capacity_factor=No
 
 def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
-
-
-def _assert_close_by_norm(got: torch.Tensor, want: torch.Tensor, rtol: float, name: str) -> None:
-    """Relative to the tensor's norm: the outputs and gradients are of order 1e-4 at this init, where an
-    absolute tolerance of 1e-5 would pass elements a few percent off."""
-    error = (got - want).norm() / want.norm().clamp_min(1e-30)
-    assert error <= rtol, f"{name}: relative error {error:.2e}"
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
@@ -51,13 +45,13 @@ def test_layer_equals_per_token_reference(top_k, capacity_factor):
     (y_ref.view_as(y) * grad_out).sum().backward()
 
     # The router runs in fp32 by design, so agreement is to fp32 precision, not fp64.
-    _assert_close_by_norm(y, y_ref.view_as(y), 1e-6, "y")
-    _assert_close_by_norm(fast_dx, x.grad, 1e-6, "gradient of x")
+    assert_close_by_norm(y, y_ref.view_as(y), 1e-6, "y")
+    assert_close_by_norm(fast_dx, x.grad, 1e-6, "gradient of x")
     ref_grads = _grads(layer)
     assert fast_grads.keys() == ref_grads.keys()
     assert any("gate" in name for name in fast_grads) and any("experts" in name for name in fast_grads)
     for name in ref_grads:
-        _assert_close_by_norm(fast_grads[name], ref_grads[name], 1e-6, f"gradient of {name}")
+        assert_close_by_norm(fast_grads[name], ref_grads[name], 1e-6, f"gradient of {name}")
     assert int(aux.kept_E.sum()) == sum(sum(row) for row in kept)
     if capacity_factor is None:
         assert torch.equal(aux.kept_E, aux.routed_E)
@@ -89,12 +83,12 @@ def test_fp32_capacity_layer_on_the_grouped_gemm_equals_reference(capacity_facto
     y_ref, _ = reference_token_choice(x.reshape(-1, HIDDEN), layer.router.weight, list(layer.local_experts), 2,
                                       capacity, normalize_topk=True)
     (y_ref.view_as(y) * grad_out).sum().backward()
-    _assert_close_by_norm(y, y_ref.view_as(y), 1e-5, "y")
-    _assert_close_by_norm(fast_dx, x.grad, 1e-5, "gradient of x")
+    assert_close_by_norm(y, y_ref.view_as(y), 1e-5, "y")
+    assert_close_by_norm(fast_dx, x.grad, 1e-5, "gradient of x")
     ref_grads = _grads(layer)
     assert fast_grads.keys() == ref_grads.keys() and len(ref_grads) > 1
     for name, ref in ref_grads.items():
-        _assert_close_by_norm(fast_grads[name], ref, 1e-5, f"gradient of {name}")
+        assert_close_by_norm(fast_grads[name], ref, 1e-5, f"gradient of {name}")
 
 
 def test_one_expert_top1_equals_dense_ffn():
