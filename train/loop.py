@@ -379,19 +379,8 @@ class Trainer:
         # Into every checkpoint this session saves: what its weights go with (train/checkpoint.py save).
         self.tag_files = {"config.yaml": settings_yaml,
                           "tokenizer.json": (self.train_data.data_dir / "tokenizer.json").read_text(encoding="utf-8")}
-        in_use: str | None = None
-        if world.is_main:
-            if not run.trainer.resume:
-                try:
-                    self.run_dir.mkdir(parents=True, exist_ok=True)
-                except OSError as error:  # what `_unusable_directory` cannot foresee (a read-only mount, /proc)
-                    raise ConfigError(f"trainer.run_dir: cannot create {self.run_dir}: {error.strerror}") from None
-            in_use = self.run_lock.acquire()  # before anything of this run is written into the directory
-            if in_use is None and not run.trainer.resume:
-                write_text_atomically(self.run_dir / "config.yaml", settings_yaml)
-                self._keep_tokenizer()
-        stop_every_rank_on(in_use)
-        dist.barrier()
+        # (The broadcast also holds every other rank until rank 0 has written the run's files.)
+        stop_every_rank_on(self._claim_run_dir(settings_yaml) if world.is_main else None)
         if run.trainer.resume:
             # Compared with the settings the checkpoint was saved with (its own config.yaml). The run
             # directory's is replaced only once the checkpoint has loaded, so a resume that fails
@@ -512,6 +501,26 @@ class Trainer:
             changed = f"; changed since it was saved: {describe(shape_changes)}" if shape_changes else ""
             raise ConfigError(f"trainer.resume: the checkpoint in {self.checkpoint_dir} does not fit the model this config "
                               f"builds ({detail}){changed}; resume with the settings in {self.run_dir / 'config.yaml'}") from None
+
+    def _claim_run_dir(self, settings_yaml: str) -> str | None:
+        """Rank 0's start in the run directory: create it, take its lock and, for a fresh run, write its
+        config.yaml and tokenizer. Why the run cannot start there, or None; never raised here, so that
+        the other ranks, waiting for rank 0, stop with the same line (`stop_every_rank_on`)."""
+        fresh = not self.run.trainer.resume
+        try:
+            if fresh:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # what `_unusable_directory` cannot foresee (a read-only mount, /proc)
+            return f"trainer.run_dir: cannot create {self.run_dir}: {error.strerror}"
+        try:
+            in_use = self.run_lock.acquire()  # before anything of this run is written into the directory
+            if in_use is None and fresh:
+                write_text_atomically(self.run_dir / "config.yaml", settings_yaml)
+                self._keep_tokenizer()
+        except OSError as error:  # a full disk, a read-only mount
+            self.run_lock.release()
+            return f"trainer.run_dir: cannot write into {self.run_dir}: {error}"
+        return in_use
 
     def _portable(self, ends_run: bool) -> bool:
         """Whether this save writes the layout-free optimizer copy (trainer.portable_checkpoint)."""

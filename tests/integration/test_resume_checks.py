@@ -310,6 +310,30 @@ def test_a_run_directory_in_use_by_another_run_is_refused_in_one_line(compose_ru
 
 
 @pytest.mark.slow
+def test_a_run_directory_that_cannot_be_written_stops_the_start_in_one_line(compose_run, tmp_path):
+    """Rank 0 writes the run's config.yaml at the start; a full disk there is one line on every rank
+    (rank 0 reports it through the broadcast the others wait at, instead of raising alone), and the
+    directory's lock is let go."""
+    from train import loop
+    from train.run_lock import RunDirectoryLock
+
+    run_dir = tmp_path / "run"
+    written = loop.write_text_atomically
+
+    def full_disk(path, text):
+        if path == run_dir / "config.yaml":
+            raise OSError(28, "No space left on device")
+        written(path, text)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "write_text_atomically", full_disk)
+        with pytest.raises(ConfigError) as refused:
+            train(compose_run(_overrides(run_dir, 3)))
+    assert str(refused.value) == f"trainer.run_dir: cannot write into {run_dir}: [Errno 28] No space left on device"
+    assert RunDirectoryLock(run_dir).acquire() is None  # not held by the run that stopped
+
+
+@pytest.mark.slow
 def test_a_complete_checkpoint_after_a_hand_set_latest_is_set_aside_not_deleted(compose_run, tmp_path, capsys):
     """`latest` set back by hand (past a loss spike): the resumed run saves its own step 6, so the
     abandoned run's step_00000006 moves to checkpoints/set_aside/ whole, for the user to keep or delete."""
