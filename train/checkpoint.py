@@ -98,7 +98,7 @@ def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], 
     writes.flush()
     failures, written = writes.agree()  # every rank's files are written and flushed, or one failed
     if failures:
-        if rank == 0 and latest_tag(checkpoint_dir) != tag:
+        if rank == 0 and _readable_latest(checkpoint_dir) != tag:
             # Its part-written tag would hold the space the next save needs.
             shutil.rmtree(tag_dir, ignore_errors=True)
         dist.barrier()  # the tag is gone before any rank reports
@@ -113,8 +113,9 @@ def _complete(checkpoint_dir: Path, tag: str, written: list[Path], tag_files: di
     files, move `latest` to it, prune. What went wrong (then the tag is removed), or None."""
     tag_dir = checkpoint_dir / tag
     try:
-        # Files no rank recorded (DeepSpeed's recovery scripts, which rank 0 copies), then the folders.
-        for path in sorted(set(tag_dir.rglob("*")) - set(written), reverse=True):  # files before their folders
+        # The tag's folders, once every rank has written into them, deepest first. (Also any file that no
+        # rank recorded, which DeepSpeed 0.19.8 does not write: rank 0 flushes what its own node holds of it.)
+        for path in sorted(set(tag_dir.rglob("*")) - set(written), reverse=True):
             fsync_path(path)
         # The tag's config.yaml marks it complete (saved_tags_without_latest): written, and made
         # durable, only now that every other file is, and the last of the tag's own files.
@@ -126,7 +127,7 @@ def _complete(checkpoint_dir: Path, tag: str, written: list[Path], tag_files: di
         fsync_path(checkpoint_dir.parent)  # the first save created checkpoints/ itself
         write_text_atomically(checkpoint_dir / "latest", tag)
     except OSError as error:
-        if latest_tag(checkpoint_dir) != tag:
+        if _readable_latest(checkpoint_dir) != tag:
             shutil.rmtree(tag_dir, ignore_errors=True)
         return f"checkpoint {tag} not saved: rank 0 could not write {error.filename or tag_dir} ({error.strerror}); " + \
             _still_latest(checkpoint_dir)
@@ -134,8 +135,16 @@ def _complete(checkpoint_dir: Path, tag: str, written: list[Path], tag_files: di
     return None
 
 
+def _readable_latest(checkpoint_dir: Path) -> str | None:
+    """`latest_tag`, or None where `latest` cannot be read (a save failing stops with its own line)."""
+    try:
+        return latest_tag(checkpoint_dir)
+    except ConfigError:
+        return None
+
+
 def _still_latest(checkpoint_dir: Path) -> str:
-    last = latest_tag(checkpoint_dir)
+    last = _readable_latest(checkpoint_dir)
     return f"{checkpoint_dir / 'latest'} still names {last}, the last complete one" if last else "no earlier checkpoint was saved"
 
 

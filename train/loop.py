@@ -518,7 +518,6 @@ class Trainer:
                 write_text_atomically(self.run_dir / "config.yaml", settings_yaml)
                 self._keep_tokenizer()
         except OSError as error:  # a full disk, a read-only mount
-            self.run_lock.release()
             return f"trainer.run_dir: cannot write into {self.run_dir}: {error}"
         return in_use
 

@@ -15,6 +15,7 @@ node that wrote a file can push it to the servers.
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,8 @@ class RankWrites:
             return False
         try:
             action()
-        except Exception as error:  # torch.save reports a full disk as a RuntimeError of its zip writer
-            detail = (str(error).strip().splitlines() or [""])[0][:200]
-            self.failure = f"rank {self.rank} could not write {path} ({type(error).__name__}: {detail})"
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError of its zip writer
+            self.failure = f"rank {self.rank} could not write {path} ({_described(error)}{_free_space(Path(path))})"
             return False
         return True
 
@@ -63,9 +63,10 @@ class RankWrites:
     def through(self, engine) -> Iterator[None]:
         """Route DeepSpeed's own writes of a save (`engine.save_checkpoint`) through this rank's record:
         every state file goes through the engine's `checkpoint_engine.save`, its folders through
-        `checkpoint_engine.makedirs`, and on rank 0 the ZeRO recovery scripts through
-        `_copy_recovery_script` (where this DeepSpeed has it). Folders and scripts are guarded but not
-        recorded: rank 0 flushes them once every rank has written (train/checkpoint.py)."""
+        `checkpoint_engine.makedirs`, and on rank 0 the ZeRO recovery scripts (copied beside the tags,
+        not into one) through `_copy_recovery_script` (where this DeepSpeed has it). Folders and
+        scripts are guarded but not recorded: rank 0 flushes the tag's folders once every rank has
+        written (train/checkpoint.py), and the scripts are not part of any checkpoint."""
         checkpoint_engine = engine.checkpoint_engine
         save, makedirs = checkpoint_engine.save, checkpoint_engine.makedirs
         with contextlib.ExitStack() as stack:
@@ -105,3 +106,19 @@ def _replaced(obj: Any, name: str, value: Any) -> Iterator[None]:
             setattr(obj, name, before)
         else:
             delattr(obj, name)
+
+
+def _described(error: OSError | RuntimeError) -> str:
+    """The error in one short line, without the path the message names anyway."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"OSError: [Errno {error.errno}] {error.strerror}"
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+
+
+def _free_space(path: Path) -> str:
+    """'; N MiB free there': torch's zip writer reports a full disk as only 'unexpected pos 704 vs 598'."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return ""
+    return f"; {free / 2**20:.0f} MiB free there"

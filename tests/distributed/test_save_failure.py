@@ -5,6 +5,7 @@ training, two gloo ranks at ep 2, DeepSpeed's own save."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -27,8 +28,9 @@ def test_a_full_disk_on_one_rank_stops_every_rank_with_one_line(tmp_path):
         errors = [line for line in output.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1, output[-3000:]
         assert errors[0].startswith(f"error: checkpoint {tag} not saved: rank 1 could not write {run_dir / 'checkpoints' / tag}/")
-        assert errors[0].endswith("optim_states.pt (OSError: [Errno 28] No space left on device); no earlier checkpoint "
-                                  "was saved"), errors[0]
+        # torch's zip writer names no full disk, so the line adds the free space.
+        assert re.search(r"optim_states\.pt \(RuntimeError: \[enforce fail at inline_container\.cc:\d+\] \. unexpected pos \d+ "
+                         r"vs \d+; \d+ MiB free there\); no earlier checkpoint was saved$", errors[0]), errors[0]
         assert "Traceback" not in output
     # The part-written tag is gone, and no `latest` (DeepSpeed's recovery scripts stay beside the tags).
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["zero_to_fp32.py", "zero_to_torch.py"]

@@ -113,7 +113,8 @@ def test_a_write_that_fails_still_joins_every_collective_then_every_rank_stops(t
     engine = Engine(events, TorchCheckpointEngine(fail_on=OPTIMIZER_FILE, error=error))
     with pytest.raises(CheckpointNotSaved, match=rf"^checkpoint step_00000004 not saved: rank 0 could not write "
                                                  rf"{tmp_path / 'step_00000004' / OPTIMIZER_FILE} \({type(error).__name__}: "
-                                                 rf".*; {tmp_path / 'latest'} still names step_00000002, the last complete one$"):
+                                                 rf".*; \d+ MiB free there\); {tmp_path / 'latest'} still names step_00000002, "
+                                                 rf"the last complete one$"):
         checkpoint.save(engine, tmp_path, 4, {"step": 4}, rank=0)
     assert ("deepspeed barrier", None) in events and ("agree", None) in events
     # (DeepSpeed's script copy came after the failure, so it was skipped.)
@@ -157,3 +158,15 @@ def test_rank_zeros_own_finishing_write_failing_stops_every_rank(tmp_path, event
         checkpoint.save(Engine(events), tmp_path, 4, {"step": 4}, rank=0, tag_files={"config.yaml": "x"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000002", "zero_to_fp32.py"]
     assert checkpoint.latest_tag(tmp_path) == "step_00000002"
+
+
+def test_only_io_errors_are_held_back_for_the_agreement(tmp_path):
+    """A full disk is the user's to fix (one line after the agreement); anything else in a write is a
+    bug, and keeps its traceback."""
+    writes = rank_writes.RankWrites(rank=2)
+    with pytest.raises(TypeError, match="cannot pickle"):
+        writes.run(tmp_path / "a.pt", lambda: (_ for _ in ()).throw(TypeError("cannot pickle 'generator' object")))
+    writes.run(tmp_path / "b.pt", lambda: (_ for _ in ()).throw(OSError(122, "Disk quota exceeded")))
+    writes.save({"x": 1}, tmp_path / "c.pt")  # skipped after the failure
+    assert writes.failure.startswith(f"rank 2 could not write {tmp_path / 'b.pt'} (OSError: [Errno 122] Disk quota exceeded; ")
+    assert writes.written == [] and not (tmp_path / "c.pt").exists()
