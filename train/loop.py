@@ -333,9 +333,9 @@ class Trainer:
         self.run_dir = run_dir
         self.checkpoint_dir = run_dir / "checkpoints"
         self.metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=world.is_main)
-        from train.sinks import open_sinks  # plots and W&B (rank 0 only); wandb imported only when asked for
+        from train.sinks import Sinks, open_sinks  # plots and W&B (rank 0 only); wandb imported only when asked for
 
-        self.sinks = open_sinks(run, world.is_main, run_dir)
+        self.sinks = Sinks(open_sinks(run, world.is_main, run_dir))
         self.expert_counts = ExpertCounts(world.replica_group)
         self.nonfinite = NonFiniteStreak(run.trainer.max_nonfinite_steps)
         self.run_lock = RunDirectoryLock(run_dir)
@@ -682,13 +682,11 @@ class Trainer:
     def _finish_sinks_early(self, reason: str, step: int) -> None:
         """A run that stops before max_steps writes no summary.json, but its plots are still drawn
         and its W&B run closed (flushed, marked with why it stopped)."""
-        for sink in self.sinks:
-            sink.finish({"stopped": reason, "steps": step})
+        self.sinks.finish({"stopped": reason, "steps": step})
 
     def _log(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
-        for sink in self.sinks:  # after metrics.jsonl: the plot sink draws from it
-            sink.write(record)
+        self.sinks.write(record)  # after metrics.jsonl: the plot sink draws from it
 
     def _remove_tags_after_latest(self, label: str) -> None:
         """Clear the tags newer than the one `latest` names (all of them when there is none), and say
@@ -751,8 +749,7 @@ class Trainer:
         }
         if self.world.is_main:
             write_text_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-            for sink in self.sinks:
-                sink.finish(summary)
+            self.sinks.finish(summary)
             mfu = "n/a" if summary["mfu"] is None else f"{100 * summary['mfu']:.1f}%"
             other = (" (measured on other validation windows: trainer.micro_batch_size, eval_batches or "
                      "model.seq_len changed since)") if summary["initial_val_loss_on_other_windows"] else ""

@@ -81,6 +81,32 @@ def test_an_mfu_above_100_percent_is_flagged_once(compose_run, tmp_path, monkeyp
 
 
 @pytest.mark.slow
+def test_a_plot_sink_that_fails_mid_run_leaves_training_going(compose_run, tmp_path, monkeypatch, capsys):
+    """The plots are drawn at every evaluation (logging.plots=eval); the disk under them fills at the
+    second: one warning, and the run ends as usual with every record in metrics.jsonl."""
+    from train.plots import PlotSink
+
+    draw = PlotSink.write
+
+    def full_disk(self, record):
+        if record.get("event") == "eval" and record["step"] >= 2:
+            raise OSError(28, "No space left on device")
+        draw(self, record)
+
+    monkeypatch.setattr(PlotSink, "write", full_disk)
+    run_dir = tmp_path / "run"
+    summary = train(compose_run(["model=gpt_tiny", "trainer.max_steps=4", "trainer.micro_batch_size=2", "trainer.eval_every=2",
+                                 "trainer.eval_batches=1", "logging.log_every=1", "logging.progress_bar=false",
+                                 "logging.plots=eval", f"data.cache_dir={ROOT / '.cache' / 'data'}",
+                                 f"trainer.run_dir={run_dir}"]))
+    assert summary["steps"] == 4 and (run_dir / "summary.json").is_file()
+    assert [r["step"] for r in _records(run_dir / "metrics.jsonl") if r["event"] == "eval"] == [0, 2, 4]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning     PlotSink")]
+    assert warnings == ["warning     PlotSink stopped (OSError: [Errno 28] No space left on device); training goes on, "
+                        "metrics.jsonl keeps every record"]
+
+
+@pytest.mark.slow
 def test_existing_run_dir_is_not_overwritten(compose_run, tmp_path):
     from train.config import ConfigError
 
