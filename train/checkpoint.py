@@ -71,7 +71,7 @@ class CheckpointNotSaved(ConfigError):
 
 def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], rank: int,
          portable: bool = True, keep: int = 0, tag_files: dict[str, str] | None = None,
-         rank_state: dict[str, Any] | None = None) -> None:
+         rank_state: dict[str, Any] | None = None, failure: str | None = None) -> None:
     """Collective: every rank calls it. RNG states go in a per-rank file inside the tag,
     written before `latest` moves, so a tag that `latest` names is complete.
     `portable=False` skips the layout-free optimizer copy (train/portable_state.py). `keep` >= 1:
@@ -84,10 +84,11 @@ def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], 
 
     A write that fails on any rank stops every rank with `CheckpointNotSaved`, after the collectives
     of the save (train/rank_writes.py): `latest` still names the last complete checkpoint, and the
-    part-written tag is removed."""
+    part-written tag is removed. `failure`: a reason this rank already knows the save must not be
+    kept (rank 0's metrics.jsonl not written), which stops it the same way."""
     tag = tag_for(step)
     tag_dir = checkpoint_dir / tag
-    writes = RankWrites(rank)
+    writes = RankWrites(rank, failure)
     writes.make_folder(tag_dir)
     writes.save({**rng_states(), "rank_state": rank_state}, tag_dir / f"rng_rank{rank:05d}.pt")
     with writes.through(engine):

@@ -396,6 +396,7 @@ class Trainer:
                     self._remove_tags_after_latest("resume")
                     write_text_atomically(self.run_dir / "config.yaml", settings_yaml)
                     self._keep_tokenizer()  # the data's, as config.yaml is the settings', of the run as it goes on
+                    self.metrics.truncate_after(state["step"])
                 except OSError as error:  # a full disk after a crash: one line, and no rank left waiting for rank 0
                     failed = f"trainer.run_dir: cannot prepare {self.run_dir} for the resume: {error}"
             stop_every_rank_on(failed)
@@ -412,11 +413,15 @@ class Trainer:
                 window.restore(rank_state["log_window"])
             else:  # (absent from checkpoints written before the counts were saved: then they start here)
                 self.expert_counts.restore(state.get("expert_counts"))
-            self.metrics.truncate_after(start_step)
         elif run.trainer.auto_resume:
-            self.metrics.truncate_after(-1)  # killed before its first checkpoint: start the record over
-            if world.is_main:  # and its first save's files (of another layout, maybe) must not mix with ours
-                self._remove_tags_after_latest("start")
+            failed = None
+            if world.is_main:
+                try:
+                    self.metrics.truncate_after(-1)  # killed before its first checkpoint: start the record over
+                    self._remove_tags_after_latest("start")  # and its first save's files must not mix with ours
+                except OSError as error:
+                    failed = f"trainer.run_dir: cannot prepare {self.run_dir} for a new start: {error}"
+            stop_every_rank_on(failed)
         self._print_header(start_step)
         if initial_val_loss is None:
             evaluation = self.evaluate()
@@ -540,8 +545,12 @@ class Trainer:
                         "expert_counts_logged": self.expert_counts.total_state(),
                         "nonfinite_in_a_row": self.nonfinite.in_a_row}
         rank_state = {"log_window": window.state(), "expert_window": self.expert_counts.window_state()}
+        # Records that did not reach metrics.jsonl (a full disk) must not end up before `latest`: a resume
+        # from this checkpoint would never log them again. Then the save stops every rank instead.
+        held = self.metrics.write_held()
         checkpoint.save(self.engine, self.checkpoint_dir, done, client_state, self.world.rank, self._portable(ends_run),
-                        self.run.trainer.keep_checkpoints, self.tag_files, rank_state)
+                        self.run.trainer.keep_checkpoints, self.tag_files, rank_state,
+                        failure=None if held is None else f"rank {self.world.rank} {held}")
 
     def _tokens(self, step: int) -> int:
         """Tokens trained up to `step`, counting the steps before a resume at their own global batch."""
@@ -747,8 +756,14 @@ class Trainer:
             "flops_per_token": self.flops_per_token,
             "experts": figures_per_layer(totals) if totals is not None else {},
         }
+        problem: str | None = None
         if self.world.is_main:
-            write_text_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            try:
+                write_text_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            except OSError as error:  # a full disk: said on every rank, not raised on rank 0 alone
+                problem = (f"trainer.run_dir: could not write {self.run_dir / 'summary.json'} ({error.strerror}); the run "
+                           f"finished and its checkpoint {checkpoint.latest_tag(self.checkpoint_dir)} is saved")
+        if self.world.is_main and problem is None:
             self.sinks.finish(summary)
             mfu = "n/a" if summary["mfu"] is None else f"{100 * summary['mfu']:.1f}%"
             other = (" (measured on other validation windows: trainer.micro_batch_size, eval_batches or "
@@ -759,5 +774,5 @@ class Trainer:
                 f"summary     {self.run_dir / 'summary.json'}",
                 flush=True,
             )
-        dist.barrier()
+        stop_every_rank_on(problem)  # (and no rank leaves before rank 0 has written the summary)
         return summary

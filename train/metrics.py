@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,19 +107,53 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
 
 
 class MetricsFile:
-    """metrics.jsonl: one JSON object per line, flushed and fsynced so a crash loses nothing logged."""
+    """metrics.jsonl: one JSON object per line, flushed and fsynced so a crash loses nothing logged.
+
+    A record that cannot be written (a full disk) is held in memory, with one warning, and written
+    before the next one once the disk takes it again. Meanwhile `problem` says why: the next
+    checkpoint save then stops every rank (train/checkpoint.py), so that no checkpoint is saved past
+    records that never reached the file (a resume redoes the steps after the last checkpoint, and
+    logs them again)."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path = path
         self.enabled = enabled
+        self.held: list[str] = []
+        self.problem: str | None = None
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, allow_nan=False, default=_finite) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        self.held.append(json.dumps(record, allow_nan=False, default=_finite) + "\n")
+        self.write_held()
+
+    def write_held(self) -> str | None:
+        """Append the held records; None once they are on disk, else why not (also in `problem`)."""
+        if not self.held:
+            return None
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write("".join(self.held))
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:
+            self._cut_back_to(size)  # no part of a line for the next attempt to write after
+            if self.problem is None:
+                print(f"warning     could not write {self.path} ({error.strerror}): its records are held in memory "
+                      "until it can be; the next checkpoint save stops the run if it still cannot", file=sys.stderr,
+                      flush=True)
+            self.problem = f"could not write {self.path} ({error.strerror}; {len(self.held)} records held in memory)"
+            return self.problem
+        self.held.clear()
+        self.problem = None
+        return None
+
+    def _cut_back_to(self, size: int) -> None:
+        try:
+            os.truncate(self.path, size)
+        except OSError:
+            pass  # a torn last line is skipped by every reader (metrics_lines)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint we resume from: they will be redone."""

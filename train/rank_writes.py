@@ -29,10 +29,11 @@ from train.durable import fsync_path
 class RankWrites:
     """The files this rank wrote into a tag, and the first write (or flush) that failed."""
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, failure: str | None = None) -> None:
+        """`failure`: why the save already cannot be kept, known before any write (then nothing is written)."""
         self.rank = rank
         self.written: list[Path] = []
-        self.failure: str | None = None
+        self.failure = failure
 
     def run(self, path: Path | str, write: Callable[[], Any]) -> None:
         """`write()`, which writes the file `path`: skipped after a failure, a failure recorded, not raised."""

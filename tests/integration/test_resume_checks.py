@@ -310,9 +310,10 @@ def test_a_run_directory_in_use_by_another_run_is_refused_in_one_line(compose_ru
 
 
 @pytest.mark.slow
-def test_a_run_directory_that_cannot_be_written_stops_the_start_in_one_line(compose_run, tmp_path):
-    """Rank 0 writes the run's config.yaml at the start; a full disk there is one line on every rank
-    (rank 0 reports it through the broadcast the others wait at, instead of raising alone)."""
+def test_a_run_directory_that_cannot_be_written_is_one_line_at_the_start_and_at_the_end(compose_run, tmp_path):
+    """Rank 0 writes the run's config.yaml at the start and summary.json at the end; a full disk there
+    is one line on every rank (rank 0 reports it through the broadcast the others wait at, instead of
+    raising alone)."""
     from train import loop
 
     run_dir = tmp_path / "run"
@@ -328,6 +329,60 @@ def test_a_run_directory_that_cannot_be_written_stops_the_start_in_one_line(comp
         with pytest.raises(ConfigError) as refused:
             train(compose_run(_overrides(run_dir, 3)))
     assert str(refused.value) == f"trainer.run_dir: cannot write into {run_dir}: [Errno 28] No space left on device"
+    # And at the end: the summary that cannot be written is one line on every rank, the run itself saved.
+    written = loop.write_text_atomically
+
+    def full_at_the_end(path, text):
+        if path.name == "summary.json":
+            raise OSError(28, "No space left on device")
+        written(path, text)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "write_text_atomically", full_at_the_end)
+        with pytest.raises(ConfigError) as refused:
+            train(compose_run(_overrides(tmp_path / "ends", 3)))
+    assert str(refused.value) == (f"trainer.run_dir: could not write {tmp_path / 'ends' / 'summary.json'} (No space left on "
+                                  "device); the run finished and its checkpoint step_00000003 is saved")
+
+
+@pytest.mark.slow
+def test_metrics_the_disk_refused_stop_the_next_save_and_a_resume_logs_them_again(compose_run, tmp_path, capsys):
+    """metrics.jsonl cannot be written from step 4 on (a full disk): training goes on with the records
+    held, the save at step 6 stops every rank with one line and leaves `latest` at step 3, and once
+    there is room a resume redoes steps 4-6: every step is in metrics.jsonl once."""
+    import builtins
+
+    from train import checkpoint, metrics
+    from train.checkpoint import CheckpointNotSaved
+
+    run_dir = tmp_path / "run"
+    calls = {"n": 0}
+
+    def disk_fills_after_step_3(file, mode="r", **kwargs):
+        if Path(file).name == "metrics.jsonl" and "a" in mode:
+            calls["n"] += 1
+            if calls["n"] > 4:  # the step-0 evaluation and steps 1-3 go in
+                raise OSError(28, "No space left on device")
+        return builtins.open(file, mode, **kwargs)
+
+    overrides = [*_overrides(run_dir, 6), "logging.log_every=1"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(metrics, "open", disk_fills_after_step_3, raising=False)
+        with pytest.raises(CheckpointNotSaved) as refused:
+            train(compose_run(overrides))
+    metrics_file = run_dir / "metrics.jsonl"
+    assert str(refused.value).startswith(f"checkpoint step_00000006 not saved: rank 0 could not write {metrics_file} "
+                                         "(No space left on device; ")
+    assert str(refused.value).endswith(f"records held in memory); {run_dir / 'checkpoints' / 'latest'} still names "
+                                       "step_00000003, the last complete one")
+    assert checkpoint.latest_tag(run_dir / "checkpoints") == "step_00000003"
+    def trained_steps():
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r["step"] for r in records if r["event"] == "train"]
+
+    assert trained_steps() == [1, 2, 3]
+    train(compose_run([*overrides, "trainer.resume=true"]))
+    assert trained_steps() == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.slow

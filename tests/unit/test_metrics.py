@@ -32,3 +32,52 @@ def test_gpu_peak_is_the_datasheet_figure_of_the_exact_part(monkeypatch):
     value, source = peak_tflops(cuda, None)
     assert value != value and "set trainer.peak_tflops" in source  # NaN: MFU unknown, not invented
     assert peak_tflops(cuda, 500.0) == (500.0, "trainer.peak_tflops")
+
+
+def test_records_a_full_disk_refuses_are_held_and_written_in_order_once_it_takes_them(tmp_path, monkeypatch, capsys):
+    """A full disk: the record stays in memory (one warning), no part of it is left in the file, and
+    the next write, once there is room, writes the held records first."""
+    import builtins
+    import json
+
+    from train import metrics
+
+    path = tmp_path / "metrics.jsonl"
+    full = False
+
+    class PartWritten:
+        """What a full disk does to a write: some bytes go in, then ENOSPC."""
+
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, text):
+            self.handle.write(text[: len(text) // 2])
+            self.handle.flush()
+            raise OSError(28, "No space left on device")
+
+    def disk(file, mode="r", **kwargs):
+        handle = builtins.open(file, mode, **kwargs)
+        return PartWritten(handle) if full and file == path else handle
+
+    monkeypatch.setattr(metrics, "open", disk, raising=False)
+    log = MetricsFile(path, enabled=True)
+    log.write({"event": "train", "step": 1})
+    full = True
+    log.write({"event": "train", "step": 2})
+    log.write({"event": "train", "step": 3})
+    assert path.read_text() == '{"event": "train", "step": 1}\n'  # the half-written lines were cut back
+    assert log.problem == f"could not write {path} (No space left on device; 2 records held in memory)"
+    assert log.write_held() == log.problem
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning     could not write {path} (No space left on device)")
+    full = False
+    log.write({"event": "train", "step": 4})
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+    assert log.problem is None and log.write_held() is None
