@@ -99,7 +99,7 @@ def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], 
     writes.flush()
     failures, written = writes.agree()  # every rank's files are written and flushed, or one failed
     if failures:
-        if rank == 0 and _readable_latest(checkpoint_dir) != tag:
+        if rank == 0 and readable_latest(checkpoint_dir) != tag:
             # Its part-written tag would hold the space the next save needs.
             shutil.rmtree(tag_dir, ignore_errors=True)
         dist.barrier()  # the tag is gone before any rank reports
@@ -128,7 +128,7 @@ def _complete(checkpoint_dir: Path, tag: str, written: list[Path], tag_files: di
         fsync_path(checkpoint_dir.parent)  # the first save created checkpoints/ itself
         write_text_atomically(checkpoint_dir / "latest", tag)
     except OSError as error:
-        if _readable_latest(checkpoint_dir) != tag:
+        if readable_latest(checkpoint_dir) != tag:
             shutil.rmtree(tag_dir, ignore_errors=True)
         return f"checkpoint {tag} not saved: rank 0 could not write {error.filename or tag_dir} ({error.strerror}); " + \
             _still_latest(checkpoint_dir)
@@ -136,7 +136,7 @@ def _complete(checkpoint_dir: Path, tag: str, written: list[Path], tag_files: di
     return None
 
 
-def _readable_latest(checkpoint_dir: Path) -> str | None:
+def readable_latest(checkpoint_dir: Path) -> str | None:
     """`latest_tag`, or None where `latest` cannot be read (a save failing stops with its own line)."""
     try:
         return latest_tag(checkpoint_dir)
@@ -145,7 +145,7 @@ def _readable_latest(checkpoint_dir: Path) -> str | None:
 
 
 def _still_latest(checkpoint_dir: Path) -> str:
-    last = _readable_latest(checkpoint_dir)
+    last = readable_latest(checkpoint_dir)
     return f"{checkpoint_dir / 'latest'} still names {last}, the last complete one" if last else "no earlier checkpoint was saved"
 
 

@@ -333,9 +333,9 @@ class Trainer:
         self.run_dir = run_dir
         self.checkpoint_dir = run_dir / "checkpoints"
         self.metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=world.is_main)
-        from train.sinks import Sinks, open_sinks  # plots and W&B (rank 0 only); wandb imported only when asked for
+        from train.sinks import open_sinks  # plots and W&B (rank 0 only); wandb imported only when asked for
 
-        self.sinks = Sinks(open_sinks(run, world.is_main, run_dir))
+        self.sinks = open_sinks(run, world.is_main, run_dir)
         self.expert_counts = ExpertCounts(world.replica_group)
         self.nonfinite = NonFiniteStreak(run.trainer.max_nonfinite_steps)
         self.run_lock = RunDirectoryLock(run_dir)
@@ -564,6 +564,7 @@ class Trainer:
             self._save(done, initial_val_loss, window, ends_run=True)
         self._log({"event": "preempted", "step": done, "tokens": self._tokens(done), "signal": received,
                    "checkpoint": checkpoint.latest_tag(self.checkpoint_dir)})
+        self.metrics.report_held()
         self._finish_sinks_early(f"preempted by {received}", done)
         progress.close()
         stop = Preempted(done, received)
@@ -683,6 +684,7 @@ class Trainer:
         except NonFiniteLossStop as stop:
             self._log({"event": "stopped", "step": step, "reason": "non-finite loss",
                        "skipped_nonfinite": self.engine.skipped_steps})
+            self.metrics.report_held()
             self._finish_sinks_early("non-finite loss", step)
             if self.world.is_main:
                 print(stop.message, file=sys.stderr, flush=True)
@@ -762,9 +764,9 @@ class Trainer:
                 write_text_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             except OSError as error:  # a full disk: said on every rank, not raised on rank 0 alone
                 problem = (f"trainer.run_dir: could not write {self.run_dir / 'summary.json'} ({error.strerror}); the run "
-                           f"finished and its checkpoint {checkpoint.latest_tag(self.checkpoint_dir)} is saved")
+                           f"finished and its checkpoint {checkpoint.readable_latest(self.checkpoint_dir)} is saved")
+            self.sinks.finish(summary)  # the plots drawn and the W&B run closed either way
         if self.world.is_main and problem is None:
-            self.sinks.finish(summary)
             mfu = "n/a" if summary["mfu"] is None else f"{100 * summary['mfu']:.1f}%"
             other = (" (measured on other validation windows: trainer.micro_batch_size, eval_batches or "
                      "model.seq_len changed since)") if summary["initial_val_loss_on_other_windows"] else ""

@@ -120,6 +120,7 @@ class MetricsFile:
         self.enabled = enabled
         self.held: list[str] = []
         self.problem: str | None = None
+        self._maybe_torn = False
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -131,14 +132,19 @@ class MetricsFile:
         """Append the held records; None once they are on disk, else why not (also in `problem`)."""
         if not self.held:
             return None
-        size = self.path.stat().st_size if self.path.exists() else 0
+        size = None
         try:
+            size = self.path.stat().st_size if self.path.exists() else 0
+            # After a failed cut-back, the file may end in part of a line: end it, so that the fragment
+            # stays a line of its own (skipped by every reader) and does not swallow the next record.
+            text = ("\n" if self._maybe_torn else "") + "".join(self.held)
             with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write("".join(self.held))
+                handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
         except OSError as error:
-            self._cut_back_to(size)  # no part of a line for the next attempt to write after
+            if size is not None and not self._cut_back_to(size):
+                self._maybe_torn = True
             if self.problem is None:
                 print(f"warning     could not write {self.path} ({error.strerror}): its records are held in memory "
                       "until it can be; the next checkpoint save stops the run if it still cannot", file=sys.stderr,
@@ -147,13 +153,22 @@ class MetricsFile:
             return self.problem
         self.held.clear()
         self.problem = None
+        self._maybe_torn = False
         return None
 
-    def _cut_back_to(self, size: int) -> None:
+    def report_held(self) -> None:
+        """At a stop: a last attempt, and one line if records are still not written (they are lost)."""
+        if self.write_held() is not None:
+            print(f"warning     {len(self.held)} records not written to {self.path}: {self.problem}", file=sys.stderr,
+                  flush=True)
+
+    def _cut_back_to(self, size: int) -> bool:
+        """Remove what a failed append left after `size` bytes; whether that worked."""
         try:
             os.truncate(self.path, size)
         except OSError:
-            pass  # a torn last line is skipped by every reader (metrics_lines)
+            return False
+        return True
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint we resume from: they will be redone."""

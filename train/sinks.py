@@ -25,34 +25,49 @@ class Sink(Protocol):
 
 
 class Sinks:
-    """The run's sinks, each called in turn; one that raises is dropped with a warning."""
+    """The run's sinks, each called in turn; one that fails as a dashboard fails (`_dashboard_failures`)
+    is dropped with a warning. Any other exception is a bug and is raised."""
 
-    def __init__(self, sinks: list[Sink]) -> None:
-        self.active = list(sinks)
+    def __init__(self, sinks: list[Sink] | None = None) -> None:
+        self.active: list[Sink] = list(sinks or [])
 
     def write(self, record: dict[str, Any]) -> None:
-        self._each("write", record)
+        for sink in list(self.active):
+            self.call(sink, "write", record)
 
     def finish(self, summary: dict[str, Any]) -> None:
-        self._each("finish", summary)
-
-    def _each(self, method: str, argument: dict[str, Any]) -> None:
         for sink in list(self.active):
-            try:
-                getattr(sink, method)(argument)
-            except Exception as error:  # any failure of a dashboard: the run's records are safe
-                self.active.remove(sink)
-                detail = (str(error).strip().splitlines() or [""])[0][:200]
-                print(f"warning     {type(sink).__name__} stopped ({type(error).__name__}: {detail}); training goes on, "
-                      "metrics.jsonl keeps every record", file=sys.stderr, flush=True)
+            self.call(sink, "finish", summary)
+
+    def call(self, sink: Sink, method: str, *args: Any) -> None:
+        """sink.method(*args), unless the sink was dropped; on a dashboard failure, drop it."""
+        if sink not in self.active:
+            return
+        try:
+            getattr(sink, method)(*args)
+        except _dashboard_failures() as error:
+            self.active.remove(sink)
+            detail = (str(error).strip().splitlines() or [""])[0][:200]
+            print(f"warning     {type(sink).__name__} stopped ({type(error).__name__}: {detail}); training goes on, "
+                  "metrics.jsonl keeps every record", file=sys.stderr, flush=True)
 
 
-def open_sinks(run, is_main: bool, run_dir: Path) -> list[Sink]:
+def _dashboard_failures() -> tuple[type[BaseException], ...]:
+    """What a dashboard meets that is not its own bug: the file system (a full disk, a lost mount) and,
+    where W&B is in use, W&B's errors (its service or the network gone)."""
+    failures: list[type[BaseException]] = [OSError]
+    if (wandb := sys.modules.get("wandb")) is not None:
+        failures.append(wandb.errors.Error)
+    return tuple(failures)
+
+
+def open_sinks(run, is_main: bool, run_dir: Path) -> Sinks:
     """The sinks `run.logging` asks for. Other ranks get none: one W&B run and one set of plots
-    per job. The plot sink comes first so that its images reach W&B before the W&B run closes."""
+    per job. The plot sink comes first so that its images reach W&B before the W&B run closes;
+    it hands them over through `Sinks.call`, so that W&B failing there drops W&B, not the plots."""
+    sinks = Sinks()
     if not is_main:
-        return []
-    sinks: list[Sink] = []
+        return sinks
     wandb_sink = None
     if run.logging.wandb:
         from train.wandb_mode import resolve_mode
@@ -63,8 +78,8 @@ def open_sinks(run, is_main: bool, run_dir: Path) -> list[Sink]:
     if run.logging.plots != "off":
         from train.plots import PlotSink
 
-        sinks.append(PlotSink(run_dir, every_eval=run.logging.plots == "eval",
-                              on_plots=wandb_sink.log_images if wandb_sink else None))
+        on_plots = None if wandb_sink is None else lambda step, paths: sinks.call(wandb_sink, "log_images", step, paths)
+        sinks.active.append(PlotSink(run_dir, every_eval=run.logging.plots == "eval", on_plots=on_plots))
     if wandb_sink is not None:
-        sinks.append(wandb_sink)
+        sinks.active.append(wandb_sink)
     return sinks

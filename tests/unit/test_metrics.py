@@ -81,3 +81,11 @@ def test_records_a_full_disk_refuses_are_held_and_written_in_order_once_it_takes
     log.write({"event": "train", "step": 4})
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
     assert log.problem is None and log.write_held() is None
+    # Where the torn part cannot be cut back either, it stays a line of its own, which readers skip.
+    full = True
+    monkeypatch.setattr(metrics.os, "truncate", lambda *args: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+    log.write({"event": "train", "step": 5})
+    full = False
+    log.write({"event": "train", "step": 6})
+    assert [record["step"] for _, record in metrics.metrics_lines(path)] == [1, 2, 3, 4, 5, 6]
+    assert len(path.read_text().splitlines()) == 7  # the fragment's line, skipped

@@ -26,7 +26,7 @@ def test_keys_pad_indices_to_the_last_index_and_skip_nulls():
 
 def test_other_ranks_get_no_sink(compose_run, tmp_path):
     run = to_run_config(compose_run(["logging=wandb", "logging.wandb_mode=offline"]))
-    assert open_sinks(run, is_main=False, run_dir=tmp_path) == []
+    assert open_sinks(run, is_main=False, run_dir=tmp_path).active == []
     assert not list(Path(tmp_path).iterdir()), "nothing written for a non-zero rank"
 
 
