@@ -25,13 +25,17 @@ COMMON = [
 ]
 
 
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _run(ranks: int, run_dir: Path, *overrides: str) -> list[dict]:
     args = [*COMMON, *overrides, f"trainer.run_dir={run_dir}"]
     if ranks == 1:
         run([sys.executable, "-m", "train", *args], ROOT)
     else:  # the launcher itself is covered by tests/distributed/test_launch_scripts.py
         launch_ranks(ranks, [sys.executable, "-m", "train", *args], cwd=ROOT)
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return _records(run_dir)
 
 
 def _differences(reference: list[dict], other: list[dict]) -> tuple[float, float]:
@@ -42,9 +46,17 @@ def _differences(reference: list[dict], other: list[dict]) -> tuple[float, float
     return loss, norm
 
 
-def test_tp2_equals_tp1_and_checkpoint_shards_merge_to_the_whole(tmp_path):
+@pytest.fixture(scope="module")
+def tp2_eager(tmp_path_factory) -> Path:
+    """The TP=2 run that two tests compare with (one launch for both)."""
+    run_dir = tmp_path_factory.mktemp("tp2") / "tp2"
+    _run(2, run_dir, "trainer.micro_batch_size=4", "model.tensor_parallel=2")
+    return run_dir
+
+
+def test_tp2_equals_tp1_and_checkpoint_shards_merge_to_the_whole(tmp_path, tp2_eager):
     whole = _run(1, tmp_path / "tp1", "trainer.micro_batch_size=4")
-    split = _run(2, tmp_path / "tp2", "trainer.micro_batch_size=4", "model.tensor_parallel=2")
+    split = _records(tp2_eager)
     loss_diff, norm_diff = _differences(whole, split)
     print(f"TP=2 vs TP=1: max |loss diff| {loss_diff:.2e}, max |grad-norm diff| {norm_diff:.2e}")
     assert loss_diff < 1e-5 and norm_diff < 1e-5
@@ -53,7 +65,7 @@ def test_tp2_equals_tp1_and_checkpoint_shards_merge_to_the_whole(tmp_path):
     # The two ranks' checkpoint shards, joined, are the TP=1 run's weights.
     tag = "checkpoints/step_00000005"
     reference = torch.load(tmp_path / "tp1" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    shards = [torch.load(tmp_path / "tp2" / tag / f"mp_rank_{r:02d}_model_states.pt", weights_only=False)["module"]
+    shards = [torch.load(tp2_eager / tag / f"mp_rank_{r:02d}_model_states.pt", weights_only=False)["module"]
               for r in (0, 1)]
     split_names = [name for name in reference if tp_layout.split_kind(name)]
     assert len(split_names) == 7  # qkv and proj of two blocks (4), w1, w3 and w2 of the dense FFN (3)
@@ -67,18 +79,18 @@ def test_tp2_equals_tp1_and_checkpoint_shards_merge_to_the_whole(tmp_path):
     for expert in range(8):
         file = f"layer_0_expert_{expert}_mp_rank_{{:02d}}_model_states.pt"
         whole = torch.load(tmp_path / "tp1" / tag / file.format(0), weights_only=False)
-        parts = [torch.load(tmp_path / "tp2" / tag / file.format(r), weights_only=False) for r in (0, 1)]
+        parts = [torch.load(tp2_eager / tag / file.format(r), weights_only=False) for r in (0, 1)]
         for name, value in whole.items():
             assert tp_layout.split_kind(name) is not None and parts[0][name].numel() * 2 == value.numel()
             torch.testing.assert_close(tp_layout.merge(name, [p[name] for p in parts], num_heads=4), value,
                                        rtol=1e-5, atol=1e-6)
 
 
-def test_tp2_compiled_follows_the_eager_tp2_run(tmp_path):
+def test_tp2_compiled_follows_the_eager_tp2_run(tmp_path, tp2_eager):
     """trainer.compile=true with the blocks split over tensor-parallel pairs (megatron-core's column and
     row layers, their all-reduces inside the compiled blocks): the eager TP=2 run's losses and clipped
     gradient norms, within the rounding of inductor's fused kernels."""
-    eager = _run(2, tmp_path / "eager", "trainer.micro_batch_size=4", "model.tensor_parallel=2")
+    eager = _records(tp2_eager)
     compiled = _run(2, tmp_path / "compiled", "trainer.micro_batch_size=4", "model.tensor_parallel=2", "trainer.compile=true")
     loss_diff, norm_diff = _differences(eager, compiled)
     print(f"TP=2 compiled vs eager: max |loss diff| {loss_diff:.2e}, max |grad-norm diff| {norm_diff:.2e}")
