@@ -277,6 +277,18 @@ def test_auto_resume_starting_over_clears_a_killed_first_save(compose_run, tmp_p
     killed = run_dir / "checkpoints" / "step_00000003"
     killed.mkdir(parents=True)
     (killed / "mp_rank_01_model_states.pt").write_bytes(b"from a 2-rank layout")
+    (run_dir / "metrics.jsonl").write_text('{"event": "train", "step": 1}\n')  # the killed attempt's
+    # Starting the record over needs the disk: where that fails, one line (from rank 0, on every rank).
+    from train import metrics
+
+    def full_disk(path, text):
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(metrics, "write_text_atomically", full_disk)
+        with pytest.raises(ConfigError) as refused:
+            train(compose_run(_overrides(run_dir, 3, "trainer.auto_resume=true")))
+    assert str(refused.value) == f"trainer.run_dir: cannot prepare {run_dir} for a new start: [Errno 28] No space left on device"
     train(compose_run(_overrides(run_dir, 3, "trainer.auto_resume=true")))
     assert "removed step_00000003, a save that did not finish" in capsys.readouterr().out
     assert not (killed / "mp_rank_01_model_states.pt").exists() and (killed / "config.yaml").is_file()
