@@ -33,12 +33,13 @@ from moe.experts import SwiGLUExpert
 # of 16 bytes ("strides should be multiple of 16 bytes").
 _ALIGN_BYTES = 16
 
-CPU_LOOP_ROWS_PER_EXPERT = 1024
-"""From this many rows per expert on average, a CPU runs the loop of plain matmuls rather than
-`torch._grouped_mm`: there the grouped kernel's time grows faster than the rows (forward+backward
-at D 256, F 1024: equal at about 768 rows per expert, the loop 20% faster at 1024 and 2048; the
-same crossover at D 192 / F 512 and D 512 / F 2048; bench/RESULTS.md). GPUs always take the
-grouped GEMM where it runs."""
+CPU_LOOP_ROWS_PER_EXPERT = 256
+"""From this many rows per expert on average, a CPU runs the loop of plain matmuls (`_SplitLoopSwiGLU`)
+rather than `torch._grouped_mm` or `torch.bmm`, whose time grows faster than the rows there. Forward
+and backward, 8 experts, D 192 / F 512 and D 256 / F 1024, interleaved: the loop ties the grouped
+kernel at 256 rows per expert and takes 4-8% less time at 512, 6-16% at 1024; it takes 4-14% less
+than `torch.bmm` from 256 rows (bench/RESULTS.md, seventeenth session). Below about 128 rows the
+grouped kernel is faster. GPUs always take the grouped GEMM where it runs."""
 
 
 ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]

@@ -187,7 +187,7 @@ def test_counts_as_tensor_int32_and_list_agree():
     assert torch.equal(from_list, from_tensor)
 
 
-@pytest.mark.parametrize("capacity", [5, 1024], ids=["bmm", "cpu-loop"])  # 1024 = CPU_LOOP_ROWS_PER_EXPERT
+@pytest.mark.parametrize("capacity", [5, CPU_LOOP_ROWS_PER_EXPERT], ids=["bmm", "cpu-loop"])
 @pytest.mark.parametrize("num_experts", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_capacity_bmm_equals_module_loop(num_experts, dtype, capacity):
