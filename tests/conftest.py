@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
+import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +38,58 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports on 127.0.0.1 for servers a test starts (a rendezvous store,
+    slurmctld), drawn below the kernel's ephemeral range. A port from `bind(("127.0.0.1", 0))` lies in
+    that range, where, in the seconds between choosing it and the server binding it, an outgoing
+    connection anywhere on the machine may be given it: another test file's ranks connecting to their
+    own store did, under pytest-xdist, and the rank that should have listened failed with EADDRINUSE."""
+    low = _ephemeral_range_start()
+    if low < 12_000:  # no room below it: fall back to the kernel's choice
+        return _kernel_ports(count)
+    chosen: list[int] = []
+    draw = random.SystemRandom()  # independent of any seed a test sets, and of the other workers
+    for _ in range(1000):
+        port = draw.randrange(low - 10_000, low)
+        if port not in chosen and _bindable(port):
+            chosen.append(port)
+            if len(chosen) == count:
+                return chosen
+    return _kernel_ports(count)
+
+
+def free_port() -> int:
+    """One port from `free_ports`."""
+    return free_ports(1)[0]
+
+
+def _ephemeral_range_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _kernel_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 DISTRIBUTED_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")

@@ -4,24 +4,17 @@ the test with the tail of what the processes printed."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from conftest import subprocess_env
+from conftest import free_port, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 TAIL = 4000
 """Characters of each output stream a failed process shows."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rank_env(**extra: str) -> dict[str, str]:

@@ -45,16 +45,17 @@ pytestmark = pytest.mark.distributed
 LOSS_TOLERANCE = 1e-5
 """Absolute, on losses near 8.3: fp32 rounding of differently ordered sums is about 1e-6 here."""
 NORM_TOLERANCE = 1e-5
-WEIGHT_TOLERANCE = 1e-5
+WEIGHT_TOLERANCE = 3e-5
+"""Absolute, 1% of one step's lr (3e-3). AdamW divides each update by the gradient's own running scale,
+so for weights whose gradients are near zero (the embedding rows of rare tokens) a rounding difference
+in the gradient moves the update by a part of lr from the first step on: 1 x 8 against 8 x 1
+micro-batches measured 1.3e-5 on one machine, in the tied embedding, with losses within 5e-7; inductor's
+fused kernels (compiled against eager) round differently again. A real difference in the update (a
+wrong scale, a skipped or doubled gradient) moves the gradient norm, checked to 1e-5, and
+the weights it touches by a sizeable part of lr."""
 
 
-COMPILED_WEIGHT_TOLERANCE = 3e-5
-"""Compiled against eager: inductor's fused kernels round differently from eager's, and AdamW divides
-each update by the gradient's own running scale, so for weights whose gradients are near zero a
-rounding difference moves the update by a part of lr (3e-3) from the first step on."""
-
-
-def _compare(name: str, reference, other, weight_tolerance: float = WEIGHT_TOLERANCE) -> None:
+def _compare(name: str, reference, other) -> None:
     loss_diff, norm_diff = max_differences(train_records(reference), train_records(other))
     tag = f"step_{STEPS:08d}"
     weights_a, weights_b = saved_weights(reference, tag), saved_weights(other, tag)
@@ -64,7 +65,7 @@ def _compare(name: str, reference, other, weight_tolerance: float = WEIGHT_TOLER
           f"max |weight diff| after {STEPS} steps {weight_diff:.3g}")
     assert loss_diff <= LOSS_TOLERANCE, f"{name}: loss differs by {loss_diff}"
     assert norm_diff <= NORM_TOLERANCE, f"{name}: gradient norm differs by {norm_diff}"
-    assert weight_diff <= weight_tolerance, f"{name}: weights differ by {weight_diff}"
+    assert weight_diff <= WEIGHT_TOLERANCE, f"{name}: weights differ by {weight_diff}"
 
 
 def _clipping_acted(run_dir) -> bool:
@@ -131,7 +132,7 @@ def test_compiled_model_under_expert_parallelism_follows_the_eager_run():
     """trainer.compile=true at ep2, MoE layers included: dynamo breaks the graph at the all-to-all-v
     and its host-sized splits, and the compiled parts between give the eager run's training."""
     compiled = RUNS.get("token_choice_ep2_compiled", 2, [*TOKEN_CHOICE, *layout(2, 2), "trainer.compile=true"])
-    _compare("compiled vs eager (ep2, 2 ranks)", token_choice_ep2(), compiled, COMPILED_WEIGHT_TOLERANCE)
+    _compare("compiled vs eager (ep2, 2 ranks)", token_choice_ep2(), compiled)
 
 
 def test_layouts_really_differ():

@@ -42,17 +42,6 @@ def missing_requirement() -> str | None:
     return None
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def _real_memory_mib() -> int:
     """What slurmd -C reports; a node may not claim more (it would be drained)."""
     output = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
@@ -98,7 +87,9 @@ class LocalSlurm:
     def write_config(self) -> None:
         for sub in ("state", "log", "run", *(f"spool/{node}" for node in self.nodes)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
+        from conftest import free_ports  # tests/ is on the path under pytest, and below when run by hand
+
+        ctld_port, *node_ports = free_ports(1 + len(self.nodes))
         memory = max(256, _real_memory_mib() // len(self.nodes) - 512)
         host = socket.gethostname()
         lines = [
@@ -217,4 +208,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest
     sys.exit(main())

@@ -5,26 +5,19 @@ documented key (docs/dashboard.md), from one W&B run only (rank 0)."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from conftest import free_port, subprocess_env
 
 from train.wandb_dashboard import build_workspace, dashboard_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 WANDB_CLI = Path(sys.executable).parent / "wandb"
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _expected_keys(record: dict) -> dict[str, float]:
@@ -55,7 +48,7 @@ def test_offline_wandb_run_holds_every_metrics_value(tmp_path):
     run_dir, wandb_root = tmp_path / "run", tmp_path / "wandb_root"
     command = [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank",
-        "--master_port", str(_free_port()), "--module", "train",
+        "--master_port", str(free_port()), "--module", "train",
         "model=gpt_tiny", "moe.ep_size=2", "logging=wandb", "logging.plots=eval", "logging.log_every=2",
         "logging.progress_bar=false", "trainer.max_steps=6", "trainer.micro_batch_size=4", "trainer.eval_every=3",
         "trainer.eval_batches=2", "trainer.checkpoint_every=0", f"data.cache_dir={ROOT / '.cache' / 'data'}",
