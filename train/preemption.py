@@ -5,9 +5,9 @@ Slurm warns a job before its time limit (`#SBATCH --signal=B:USR1@120`, which
 launch/slurm/train.sbatch forwards to the ranks through srun) and sends SIGTERM when it cancels or
 preempts it; the deepspeed launcher and Kubernetes send SIGTERM too. The handler only records the
 signal: saving from inside a handler could interrupt a collective or a half-written file. At every
-step boundary the ranks agree whether any of them got a signal, with one all-reduce of a flag: the
-signal may reach the ranks at different moments (or only some of them), and a rank that stopped
-alone would leave the others waiting forever in their next collective.
+step boundary the ranks agree whether any of them got a signal, with one all-reduce of the signal's
+number: the signal may reach the ranks at different moments (or only some of them), and a rank that
+stopped alone would leave the others waiting forever in their next collective.
 
 Ctrl-C (SIGINT) stops the same way, with a checkpoint, but exits with status 130, which the batch
 script does not requeue; a second Ctrl-C stops at once.
@@ -96,15 +96,15 @@ class PreemptionWatch:
 
     def agreed(self) -> str | None:
         """Collective (every rank calls it at the same step): None when no rank got a stop signal;
-        otherwise this rank's signal name, or "a signal to a peer rank" where only others got one."""
+        otherwise the name of the highest-numbered signal any rank got (SIGTERM over SIGUSR1 over
+        SIGINT), the same on every rank. So every rank records the signal that stops the run, whichever
+        rank it reached first, and exits with the same status: a rank that named its own signal would
+        exit 130 for a Ctrl-C that reached it alone, beside peers exiting 75 for it."""
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return self.received
-        group = self._flag_group()
-        flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        if not int(flag.item()):
-            return None
-        return self.received or "a signal to a peer rank"
+        number = torch.tensor([0 if self.received is None else signal.Signals[self.received].value], dtype=torch.int32)
+        dist.all_reduce(number, op=dist.ReduceOp.MAX, group=self._flag_group())
+        return signal.Signals(int(number.item())).name if int(number.item()) else None
 
     def _flag_group(self):
         """The flag travels on CPU: over a gloo group when the default one is NCCL, so that the

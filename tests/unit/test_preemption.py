@@ -71,7 +71,7 @@ def test_ctrl_c_stops_at_the_step_boundary_and_a_second_one_stops_at_once(capfd,
 def test_an_interrupted_run_exits_130_which_the_batch_script_does_not_requeue():
     stop = Preempted(7, "SIGINT")
     assert stop.code == 130 and str(stop) == "interrupted by SIGINT: checkpoint at step 7"
-    assert Preempted(7, "a signal to a peer rank").code == PREEMPTED_EXIT_STATUS
+    assert Preempted(7, "SIGTERM").code == PREEMPTED_EXIT_STATUS
 
 
 def test_an_ignored_ctrl_c_stays_ignored():
