@@ -55,7 +55,7 @@ def test_sigkill_then_resume_gives_the_same_metrics(tmp_path):
     killed = tmp_path / "killed"
     process = subprocess.Popen(_command(killed), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    kill_after = random.Random().randint(2, STEPS - 3)  # train lines to wait for: a random step, mid-save or not
+    kill_after = random.Random().randint(2, STEPS - 5)  # train lines to wait for: a random step, mid-save or not
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         metrics = killed / "metrics.jsonl"

@@ -226,7 +226,6 @@ def test_second_prepare_is_a_cache_hit(small_dataset, corpus_files, monkeypatch)
         raise AssertionError("a cached dataset must not be prepared again")
 
     monkeypatch.setattr(preparation, "train_bpe_tokenizer", must_not_train)
-    started = time.perf_counter()
     again = prepare_dataset(
         corpus_files,
         small_dataset.parent,
@@ -235,7 +234,6 @@ def test_second_prepare_is_a_cache_hit(small_dataset, corpus_files, monkeypatch)
         tokens_per_sample=16,
         samples_per_shard=4,
     )
-    assert time.perf_counter() - started < 0.5
     assert again == small_dataset
     assert (small_dataset / "meta.json").stat().st_mtime_ns == meta_mtime
 
