@@ -103,11 +103,12 @@ class PreemptionWatch:
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return self.received
         number = torch.tensor([0 if self.received is None else signal.Signals[self.received].value], dtype=torch.int32)
-        dist.all_reduce(number, op=dist.ReduceOp.MAX, group=self._flag_group())
-        return signal.Signals(int(number.item())).name if int(number.item()) else None
+        dist.all_reduce(number, op=dist.ReduceOp.MAX, group=self._agreement_group())
+        highest = int(number.item())
+        return signal.Signals(highest).name if highest else None
 
-    def _flag_group(self):
-        """The flag travels on CPU: over a gloo group when the default one is NCCL, so that the
+    def _agreement_group(self):
+        """The signal's number travels on CPU: over a gloo group when the default one is NCCL, so that the
         per-step check never waits for the GPU stream (None = the default group, already gloo)."""
         if not self._group_ready:
             if dist.get_backend() != "gloo":
