@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import warnings
 from dataclasses import dataclass
 
@@ -44,12 +43,6 @@ class World:
         return megatron_parallel_state().get_data_parallel_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launcher_world_size() -> int:
     """World size as the launcher (deepspeed, torchrun, srun + our scripts) set it; 1 without one."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -79,13 +72,17 @@ def init_world(requested_device: str, tensor_parallel: int = 1) -> World:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.utils.logger.setLevel(logging.WARNING)
 
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if "RANK" not in os.environ:  # no launcher (every one sets RANK): a world of one
+            # It rendezvouses in memory. A TCP store would need a port, and a port drawn free can be
+            # taken by another process's connection before the store binds it. RANK stays unset, so
+            # that a later start in this process (tests start several) is a world of one again.
+            os.environ.update(WORLD_SIZE="1", LOCAL_RANK="0")  # DeepSpeed's engine reads LOCAL_RANK
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        # Wraps the group made above, or makes one from the launcher's environment.
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     world_size = torch.distributed.get_world_size()
     if world_size % tensor_parallel:
