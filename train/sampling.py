@@ -67,7 +67,9 @@ def top_p_filter(logits_BV: torch.Tensor, p: float) -> torch.Tensor:
         return logits_BV
     probs_BV = torch.softmax(logits_BV.float(), dim=-1)
     sorted_probs, order = torch.sort(probs_BV, dim=-1, descending=True, stable=True)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    # The sum of the tokens ranked above, as an exclusive cumulative sum: `cumsum - probs` rounds,
+    # and where the mass reaches p exactly (ten equal tokens, p=0.6) it kept one token too many.
+    mass_before = torch.cat([torch.zeros_like(sorted_probs[..., :1]), sorted_probs.cumsum(dim=-1)[..., :-1]], dim=-1)
     # A token is needed while the tokens ranked above it have not yet reached p.
     keep_sorted = mass_before < p
     keep_sorted[..., 0] = True

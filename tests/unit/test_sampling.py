@@ -72,6 +72,14 @@ def test_top_p_matches_brute_force_on_random_distributions():
     assert checked > 250
 
 
+@pytest.mark.parametrize("tokens, p, kept", [(10, 0.6, 6), (3, 2 / 3, 2), (4, 0.5, 2), (5, 0.4, 2)])
+def test_top_p_on_equal_tokens_whose_mass_reaches_p_exactly(tokens, p, kept):
+    # The nucleus is complete with `kept` tokens; subtracting each token from the running sum
+    # rounded their mass to just under p and let one more in.
+    out = top_p_filter(torch.zeros(1, tokens), p)
+    assert int(torch.isfinite(out).sum()) == kept
+
+
 def test_filters_compose_and_only_write_minus_infinity():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 0.0]])
     out = filtered_logits(logits, SamplingConfig(temperature=0.5, top_k=4, top_p=0.9))
