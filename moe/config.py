@@ -179,4 +179,11 @@ def stock_gate_lacks(config: MoEConfig) -> list[str]:
         problems.append(f"moe.jitter_eps={config.jitter_eps:g} (router jitter)")
     if not config.normalize_topk and config.top_k > 1:
         problems.append("moe.normalize_topk=false (unnormalised top-k weights)")
+    if config.aux_loss_scope != "micro_batch":
+        problems.append(f"moe.aux_loss_scope={config.aux_loss_scope} (its balancing loss is per micro-batch)")
+    if config.top_k > 2 and config.capacity_factor is not None:
+        # DeepSpeed's top-k gate (k > 2) keeps each expert's most probable tokens by raw router
+        # probability; ours rank by position, or by the renormalised weight.
+        problems.append(f"moe.top_k={config.top_k} with a capacity (above top-2 it drops by router probability, "
+                        "which no moe.drop_policy matches)")
     return problems

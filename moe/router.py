@@ -33,11 +33,14 @@ class RoutingDecision:
 
 
 def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, jitter_eps: float, training: bool) -> torch.Tensor:
-    x_fp32 = x_TD.float()
-    if training and jitter_eps > 0:
-        # Switch Transformer's multiplicative jitter: explores routings the router would not try.
-        x_fp32 = x_fp32 * torch.empty_like(x_fp32).uniform_(1.0 - jitter_eps, 1.0 + jitter_eps)
-    return torch.nn.functional.linear(x_fp32, weight_ED.float())
+    # In fp32 under autocast too, which would run the linear in bf16: logits 3e-3 off moved 107 of
+    # 4096 tokens' top-2 choices, and expert choice's top-C picks and thresholds the same way.
+    with torch.autocast(x_TD.device.type, enabled=False):
+        x_fp32 = x_TD.float()
+        if training and jitter_eps > 0:
+            # Switch Transformer's multiplicative jitter: explores routings the router would not try.
+            x_fp32 = x_fp32 * torch.empty_like(x_fp32).uniform_(1.0 - jitter_eps, 1.0 + jitter_eps)
+        return torch.nn.functional.linear(x_fp32, weight_ED.float())
 
 
 class TokenChoiceRouter(StepStatefulRouter):

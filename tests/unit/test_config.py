@@ -22,6 +22,8 @@ def test_every_experiment_and_group_composes(compose_run):
         ["model=gpt_tiny", "moe=top1"],
         ["model=gpt2_small", "moe=top2_dropless", "deepspeed=zero1"],
         ["model=gpt_350m", "moe=dense"],
+        # Dropless, DeepSpeed's top-k gate drops nothing: k > 2 is the same model as ours.
+        ["moe=top2_dropless", "moe.top_k=3", "moe.implementation=deepspeed"],
     ):
         run = to_run_config(compose_run(overrides))
         assert run.model.hidden_size > 0
@@ -71,6 +73,10 @@ def test_unknown_key_fails_at_compose(compose_run):
          "moe.implementation=deepspeed (DeepSpeed's own gate) has no moe.bias_update_rate=0.001"),
         (["moe=expert_choice", "moe.implementation=deepspeed"],
          "moe.implementation=deepspeed (DeepSpeed's own gate) has no moe.router=expert_choice (token choice only)"),
+        (["moe.aux_loss_scope=global", "moe.implementation=deepspeed"],
+         "moe.implementation=deepspeed (DeepSpeed's own gate) has no moe.aux_loss_scope=global (its balancing loss is per"),
+        (["moe.top_k=3", "moe.implementation=deepspeed"],
+         "moe.implementation=deepspeed (DeepSpeed's own gate) has no moe.top_k=3 with a capacity (above top-2 it drops by"),
         # Settings of two sections that must agree.
         (["model.tensor_parallel=2", "moe.expert_hidden=33"],
          "moe.expert_hidden=33 must be divisible by model.tensor_parallel=2"),

@@ -107,6 +107,22 @@ def test_jitter_only_in_training():
     assert not torch.equal(layer.router(x).probs_TE, layer.router(x).probs_TE)
 
 
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_routing_is_fp32_under_bf16_autocast(router):
+    """Autocast runs linear layers in bf16; the router's logits stay fp32 under it, so a token's
+    experts (and expert choice's top-C tokens) are the ones chosen without it."""
+    extra = {"capacity_factor": 2.0} if router == "expert_choice" else {"top_k": 2}
+    layer = _layer(router=router, **extra).float()
+    x = torch.randn(512, HIDDEN, generator=torch.Generator().manual_seed(3))
+    plain = layer.router.scores(x) if router == "expert_choice" else layer.router(x).logits_TE
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = layer.router.scores(x) if router == "expert_choice" else layer.router(x).logits_TE
+    if router == "expert_choice":
+        plain, autocast = plain[1], autocast[1]  # (probs, logits)
+    assert autocast.dtype == torch.float32
+    assert torch.equal(autocast, plain)
+
+
 # ---------------------------------------------------------------- expert choice
 @pytest.mark.parametrize("group", ["batch", "sequence"])
 @pytest.mark.parametrize("cap", [None, 1])

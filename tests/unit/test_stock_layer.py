@@ -10,7 +10,7 @@ from moe.stock import StockDeepSpeedMoE
 from train.distributed import init_world
 
 
-@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("top_k", [1, 2])  # above 2, with a capacity, it is refused (moe/config.py)
 @pytest.mark.parametrize("tokens", [37, 64])
 def test_reported_capacity_is_the_slots_deepspeed_gave_each_expert(top_k, tokens):
     init_world("cpu")  # DeepSpeed's MoE needs its expert-parallel groups, even for one process
