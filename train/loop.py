@@ -94,6 +94,11 @@ def checked_for_start(run: RunConfig, world_size: int, source: str) -> RunConfig
             raise ConfigError(problem)
         run = replace(run, trainer=replace(run.trainer, resume=run.trainer.resume or has_checkpoint))
     elif run.trainer.resume is False and run.trainer.run_dir and _holds_a_run(Path(run.trainer.run_dir)):
+        if checkpoint.latest_tag(Path(run.trainer.run_dir) / "checkpoints") is None:
+            # Stopped before its first save finished: nothing to continue, so not "resume".
+            raise ConfigError(f"trainer.run_dir={run.trainer.run_dir!r} already holds a run that saved no complete "
+                              "checkpoint: pass trainer.auto_resume=true to start it over there, or choose another "
+                              "trainer.run_dir")
         raise ConfigError(
             f"trainer.run_dir={run.trainer.run_dir!r} already holds a run: pass trainer.resume=true to continue it "
             "or choose another trainer.run_dir"
@@ -254,7 +259,12 @@ def _run_to_resume(run: RunConfig) -> tuple[Path, str | None]:
             if problem := _checkpoints_without_latest(path / "checkpoints"):
                 return path, f"trainer.resume=true but {problem}"
             inner = newest_run(path)
-            hint = f"; it holds runs, e.g. trainer.run_dir={inner}" if inner is not None else ""
+            if inner is not None:
+                hint = f"; it holds runs, e.g. trainer.run_dir={inner}"
+            elif _holds_a_run(path):  # stopped before its first save finished
+                hint = "; trainer.auto_resume=true starts its run over there"
+            else:
+                hint = ""
             return path, f"trainer.resume=true but {path / 'checkpoints'} holds no checkpoint{hint}"
         return path, None
     candidates = sorted(p.parent.parent for p in Path("runs", run.name).glob("*/checkpoints/latest"))

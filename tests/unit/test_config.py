@@ -260,6 +260,26 @@ def test_an_unwritable_run_dir_parent_is_named(tmp_path, monkeypatch):
     assert _unusable_directory(tmp_path / "a" / "b") is None
 
 
+def test_a_run_stopped_before_its_first_save_is_pointed_to_auto_resume(compose_run, tmp_path):
+    # Its metrics were written, no save finished: "pass trainer.resume=true" would only lead to
+    # "holds no checkpoint". Both lines name the setting that starts it over.
+    from train.loop import checked_for_start
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step_00000004").mkdir(parents=True)  # a first save killed part-way
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+
+    def start(selection: str):
+        return checked_for_start(to_run_config(compose_run(["model=gpt_tiny", f"trainer.run_dir={run_dir}", selection])),
+                                 1, "the launcher")
+
+    with pytest.raises(ConfigError, match="saved no complete checkpoint: pass trainer.auto_resume=true to start it over"):
+        start("trainer.resume=false")
+    with pytest.raises(ConfigError, match=r"holds no checkpoint; trainer.auto_resume=true starts its run over there$"):
+        start("trainer.resume=true")
+    assert start("trainer.auto_resume=true").trainer.resume is False
+
+
 @pytest.mark.parametrize("selection", ["trainer.auto_resume=true", "trainer.resume=true"])
 def test_a_run_whose_latest_was_deleted_is_not_started_over(compose_run, tmp_path, selection):
     # Starting over among the old tags would end with a resume removing them as unfinished.
