@@ -259,16 +259,19 @@ def load(engine, checkpoint_dir: Path, rank: int) -> dict[str, Any]:
         # (DeepSpeed would stop on a bare assertion, or load nothing.)
         raise ConfigError(f"{checkpoint_dir / 'latest'} names {tag!r}, which is not a checkpoint in {checkpoint_dir}: "
                           "write the name of a complete step_* folder there, or choose another trainer.run_dir")
+    earlier = f"resume from an earlier checkpoint by writing its name into {checkpoint_dir / 'latest'}"
     try:
         return _load_tag(engine, checkpoint_dir, tag, rank)
     except ConfigError:
         raise
     except (OSError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        # An empty or cut-short file fails as EOFError or EINVAL too, not only as RuntimeError.
+        if (cut_short := _first_cut_short_file(tag_dir)) is not None:
+            raise ConfigError(f"{cut_short}: cut short (a zip archive, as torch.save writes, without its end); "
+                              f"{earlier}") from None
         raise ConfigError(f"{tag_dir}: not a readable checkpoint ({type(error).__name__}: "
-                          f"{(str(error).strip().splitlines() or [''])[0][:200]}); resume from an earlier one by "
-                          f"writing its name into {checkpoint_dir / 'latest'}") from None
+                          f"{(str(error).strip().splitlines() or [''])[0][:200]}); {earlier}") from None
     except RuntimeError as error:
-        earlier = f"resume from an earlier checkpoint by writing its name into {checkpoint_dir / 'latest'}"
         if (cut_short := _first_cut_short_file(tag_dir)) is not None:
             raise ConfigError(f"{cut_short}: cut short (a zip archive, as torch.save writes, without its end); "
                               f"{earlier}") from None
@@ -299,16 +302,19 @@ def _load_tag(engine, checkpoint_dir: Path, tag: str, rank: int) -> dict[str, An
     here = portable_state.current_layout(engine)
     settings = optimizer_settings(engine)  # this run's, which DeepSpeed's load would replace by the saved run's
     if index is None or index["layout"] == here:
+        rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
+        if not rng_file.is_file():
+            # Every save writes one per rank: without it the resume would not be exact (another
+            # jitter draw, the rank's unlogged figures lost), and say nothing.
+            raise ConfigError(f"{tag_dir}: not a readable checkpoint ({rng_file.name} missing); "
+                              f"resume from an earlier checkpoint by writing its name into {checkpoint_dir / 'latest'}")
         path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
         restore_optimizer_settings(engine, settings)
-        rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
-        if rng_file.exists():
-            saved = torch.load(rng_file, weights_only=False)
-            restore_rng_states(saved)
-            client_state = {**client_state, "rank_state": saved.get("rank_state")}
-        return client_state
+        saved = torch.load(rng_file, weights_only=False)
+        restore_rng_states(saved)
+        return {**client_state, "rank_state": saved.get("rank_state")}
     if index["layout"]["tensor_parallel"] != 1 or not portable_state.supported(engine):
         raise ConfigError(f"{tag_dir} was saved at {portable_state.describe(index['layout'])}; resuming it at "
                           f"{portable_state.describe(here)} is not supported with tensor parallelism")

@@ -504,18 +504,26 @@ class Trainer:
     def _load_checkpoint(self, changes: list[tuple[str, Any, Any]]) -> dict[str, Any]:
         """checkpoint.load, with a checkpoint that does not fit this model (a changed width, expert
         count, vocabulary) reported in one line that names what changed."""
+        shape_changes = [change for change in changes if change[0].startswith(SHAPE_SECTIONS)]
         try:
             return checkpoint.load(self.engine, self.checkpoint_dir, self.world.rank)
+        except ConfigError as error:
+            # More experts or layers than were saved: the files the model asks for were never
+            # written, which checkpoint.load reports as an unreadable checkpoint. With a changed
+            # shape, the change is what to report (an earlier checkpoint would fail the same way).
+            missing = error.__context__
+            if not shape_changes or not isinstance(missing, FileNotFoundError):
+                raise
+            detail = f"no {Path(missing.filename).name} in it" if missing.filename else "a file it does not hold"
         except (RuntimeError, FileNotFoundError, KeyError) as error:
-            shape_changes = [change for change in changes if change[0].startswith(SHAPE_SECTIONS)]
             text = str(error)
             mismatch = next((line.strip().rstrip(".") for line in text.splitlines() if "size mismatch for" in line), None)
             if mismatch is None and not shape_changes and "Error(s) in loading state_dict" not in text:
                 raise
             detail = mismatch or (text.strip().splitlines() or [type(error).__name__])[0]
-            changed = f"; changed since it was saved: {describe(shape_changes)}" if shape_changes else ""
-            raise ConfigError(f"trainer.resume: the checkpoint in {self.checkpoint_dir} does not fit the model this config "
-                              f"builds ({detail}){changed}; resume with the settings in {self.run_dir / 'config.yaml'}") from None
+        changed = f"; changed since it was saved: {describe(shape_changes)}" if shape_changes else ""
+        raise ConfigError(f"trainer.resume: the checkpoint in {self.checkpoint_dir} does not fit the model this config "
+                          f"builds ({detail}){changed}; resume with the settings in {self.run_dir / 'config.yaml'}") from None
 
     def _claim_run_dir(self, settings_yaml: str) -> str | None:
         """Rank 0's start in the run directory: create it, take its lock and, for a fresh run, write its

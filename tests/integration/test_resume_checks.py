@@ -83,6 +83,12 @@ def test_resume_keeps_whole_run_figures_leaves_a_finished_run_and_refuses_what_c
     message = str(mismatch.value)
     assert "\n" not in message and "does not fit the model" in message and "size mismatch for" in message
     assert "model.hidden_size 64 -> 32" in message
+    # More experts than were saved: files the checkpoint never had, not a damaged checkpoint.
+    with pytest.raises(ConfigError) as more:
+        train(compose_run(_overrides(run_dir, 8, "trainer.resume=true", "moe.num_experts=16")))
+    message = str(more.value)
+    assert "\n" not in message and "does not fit the model" in message and "moe.num_experts 8 -> 16" in message
+    assert "(no layer_0_expert_8_mp_rank_00_model_states.pt in it)" in message and "earlier" not in message
     assert (run_dir / "config.yaml").read_bytes() == config  # eval, generate and export still read the run
 
     capsys.readouterr()
@@ -267,6 +273,17 @@ def test_a_save_marks_its_tag_complete_last_and_a_broken_latest_is_one_line(comp
     with pytest.raises(ConfigError) as broken:
         train(compose_run(_overrides(run_dir, 6, "trainer.resume=true")))
     assert str(broken.value).startswith(f"{tag_dir}: not a readable checkpoint") and "\n" not in str(broken.value)
+    # Empty, or cut where torch's reader fails with EOFError or EINVAL rather than RuntimeError.
+    for size in (0, 5000):
+        states.write_bytes(whole[:size])
+        with pytest.raises(ConfigError) as broken:
+            train(compose_run(_overrides(run_dir, 6, "trainer.resume=true")))
+        assert str(broken.value).startswith(f"{states}: cut short"), (size, str(broken.value))
+    states.write_bytes(whole)
+    # Without this rank's RNG file the resume would not be exact, and would not say so.
+    (tag_dir / "rng_rank00000.pt").unlink()
+    with pytest.raises(ConfigError, match=rf"^{tag_dir}: not a readable checkpoint \(rng_rank00000.pt missing\); resume from"):
+        train(compose_run(_overrides(run_dir, 6, "trainer.resume=true")))
 
 
 @pytest.mark.slow
