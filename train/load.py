@@ -140,13 +140,18 @@ def resolve_checkpoint(path: str | Path | None) -> Path:
     if not path.is_dir():
         raise ConfigError(f"{path}: no such checkpoint (expected a run directory, a checkpoint directory or a .safetensors file)")
     if (path / NON_EXPERT_FILE).is_file():
-        from train.checkpoint import latest_tag, step_of
+        from train.checkpoint import latest_tag, run_dir_of, step_of
 
         # Beside a `latest` (a tag copied elsewhere has none), a newer tag is a save that did not finish.
         latest = latest_tag(path.parent)
         if latest is not None and (step_of(path.name) or -1) > (step_of(latest) or -1):
             raise ConfigError(f"{path}: a save that did not finish (newer than latest, {latest}); "
                               "pass the run directory or the tag latest names")
+        # In a run with no `latest` (a first save killed, or `latest` deleted), the tag's config.yaml,
+        # written after every other file, is what says it finished (checkpoint.saved_tags_without_latest).
+        if latest is None and run_dir_of(path) is not None and not (path / "config.yaml").is_file():
+            raise ConfigError(f"{path}: a save that did not finish (no config.yaml, which a save writes last, and "
+                              f"no latest beside it); pass a complete checkpoint")
         return path
     for checkpoints in (path / "checkpoints", path):
         latest = checkpoints / "latest"

@@ -63,3 +63,25 @@ def test_unfinished_saves_are_the_tags_newer_than_latest_and_loading_one_is_refu
     with pytest.raises(ConfigError, match=r"step_00000006: a save that did not finish \(newer than latest, step_00000004\)"):
         resolve_checkpoint(tmp_path / "step_00000006")
     assert resolve_checkpoint(tmp_path / "step_00000002") == tmp_path / "step_00000002"  # finished, only older
+
+
+def test_a_first_save_that_did_not_finish_is_refused_without_a_latest(tmp_path):
+    # Killed during the run's first save: no `latest` exists to compare with; the tag's config.yaml,
+    # written last, is what a finished save has. A tag copied out of its run is judged by no rule.
+    import pytest
+
+    from train.config import ConfigError
+    from train.load import resolve_checkpoint
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    _tags(checkpoints, [4], latest=4)
+    (checkpoints / "latest").unlink()
+    with pytest.raises(ConfigError, match=r"step_00000004: a save that did not finish \(no config.yaml, which a save"):
+        resolve_checkpoint(checkpoints / "step_00000004")
+    (checkpoints / "step_00000004" / "config.yaml").write_text("{}\n")
+    assert resolve_checkpoint(checkpoints / "step_00000004") == checkpoints / "step_00000004"
+    copied = tmp_path / "elsewhere" / "step_00000004"
+    copied.parent.mkdir()
+    (checkpoints / "step_00000004").rename(copied)
+    (copied / "config.yaml").unlink()
+    assert resolve_checkpoint(copied) == copied
