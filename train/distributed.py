@@ -109,11 +109,12 @@ def megatron_parallel_state():
     return parallel_state
 
 
-def stop_every_rank_on(problem: str | None, error: type[Exception] = ConfigError) -> None:
-    """Collective: rank 0's `problem` (what only rank 0 checked or did; the others pass None) raised as
-    `error` on every rank, so that no rank is left waiting for one that stopped."""
+def stop_every_rank_on(problem: str | None, error: type[Exception] = ConfigError, group=None) -> None:
+    """Collective (over `group`, default the world): rank 0's `problem` (what only rank 0 checked or
+    did; the others pass None) raised as `error` on every rank, so that no rank is left waiting for
+    one that stopped."""
     shared = [problem]
-    torch.distributed.broadcast_object_list(shared, src=0)
+    torch.distributed.broadcast_object_list(shared, src=0, group=group)
     if shared[0] is not None:
         raise error(shared[0])
 

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +191,10 @@ def _unusable_directory(path: Path) -> str | None:
     return None
 
 
+DATA_PREPARATION_TIMEOUT = timedelta(hours=24)
+"""How long the other ranks wait for the data to be prepared (a collective's timeout)."""
+
+
 def _prepared_data(run: RunConfig, world: World) -> Path:
     """Rank 0 prepares (or finds in the cache); the others wait, then find it in the cache. Where a
     node does not share rank 0's cache directory, that node's first rank prepares its own copy while
@@ -204,12 +208,17 @@ def _prepared_data(run: RunConfig, world: World) -> Path:
     )
     data_dir: Path | None = None
     error: str | None = None
+    # The ranks wait on a gloo group of their own: preparing a large corpus outlasts the process
+    # group's timeout (DeepSpeed's default, 10 minutes; about 1 GB of text on 2 cores), which the
+    # waiting ranks would hit as a traceback. A rank that dies closes its sockets, so its peers
+    # still stop at once rather than after this timeout.
+    waiting = dist.new_group(backend="gloo", timeout=DATA_PREPARATION_TIMEOUT)
     if world.is_main:
         try:
             data_dir = prepare_dataset(source, **kwargs)
         except ValueError as exc:
             error = str(exc)
-    stop_every_rank_on(None if error is None else f"data: {error}")
+    stop_every_rank_on(None if error is None else f"data: {error}", group=waiting)
     if not world.is_main and world.local_rank == 0:
         try:
             data_dir = prepare_dataset(source, **kwargs, announce_cached=False)
@@ -218,7 +227,8 @@ def _prepared_data(run: RunConfig, world: World) -> Path:
     # Every rank learns of a failure on any node (and the node's other ranks wait here for its
     # first): a rank that raised alone would leave the others blocked in the next collective.
     errors: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
+    dist.all_gather_object(errors, error, group=waiting)
+    dist.destroy_process_group(waiting)
     failed = next(((rank, e) for rank, e in enumerate(errors) if e is not None), None)
     if failed is not None:
         raise ConfigError(f"data (rank {failed[0]}): {failed[1]}")
