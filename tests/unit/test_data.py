@@ -140,6 +140,11 @@ def test_a_txt_file_is_read_in_chunks_with_text_modes_line_ends(tmp_path, monkey
          r"cut.txt: not valid UTF-8 text \(unexpected end of data at byte 15\)"),
         ("surrogate.jsonl", '{"text": "fine"}\n{"text": "a\\ud800b"}\n', "text",
          r"surrogate.jsonl:2: text field 'text' is not valid Unicode"),
+        # JSON that Python's decoder refuses other than with JSONDecodeError.
+        ("deep.jsonl", '{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", "text",
+         r"deep.jsonl:2: invalid JSON \(maximum recursion depth exceeded"),
+        ("digits.jsonl", '{"text": "fine", "id": ' + "9" * 5000 + "}\n", "text",
+         r"digits.jsonl:1: invalid JSON \(Exceeds the limit \(4300 digits\)"),
     ],
 )
 def test_bad_user_files_raise_value_error_naming_the_file(tmp_path, filename, content, text_field, expected_in_message):

@@ -225,8 +225,11 @@ def _jsonl_documents(file: Path, text_field: str) -> Iterator[str]:
 def _jsonl_text(line: str, text_field: str, file: Path, line_number: int) -> str:
     try:
         record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{file}:{line_number}: invalid JSON ({error.msg})") from None
+    except (ValueError, RecursionError) as error:
+        # Besides JSONDecodeError (a ValueError): arrays nested past the recursion limit, and integer
+        # literals past Python's 4300 digits, which would stop the run without naming the line.
+        reason = error.msg if isinstance(error, json.JSONDecodeError) else str(error).split(";")[0]
+        raise ValueError(f"{file}:{line_number}: invalid JSON ({reason})") from None
     if not isinstance(record, dict) or text_field not in record:
         raise ValueError(f"{file}:{line_number}: missing text field {text_field!r}")
     text = record[text_field]
