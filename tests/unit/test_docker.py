@@ -59,7 +59,7 @@ def test_every_ignored_hadolint_rule_has_a_written_reason():
 
 def test_pins_satisfy_pyproject_and_match_what_is_tested():
     args, requirements = _args(), _requirements()
-    assert {"TORCH_VERSION", "CUDA_VERSION", "PYTHON_VERSION", "DEEPSPEED_VERSION"} <= set(args)
+    assert {"TORCH_VERSION", "TORCH_CUDA", "PYTHON_VERSION", "DEEPSPEED_VERSION"} <= set(args)
     torch_pin, deepspeed_pin = Version(args["TORCH_VERSION"]), Version(args["DEEPSPEED_VERSION"])
     assert torch_pin in requirements["torch"].specifier, f"torch {torch_pin} vs pyproject {requirements['torch']}"
     assert deepspeed_pin in requirements["deepspeed"].specifier
@@ -75,10 +75,30 @@ def test_pins_satisfy_pyproject_and_match_what_is_tested():
 def test_base_image_tag_is_built_from_the_pins_and_checked():
     text = DOCKERFILE.read_text()
     (base,) = re.findall(r"^FROM (\S+)", text, flags=re.MULTILINE)
-    assert base == "pytorch/pytorch:${TORCH_VERSION}-cuda${CUDA_VERSION}-cudnn9-devel"
+    assert base == "pytorch/pytorch:${TORCH_VERSION}-cuda${TORCH_CUDA}-cudnn9-devel"
     # The build asserts that the base image really has the pinned Python, torch and CUDA.
-    for pin in ("${PYTHON_VERSION}", "${TORCH_VERSION}", "${CUDA_VERSION}"):
-        assert f"== '{pin}'" in text or f"startswith('{pin}')" in text, pin
+    for pin in ("${PYTHON_VERSION}", "${TORCH_VERSION}", "${TORCH_CUDA}"):
+        assert f"== '{pin}'" in text, pin
+
+
+# What the CUDA and PyTorch base images set in their environment (nvidia/cuda's and pytorch/pytorch's
+# Dockerfiles): after FROM, their value, not a build argument's, is what a RUN's shell expands.
+BASE_IMAGE_ENVIRONMENT = {"CUDA_VERSION", "NV_CUDA_LIB_VERSION", "NVIDIA_REQUIRE_CUDA", "NVIDIA_VISIBLE_DEVICES",
+                          "NVIDIA_DRIVER_CAPABILITIES", "NVARCH", "PYTORCH_VERSION", "PATH", "LD_LIBRARY_PATH"}
+
+
+def test_every_argument_used_after_from_is_declared_there_under_a_name_of_its_own():
+    """An ARG declared before FROM is gone after it unless declared again; a RUN then expands whatever the
+    base image's environment holds under that name (CUDA_VERSION=12.8.1: a check against it fails), or
+    nothing."""
+    text = DOCKERFILE.read_text()
+    after_from = text[text.index("\nFROM "):]
+    declared = set(re.findall(r"^ARG (\w+)", after_from, flags=re.MULTILINE))
+    declared |= {name for line in re.findall(r"^ENV (.+(?:\\\n.+)*)", after_from, flags=re.MULTILINE)
+                 for name in re.findall(r"(\w+)=", line)}
+    used = set(re.findall(r"\$\{(\w+)\}", after_from))
+    assert used <= declared, f"used after FROM without an ARG or ENV there: {sorted(used - declared)}"
+    assert not set(_args()) & BASE_IMAGE_ENVIRONMENT, "an ARG named like a base image variable"
     assert '"deepspeed==${DEEPSPEED_VERSION}"' in text
 
 
