@@ -42,6 +42,10 @@ def slurm_seconds(limit: str) -> int | None:
     return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
+MIN_SECONDS_BEFORE_WARNING = 120
+"""Time limit minus --warning-seconds, at least."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,9 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not SLURM_TIME.fullmatch(args.time):
         parser.error(f"--time must be a Slurm time limit (minutes, H:MM:SS, D-HH, D-HH:MM:SS, ...), got {args.time!r}")
     limit = slurm_seconds(args.time)
-    if limit is not None and args.warning_seconds >= limit:
-        # The warning would come before (or as) the job starts: during its checks, with nothing to save.
-        parser.error(f"--warning-seconds={args.warning_seconds} must be shorter than --time={args.time} ({limit} s)")
+    if limit is not None and limit - args.warning_seconds < MIN_SECONDS_BEFORE_WARNING:
+        # A warning during the job's checks requeues it with nothing trained: at every start, forever.
+        parser.error(f"--warning-seconds={args.warning_seconds} leaves {limit - args.warning_seconds} s of --time={args.time} "
+                     f"before the warning; at least {MIN_SECONDS_BEFORE_WARNING} s are needed (Slurm may signal up to "
+                     "60 s early, and a job takes about a minute to check its settings and start its ranks)")
+    if "," in str(args.output_dir):
+        parser.error(f"--output-dir={args.output_dir}: a comma would split sbatch's --export list; choose another folder")
     if args.gpus_per_node < 0:
         parser.error(f"--gpus-per-node must be >= 0, got {args.gpus_per_node}")
     if args.ranks_per_node is None:
@@ -99,8 +107,9 @@ def sbatch_command(args: argparse.Namespace) -> list[str]:
         f"--signal=B:USR1@{args.warning_seconds}",
         f"--chdir={ROOT}",
         f"--output={output_dir}/%x-%j.out",
-        # The batch script names the run directory after the job: the same across requeues.
-        f"--export=ALL,OUTPUT_DIR={output_dir}",
+        # The batch script names the run directory after the job: the same across requeues. It finds
+        # the checkout from MOE_GPT_ROOT: SLURM_SUBMIT_DIR is where sbatch ran, not --chdir.
+        f"--export=ALL,OUTPUT_DIR={output_dir},MOE_GPT_ROOT={ROOT}",
     ]
     if args.gpus_per_node:
         command.append(f"--gpus-per-node={args.gpus_per_node}")

@@ -356,6 +356,23 @@ def test_the_batch_script_hands_its_cpus_per_task_to_srun(tmp_path):
     assert record.read_text().split() == ["SRUN_CPUS_PER_TASK=6", f"python={venv / 'bin' / 'python'}"]
 
 
+def test_a_job_name_with_hydra_syntax_in_it_is_a_run_directory_not_an_error(tmp_path):
+    """The run directory is named after the job: `lr=3e-4,bs=8` would be a syntax error and a sweep in a
+    bare Hydra override. The job is also started from a directory other than the checkout, as
+    launch/submit.py's --chdir leaves SLURM_SUBMIT_DIR (MOE_GPT_ROOT, which it exports, says where)."""
+    srun = '#!/bin/sh\nprintf "%s\\n" "$@" > "$SRUN_RECORD"\n'
+    bin_dir = _stand_ins(tmp_path, srun=srun, scontrol=FAKE_SCONTROL)
+    record, output_dir = tmp_path / "srun.txt", tmp_path / "out"
+    env = {k: v for k, v in subprocess_env().items() if k != "PYTHON"}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", SRUN_RECORD=str(record), VENV=str(_venv(tmp_path)),
+               SLURM_SUBMIT_DIR=str(tmp_path), MOE_GPT_ROOT=str(ROOT), SLURM_JOB_NAME="lr=3e-4,bs=8",
+               SLURM_JOB_ID="7", SLURM_JOB_NODELIST="node-0", SLURM_JOB_NUM_NODES="1", SLURM_NTASKS="1",
+               OUTPUT_DIR=str(output_dir))
+    result = run(["bash", str(ROOT / "launch" / "slurm" / "train.sbatch"), "model=gpt_tiny"], env=env, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"trainer.run_dir='{output_dir}/lr=3e-4,bs=8-7'" in record.read_text().splitlines()
+
+
 def test_a_warning_signal_during_the_batch_scripts_checks_requeues_without_starting_ranks(tmp_path):
     """SIGUSR1 can come while the job still checks its settings (a time limit near the warning): the
     script must neither die of it (no requeue) nor start ranks that would be killed before they save."""

@@ -37,6 +37,14 @@ def test_good_overrides_go_through_to_the_batch_script(submit, capsys):
     command = capsys.readouterr().out.strip()
     assert command.startswith("sbatch ") and "--nodes=2" in command
     assert command.endswith("launch/slurm/train.sbatch moe=top2 trainer.max_steps=5")
+    # The batch script finds the checkout from MOE_GPT_ROOT (sbatch's directory need not be it).
+    assert f",MOE_GPT_ROOT={submit.ROOT} " in command
+
+
+def test_an_output_dir_with_a_comma_is_refused(submit, capsys):
+    with pytest.raises(SystemExit):
+        submit.parse_args(["--output-dir", "runs/lr=3e-4,bs=8"])
+    assert "--output-dir=runs/lr=3e-4,bs=8: a comma would split sbatch's --export list" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -78,12 +86,15 @@ def test_a_malformed_time_limit_is_refused(submit, capsys):
         assert submit.parse_args(["--time", good]).time == good
 
 
-def test_a_warning_as_long_as_the_time_limit_is_refused(submit, capsys):
-    """SIGUSR1 would come during the job's checks, before any rank could save."""
-    with pytest.raises(SystemExit):
-        submit.parse_args(["--time", "2", "--warning-seconds", "120"])
-    assert "--warning-seconds=120 must be shorter than --time=2 (120 s)" in capsys.readouterr().err
-    assert submit.parse_args(["--time", "3", "--warning-seconds", "120"]).warning_seconds == 120
+def test_a_warning_too_close_to_the_start_is_refused(submit, capsys):
+    """SIGUSR1 would come during the job's checks, before any rank could save: the job would requeue
+    without training at every start (Slurm may send it up to 60 s early)."""
+    for time_limit in ("2", "3"):
+        with pytest.raises(SystemExit):
+            submit.parse_args(["--time", time_limit, "--warning-seconds", "120"])
+    assert ("--warning-seconds=120 leaves 60 s of --time=3 before the warning; at least 120 s are needed"
+            in capsys.readouterr().err)
+    assert submit.parse_args(["--time", "4", "--warning-seconds", "120"]).warning_seconds == 120
     assert submit.parse_args(["--time", "UNLIMITED", "--warning-seconds", "99999"]).warning_seconds == 99999
     assert [submit.slurm_seconds(t) for t in ("30", "30:15", "1:00:00", "2-3", "2-3:04", "2-3:04:05")] == [
         1800, 1815, 3600, 183600, 183840, 183845]
