@@ -33,7 +33,9 @@ $(STAMP): pyproject.toml constraints.txt
 constraints:  ## resolve pyproject.toml afresh in a scratch venv and pin what it got (then make test)
 	rm -rf .venv-constraints
 	$(MAKE) install VENV=.venv-constraints PIN= HAS_GPU=
-	.venv-constraints/bin/python -m pip freeze --exclude-editable | .venv-constraints/bin/python -m train.constraints > constraints.txt.partial
+	# Through a file, not a pipe: make's sh would not see a failed freeze, and an empty pin list would replace constraints.txt.
+	.venv-constraints/bin/python -m pip freeze --exclude-editable > .venv-constraints/freeze.txt
+	.venv-constraints/bin/python -m train.constraints < .venv-constraints/freeze.txt > constraints.txt.partial
 	mv constraints.txt.partial constraints.txt
 	rm -rf .venv-constraints
 

@@ -20,8 +20,8 @@
 #   FORWARD_ENV    extended regular expression of the variable names handed to every node. DeepSpeed
 #                  itself passes NCCL_*, PYTHON*, UCX_*, MV2_*, MLFLOW_*; the default adds the rest a
 #                  run needs: OMP_NUM_THREADS, TORCH_*, PYTORCH_*, CUDA_DEVICE_MAX_CONNECTIONS,
-#                  DS_ACCELERATOR, GLOO_*, HF_*, WANDB_MODE/PROJECT/ENTITY/DIR (never WANDB_API_KEY:
-#                  put secrets in ~/.netrc on each node). They go into a file that DeepSpeed reads
+#                  DS_ACCELERATOR, GLOO_*, HF_*, WANDB_MODE/PROJECT/ENTITY/DIR (never a secret: names
+#                  holding TOKEN, SECRET, PASSWORD, CREDENTIAL or _KEY stay behind; put keys in ~/.netrc). They go into a file that DeepSpeed reads
 #                  (DS_ENV_FILE, its .deepspeed_env mechanism) and exports in the pdsh command.
 #   NODE_RANK      launch only this node's ranks, without ssh (--no_ssh)
 #   PYTHON         default $VENV/bin/python (VENV default .venv; the Docker image sets VENV=/opt/conda)
@@ -61,11 +61,15 @@ forward="${FORWARD_ENV:-^(NCCL_.*|OMP_NUM_THREADS|TORCH_.*|PYTORCH_.*|CUDA_DEVIC
 # not in the checkout or the home directory.
 env_file="$(mktemp "${TMPDIR:-/tmp}/moe-gpt-deepspeed-env.XXXXXX")"
 trap 'rm -f "$env_file"' EXIT
+# DeepSpeed puts each line into the pdsh command as `export NAME=VALUE;`, which the node's shell
+# parses: the value goes shell-quoted (TORCH_CUDA_ARCH_LIST=8.0;9.0 would end at the `;`). Names of
+# secrets are never forwarded, whatever FORWARD_ENV says: that command line is visible in `ps` on
+# every node (HF_TOKEN matches the default HF_.*).
 while IFS= read -r name; do
   value="${!name}"
   [[ "$value" == *$'\n'* ]] && continue  # one line per variable: multi-line values cannot travel
-  printf '%s=%s\n' "$name" "$value" >>"$env_file"
-done < <(compgen -e | grep -E "$forward" || true)
+  printf '%s=%q\n' "$name" "$value" >>"$env_file"
+done < <(compgen -e | grep -E "$forward" | grep -Ev '(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|_KEY)' || true)
 
 command=("${PYTHON:-${VENV:-.venv}/bin/python}" -m deepspeed.launcher.runner --hostfile "$hostfile"
   --master_addr "$master_addr" --master_port "$master_port" --no_local_rank --log_level "${DS_LOG_LEVEL:-warning}")
@@ -79,11 +83,29 @@ fi
 # One active host that is not this machine: DeepSpeed would start the ranks here, on this machine, while
 # MASTER_ADDR names that host (the rendezvous would hang); --force_multi sends them to it.
 active_hosts="$(awk -v nodes="${NUM_NODES:-0}" '!/^[[:space:]]*(#|$)/ { hosts++ } END { print (nodes > 0 && nodes < hosts) ? nodes : hosts }' "$hostfile")"
+uses_pdsh=""
 if [ -z "${NODE_RANK:-}" ] && [ "$active_hosts" -eq 1 ] \
   && ! [[ "$first_host" =~ ^(localhost|127\.0\.0\.1|$(hostname -s)|$(hostname))$ ]]; then
   command+=(--force_multi)
+  uses_pdsh=1
 fi
-command+=(--module train "$@")
+[ -z "${NODE_RANK:-}" ] && [ "$active_hosts" -gt 1 ] && uses_pdsh=1
+# Over pdsh the overrides reach each node inside one command line that its shell parses again, and
+# DeepSpeed quotes only those holding a space (in double quotes, escaping "): each is escaped here so
+# that the ranks get what was typed (trainer.run_dir='runs/lr=3e-4,bs=8', ${oc.env:SCRATCH}).
+user_args=("$@")
+if [ -n "$uses_pdsh" ]; then
+  user_args=()
+  for arg in "$@"; do
+    if [[ "$arg" == *" "* ]]; then  # inside DeepSpeed's double quotes, \ $ and ` still act
+      arg="${arg//\\/\\\\}"; arg="${arg//\$/\\\$}"; arg="${arg//\`/\\\`}"
+    else
+      printf -v arg '%q' "$arg"
+    fi
+    user_args+=("$arg")
+  done
+fi
+command+=(--module train "${user_args[@]}")
 
 # The overrides, composed and checked against the job's world size once here: one error line in
 # this terminal, not one per rank in the per-rank logs. The world size is the slots (or GPUS_PER_NODE)

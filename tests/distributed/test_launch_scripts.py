@@ -95,12 +95,18 @@ def test_multinode_dry_run_names_the_master_and_forwards_the_environment(tmp_pat
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two nodes\n\nworker-0 slots=8\nworker-1 slots=8\n")
     result = _run(MULTINODE, str(hostfile), "experiment=h100_350m", DRY_RUN="1", PYTHON="python3", LOG_DIR="none",
-                  OMP_NUM_THREADS="4", NCCL_IB_DISABLE="1", WANDB_MODE="offline", WANDB_API_KEY="secret")
+                  OMP_NUM_THREADS="4", NCCL_IB_DISABLE="1", WANDB_MODE="offline", WANDB_API_KEY="secret",
+                  HF_TOKEN="hf_secret", HF_HOME="/data/hf", TORCH_CUDA_ARCH_LIST="8.0;9.0")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     forwarded = {line.strip() for line in lines[1:-1]}
-    assert {"OMP_NUM_THREADS=4", "NCCL_IB_DISABLE=1", "WANDB_MODE=offline"} <= forwarded
-    assert not any(line.startswith("WANDB_API_KEY") for line in forwarded), "secrets stay on the launching node"
+    assert {"OMP_NUM_THREADS=4", "NCCL_IB_DISABLE=1", "WANDB_MODE=offline", "HF_HOME=/data/hf"} <= forwarded
+    assert not any(line.startswith(("WANDB_API_KEY", "HF_TOKEN")) for line in forwarded), "secrets stay on the launching node"
+    # Shell-quoted: DeepSpeed writes `export NAME=VALUE;` into the command each node's shell parses.
+    (arch,) = [line for line in forwarded if line.startswith("TORCH_CUDA_ARCH_LIST=")]
+    exported = subprocess.run(["bash", "-c", f'export {arch}; printf %s "$TORCH_CUDA_ARCH_LIST"'], capture_output=True,
+                              text=True, check=True)
+    assert exported.stdout == "8.0;9.0"
     assert lines[-1].split() == [
         "python3", "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--master_addr", "worker-0",
         "--master_port", "29500", "--no_local_rank", "--log_level", "warning", "--module", "train", "experiment=h100_350m",
@@ -168,11 +174,12 @@ def test_two_nodes_through_pdsh_train_with_per_rank_logs_and_forwarded_environme
     bin_dir = _stand_ins(tmp_path, pdsh=FAKE_PDSH, ssh=FAKE_SSH)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    run_dir, logs, record = tmp_path / "run", tmp_path / "logs", tmp_path / "pdsh_args"
+    # A run directory that only a quoted override can name: each node's shell parses the command again.
+    run_dir, logs, record = tmp_path / "run_lr=3e-4,bs=8", tmp_path / "logs", tmp_path / "pdsh_args"
     result = _run(
         MULTINODE, str(hostfile), "model=gpt_tiny", "moe.ep_size=2", "trainer.max_steps=2", "trainer.micro_batch_size=4",
         "trainer.eval_every=0", "trainer.eval_batches=2", "logging.log_every=1", "logging.progress_bar=false",
-        "trainer.peak_tflops=1", f"data.cache_dir={ROOT / '.cache' / 'data'}", f"trainer.run_dir={run_dir}",
+        "trainer.peak_tflops=1", f"data.cache_dir={ROOT / '.cache' / 'data'}", f"trainer.run_dir='{run_dir}'",
         PATH=f"{bin_dir}:{os.environ['PATH']}", PDSH_RECORD=str(record), PYTHON=sys.executable,
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), LOG_DIR=str(logs),
         OMP_NUM_THREADS="1", NCCL_DEBUG="WARN",
