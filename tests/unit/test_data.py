@@ -164,6 +164,10 @@ def test_missing_file_fails_before_any_work(tmp_path):
         read_text_documents([missing])  # not even iterated: paths are checked up front
     with pytest.raises(ValueError, match="nowhere.txt"):
         prepare_dataset([missing], tmp_path / "cache", vocab_size=SMALL_VOCAB)
+    folder = tmp_path / "shards.txt"  # a directory that looks like a file
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"shards.txt: a directory; expected a .txt or .jsonl file"):
+        read_text_documents([folder])
 
 
 def test_bad_parameters_raise_value_error_naming_them(tmp_path, corpus_files):

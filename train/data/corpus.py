@@ -192,6 +192,8 @@ def _checked_document_file(path: str | os.PathLike[str]) -> Path:
     file = Path(path)
     if file.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise ValueError(f"{file}: unsupported file type {file.suffix or '(none)'!r}; expected .txt or .jsonl")
+    if file.is_dir():
+        raise ValueError(f"{file}: a directory; expected a .txt or .jsonl file (list the files in it)")
     if not file.is_file():
         raise ValueError(f"{file}: no such file; expected an existing .txt or .jsonl file")
     return file
