@@ -18,7 +18,6 @@ The mode and batch size the training loop used give exactly its `val_loss` in me
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch.nn import functional as F
 
 from train.commands import ArgumentParser, inference_device, positive_float, positive_int, quiet_deepspeed, run_command
 from train.durable import write_text_atomically
+from train.metrics import perplexity
 
 
 @torch.no_grad()
@@ -190,7 +190,7 @@ def _main(argv: Sequence[str] | None) -> int:
         for batch_size in batch_sizes:
             with routing(model, mode):
                 loss, tokens = mean_token_loss(model, in_batches(windows, batch_size))
-            results.append({"mode": mode.name, "batch_size": batch_size, "loss": loss, "perplexity": math.exp(loss),
+            results.append({"mode": mode.name, "batch_size": batch_size, "loss": loss, "perplexity": perplexity(loss),
                             "tokens": tokens, "batch_dependent": mode.batch_dependent})
     trained = trained_mode_name(model)
     as_in_training = args.text is None and args.windows is None and not args.all_windows

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shlex
 import shutil
@@ -34,7 +33,7 @@ from train.host_memory import keep_freed_memory
 from train.load import newest_run
 from train.log_window import LogWindow
 from train.lr_schedule import short_warmup_warning
-from train.metrics import ExpertCounts, MetricsFile, Progress, figures_per_layer, finite_or_none, mean_over_ranks
+from train.metrics import ExpertCounts, MetricsFile, Progress, figures_per_layer, finite_or_none, mean_over_ranks, perplexity
 from train.model import GPT, expert_choice_group, expert_choice_layers, padded_vocab_size
 from train.nonfinite import NonFiniteLossStop, NonFiniteStreak, discard_routing_statistics, poison_if_nonfinite
 from train.preemption import PREEMPTED_EXIT_STATUS, Preempted, PreemptionWatch
@@ -189,6 +188,10 @@ def _unusable_directory(path: Path) -> str | None:
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"{path} cannot be created: {parent} is not writable"
     return None
+
+
+def _finite_figures(figures: dict[str, float]) -> dict[str, float | None]:
+    return {name: finite_or_none(value) for name, value in figures.items()}
 
 
 DATA_PREPARATION_TIMEOUT = timedelta(hours=24)
@@ -446,7 +449,7 @@ class Trainer:
         if initial_val_loss is None:
             evaluation = self.evaluate()
             initial_val_loss = evaluation["val_loss"]
-            self._log({"event": "eval", "step": 0, "tokens": 0, **evaluation})
+            self._log({"event": "eval", "step": 0, "tokens": 0, **_finite_figures(evaluation)})
 
         progress = Progress(run.trainer.max_steps, start_step, run.logging.progress_bar, world.is_main)
         started = time.perf_counter()
@@ -478,9 +481,11 @@ class Trainer:
                 with window.excluding():
                     evaluation = self.evaluate()
                 val_loss, final_evaluation = evaluation["val_loss"], evaluation
-                self._log({"event": "eval", "step": done, "tokens": self._tokens(done), **evaluation})
+                # A diverged model's NaN or inf is logged as null (JSON has neither); the non-finite
+                # streak stops the run, not a metrics write failing on rank 0 alone.
+                self._log({"event": "eval", "step": done, "tokens": self._tokens(done), **_finite_figures(evaluation)})
                 modes = "".join(f", {k[4:]} {v:.4f}" for k, v in evaluation.items() if k.startswith("val_loss_"))
-                progress.print(f"step {done}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.1f}{modes}")
+                progress.print(f"step {done}: val loss {val_loss:.4f}, perplexity {perplexity(val_loss):.1f}{modes}")
             due = (run.trainer.checkpoint_every and done % run.trainer.checkpoint_every == 0) or done == run.trainer.max_steps
             # Asked before the save: a periodic save at the step a job stops on is the one it ends on
             # (trainer.portable_checkpoint=final writes the layout-free copy into it).
@@ -651,7 +656,7 @@ class Trainer:
         `val_loss_batch` (before thresholds exist, at step 0, only batch)."""
         if not expert_choice_layers(self.model):
             loss = self._validation_loss()
-            return {"val_loss": loss, "val_ppl": math.exp(loss)}
+            return {"val_loss": loss, "val_ppl": perplexity(loss)}
         results = {}
         for mode in ("batch", "causal"):
             if mode == "causal" and not thresholds_ready(self.model):
@@ -659,7 +664,7 @@ class Trainer:
             with routing(self.model, RoutingMode(mode, ec_eval_mode=mode)):
                 results[f"val_loss_{mode}"] = self._validation_loss()
         loss = results.get(f"val_loss_{self.run.moe.ec_eval_mode}", results["val_loss_batch"])
-        return {"val_loss": loss, "val_ppl": math.exp(loss), **results}
+        return {"val_loss": loss, "val_ppl": perplexity(loss), **results}
 
     @torch.no_grad()
     def _validation_loss(self) -> float:
@@ -771,11 +776,11 @@ class Trainer:
             "tokens": self._tokens(run.trainer.max_steps),
             "final_train_loss": finite_or_none(train_loss),
             "skipped_nonfinite": self.engine.skipped_steps,
-            "initial_val_loss": initial_val_loss,
+            "initial_val_loss": finite_or_none(initial_val_loss),
             "initial_val_loss_on_other_windows": self._initial_on_other_windows(),
-            "final_val_loss": val_loss,
-            "final_val_ppl": math.exp(val_loss),
-            **{f"final_{k}": v for k, v in final_evaluation.items() if k.startswith("val_loss_")},
+            "final_val_loss": finite_or_none(val_loss),
+            "final_val_ppl": finite_or_none(perplexity(val_loss)),
+            **{f"final_{k}": v for k, v in _finite_figures(final_evaluation).items() if k.startswith("val_loss_")},
             "wall_time_s": wall,
             "steps_this_session": steps_run,
             "tokens_per_s": tokens_per_s,
@@ -799,7 +804,7 @@ class Trainer:
             other = (" (measured on other validation windows: trainer.micro_batch_size, eval_batches or "
                      "model.seq_len changed since)") if summary["initial_val_loss_on_other_windows"] else ""
             print(
-                f"done        val loss {initial_val_loss:.3f}{other} -> {val_loss:.3f} (perplexity {math.exp(val_loss):.1f}), "
+                f"done        val loss {initial_val_loss:.3f}{other} -> {val_loss:.3f} (perplexity {perplexity(val_loss):.1f}), "
                 f"{tokens_per_s:.0f} tokens/s, MFU {mfu}, {wall:.0f} s\n"
                 f"summary     {self.run_dir / 'summary.json'}",
                 flush=True,

@@ -201,6 +201,11 @@ def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss); inf where that overflows (a diverged model's loss above 709), never an OverflowError."""
+    return math.exp(loss) if not loss >= 709.0 else math.inf
+
+
 class Progress:
     """A tqdm bar on rank 0 (loss, tokens/s, MFU; tqdm gives the ETA); silent elsewhere."""
 

@@ -127,3 +127,33 @@ def test_a_skipped_last_step_is_still_saved_and_the_streak_carries_over_a_resume
 
     with pytest.raises(NonFiniteLossStop, match=r"3 non-finite losses in a row \(steps 4-6;"):
         loop.train(compose_run([*overrides, "trainer.max_steps=8", "trainer.resume=true"]))
+
+
+@pytest.mark.slow
+def test_a_diverged_model_s_validation_is_logged_as_null_and_the_streak_still_stops_the_run(
+    compose_run, tmp_path, monkeypatch
+):
+    # Every forward pass NaN from training step 3 on, evaluation included (weights gone to NaN): the
+    # step-4 validation record must not stop rank 0 alone (JSON has no NaN), before the streak does.
+    original = GPT.forward
+    calls = {"train": 0}
+
+    def forward(self, tokens, *args, **kwargs):
+        out = original(self, tokens, *args, **kwargs)
+        calls["train"] += self.training
+        return dataclasses.replace(out, logits=out.logits * float("nan")) if calls["train"] >= 3 else out
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    run_dir = tmp_path / "run"
+    overrides = [
+        "model=gpt_tiny", "trainer.max_steps=10", "trainer.micro_batch_size=4", "trainer.checkpoint_every=0",
+        "trainer.eval_every=4", "trainer.eval_batches=1", "trainer.max_nonfinite_steps=5", "logging.log_every=1",
+        "logging.progress_bar=false", "deepspeed.warmup_steps=1", f"data.cache_dir={ROOT / '.cache' / 'data'}",
+        f"trainer.run_dir={run_dir}",
+    ]
+    with pytest.raises(NonFiniteLossStop, match=r"5 non-finite losses in a row \(steps 3-7"):
+        loop.train(compose_run(overrides))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluations = {r["step"]: r for r in records if r["event"] == "eval"}
+    assert evaluations[0]["val_loss"] > 0
+    assert evaluations[4]["val_loss"] is None and evaluations[4]["val_ppl"] is None
