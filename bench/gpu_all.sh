@@ -35,13 +35,19 @@ step() {
 # Whether this call runs step $1 (every step, unless ONLY names some).
 selected() { [ -z "$listing" ] && { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }; }
 # Logs, tables, JSON and the smoke run's metrics: not its checkpoints, which are large and not results.
+# Also every PACK_EVERY seconds while a step runs (`packer` below): the device tool's time limit kills
+# the call, and a step cut off there would otherwise return nothing of what it had written (the
+# end-to-end benchmark's JSON after each variant, the log so far). Each packing writes a file of its
+# own, then renames it: the packer and a step's end never write into one archive.
 pack() {
   if [ -z "${OUT:-}" ]; then return; fi
+  local partial="$OUT/.gpu_results.tar.gz.$BASHPID"
   # (The patterns never match the archive itself, so $OUT may be $RESULTS_DIR.)
   (cd "$RESULTS_DIR" && find . -type f \( -name '*.log' -o -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.png' \) \
-     -not -path '*/checkpoints/*' -size -8192k -print0 | tar czf - --null -T -) > "$OUT/gpu_results.tar.gz.partial" \
-    && mv "$OUT/gpu_results.tar.gz.partial" "$OUT/gpu_results.tar.gz"  # (set -e is off inside `pack || ...`)
+     -not -path '*/checkpoints/*' -size -8192k -print0 | tar czf - --null -T -) > "$partial" \
+    && mv "$partial" "$OUT/gpu_results.tar.gz"  # (set -e is off inside `pack || ...`)
 }
+packer() { while sleep "${PACK_EVERY:-15}"; do pack || true; done; }
 # The steps, in order; run once with `listing` set to learn their names.
 run_steps() {
   step device nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -49,7 +55,10 @@ run_steps() {
   step gpu_tests env MOE_REQUIRE_CUDA=1 "$PY" -m pytest -m gpu tests -q -rs -p no:cacheprovider
   step layer_gpu "$PY" -m bench.moe_layer --device cuda --shapes gpu --json "$RESULTS_DIR/layer_gpu.json"
   # The 350M preset takes 65,536 tokens per optimizer step (4 micro-batches), so fewer timed steps do.
-  step e2e_350m "$PY" -m bench.end_to_end --compile --steps 8 --warmup 3 experiment=h100_350m --json "$RESULTS_DIR/e2e_350m.json"
+  # The compiled pair first (the targets' figures, like for like), then the eager pair: a call cut
+  # off at its limit keeps the variants it finished, in this order.
+  step e2e_350m "$PY" -m bench.end_to_end --variants ours+compile,deepspeed+compile,deepspeed,ours --steps 8 --warmup 3 \
+    experiment=h100_350m --json "$RESULTS_DIR/e2e_350m.json"
   # What one micro-batch per optimizer step would give: the AdamW step's share of the preset's step.
   step e2e_350m_accum1 "$PY" -m bench.end_to_end --variants ours+compile --steps 10 --warmup 3 experiment=h100_350m \
     trainer.grad_accum=1 --json "$RESULTS_DIR/e2e_350m_accum1.json"
@@ -82,6 +91,11 @@ fi
 # DeepSpeed's op builder cannot parse "9.0a" (some images set it); its JIT builds need plain 9.0.
 if [[ "${TORCH_CUDA_ARCH_LIST:-}" == *a* ]]; then export TORCH_CUDA_ARCH_LIST="9.0"; fi
 export PYTHONUNBUFFERED=1
+if [ -n "${OUT:-}" ]; then
+  packer >/dev/null 2>&1 &  # (not holding this script's output open after it ends)
+  packer_pid=$!
+  trap 'kill "$packer_pid" 2>/dev/null; wait "$packer_pid" 2>/dev/null || true; rm -f "$OUT"/.gpu_results.tar.gz.*' EXIT
+fi
 run_steps
 if [ "${#failed[@]}" -gt 0 ]; then
   echo "failed steps: ${failed[*]}"

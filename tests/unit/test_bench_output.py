@@ -104,3 +104,18 @@ def test_end_to_end_keeps_a_configured_peak_and_says_so(tmp_path, monkeypatch, c
     assert saved["finished"] and [r["implementation"] for r in saved["results"]] == ["ours", "deepspeed"]
     assert saved["meta"]["peak_tflops"] == 123.0 and saved["meta"]["peak_source"] == "trainer.peak_tflops"
     assert "| ours | 500.0 | 1000 | 30.0% | 1.00x |" in capsys.readouterr().out
+
+
+def test_end_to_end_rows_compare_with_stock_deepspeed_compiled_alike():
+    # Compiling the attention and norms speeds both models: a compiled row's ratio is against the
+    # compiled stock model, and says so when only the eager one ran.
+    from bench.end_to_end import format_row
+
+    def row(name, tokens_per_s):
+        return {"implementation": name, "tokens_per_s": tokens_per_s, "step_s_median": 0.1, "mfu": 0.3}
+
+    results = [row("ours+compile", 300.0), row("deepspeed+compile", 100.0), row("deepspeed", 50.0), row("ours", 100.0)]
+    ratios = [format_row(r, results).split("|")[-2].strip() for r in results]
+    assert ratios == ["3.00x", "1.00x", "1.00x", "2.00x"]
+    assert format_row(results[0], [results[0], results[2]]).split("|")[-2].strip() == "6.00x (vs eager stock)"
+    assert format_row(results[0], results[:1]).split("|")[-2].strip() == "n/a"

@@ -151,3 +151,36 @@ def test_the_gpu_test_step_fails_where_torch_sees_no_gpu():
                             cwd=ROOT, env={**os.environ, "MOE_REQUIRE_CUDA": "1"}, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "MOE_REQUIRE_CUDA=1 but torch sees no CUDA device" in result.stdout + result.stderr
+
+
+def test_a_step_cut_off_at_the_time_limit_still_returns_what_it_wrote(tmp_path):
+    """The device tool kills a call at its limit: the benchmark's JSON (written after each variant)
+    and the log so far must already be in the archive, packed while the step runs."""
+    import signal
+    import time
+
+    writer = ('#!/bin/sh\n[ "$1" = "-c" ] && exit 0\n'
+              'echo "done: first variant"\necho \'{"results": [1]}\' > "$RESULTS_DIR/e2e_350m.json"\nexec sleep 60\n')
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("nvidia-smi", "#!/bin/sh\necho 'NVIDIA H100'\n"), ("python", writer)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ONLY": "device e2e_350m",
+           "OUT": str(tmp_path / "out"), "RESULTS_DIR": str(tmp_path / "results"), "PYTHON": str(bin_dir / "python"),
+           "PACK_EVERY": "0.5"}
+    call = subprocess.Popen(["bash", str(ROOT / "bench" / "gpu_all.sh")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            archive = tmp_path / "out" / "gpu_results.tar.gz"
+            if archive.exists() and "e2e_350m.json" in _archived(tmp_path):
+                break
+            time.sleep(0.2)
+    finally:
+        os.killpg(call.pid, signal.SIGKILL)  # as the time limit does: no trap, no last packing
+        call.wait()
+    archived = _archived(tmp_path)
+    assert archived["e2e_350m.json"].strip() == '{"results": [1]}'
+    assert "done: first variant" in archived["e2e_350m.log"] and "NVIDIA H100" in archived["device.log"]
