@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,15 @@ def test_end_to_end_rows_compare_with_stock_deepspeed_compiled_alike():
     assert ratios == ["3.00x", "1.00x", "1.00x", "2.00x"]
     assert format_row(results[0], [results[0], results[2]]).split("|")[-2].strip() == "6.00x (vs eager stock)"
     assert format_row(results[0], results[:1]).split("|")[-2].strip() == "n/a"
+
+
+def test_routing_comparison_tokens_per_s_counts_training_windows_only(tmp_path):
+    from bench.routing_compare import training_tokens_per_s
+
+    metrics = tmp_path / "metrics.jsonl"
+    records = [{"event": "eval", "step": 0, "tokens": 0, "val_loss": 8.0},
+               {"event": "train", "step": 10, "tokens": 1000, "tokens_per_s": 100.0},  # 10 s
+               {"event": "train", "step": 30, "tokens": 3000, "tokens_per_s": 200.0},  # 10 s
+               {"event": "eval", "step": 30, "tokens": 3000, "val_loss": 6.0}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert training_tokens_per_s(metrics) == 3000 / 20
