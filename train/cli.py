@@ -125,6 +125,13 @@ def composed_overrides(args: list[str]) -> tuple[DictConfig | None, str | None]:
             except OverrideParseException as parse_error:
                 return None, f"{arg!r} is not a valid override: {_first_line(str(parse_error))}"
         return None, _one_line(str(error))
+    except ValueError as error:  # a config group given a number or null (`moe=null`): Hydra's own ValueError
+        for arg in args:
+            group, _, value = arg.lstrip("+~").partition("=")
+            options = sorted(p.stem for p in Path(CONF_DIR, group).glob("*.yaml")) if group else []
+            if options and value not in options:
+                return None, f"{arg}: no such config; {group} is one of {', '.join(options)}"
+        return None, _one_line(str(error))
     except (HydraException, OmegaConfBaseException) as error:
         cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
         full_key = getattr(cause, "full_key", None)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 from train.config import ConfigError, RunConfig, to_run_config
@@ -189,7 +190,15 @@ def read_run_config(tag_dir: Path) -> RunConfig:
     path = tag_or_run_file(tag_dir, "config.yaml")
     if not path.is_file():
         raise ConfigError(f"{path}: missing; a checkpoint is read with the config.yaml of its run directory")
-    return run_config_from_dict(OmegaConf.to_container(OmegaConf.load(path)), str(path))
+    try:
+        values = OmegaConf.to_container(OmegaConf.load(path))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"{path}: not valid YAML ({reason}); it holds the settings the checkpoint was trained with") from None
+    if not isinstance(values, dict) or not values:
+        # (Empty, it would read as the defaults, and the checkpoint's files be blamed for not fitting them.)
+        raise ConfigError(f"{path}: holds no settings; expected the run's config.yaml, as training wrote it")
+    return run_config_from_dict(values, str(path))
 
 
 def single_process_layout(run: RunConfig) -> RunConfig:
@@ -341,7 +350,13 @@ def read_consolidated(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     header_text = metadata.get("moe_gpt")
     if header_text is None:
         raise ConfigError(f"{path}: not a consolidated moe-gpt file (no 'moe_gpt' metadata); make one with moe-consolidate")
-    header = json.loads(header_text)
+    try:
+        header = json.loads(header_text)
+    except ValueError as error:
+        raise ConfigError(f"{path}: its 'moe_gpt' metadata is not JSON ({error}); "
+                          "make the file again with moe-consolidate") from None
+    if not isinstance(header, dict):
+        raise ConfigError(f"{path}: its 'moe_gpt' metadata is not a JSON object; make the file again with moe-consolidate")
     if header.get("format") != CONSOLIDATED_FORMAT:
         raise ConfigError(f"{path}: format {header.get('format')!r}, expected {CONSOLIDATED_FORMAT}")
     return state, header

@@ -161,6 +161,9 @@ def test_expert_choice_takes_any_expert_count_and_ignores_token_choice_defaults(
         (["moe.top_k=two"], "moe.top_k: Value 'two' of type 'str' could not be converted to Integer"),
         (["experiment=smoke", "moe.top_k=[", "trainer.max_steps=3"], "'moe.top_k=[' is not a valid override"),
         (["experiment=h200"], "experiment=h200: no such config; experiment is one of h100_350m, h100_gpt2_small, smoke"),
+        # A group given null or a number: Hydra raises a bare ValueError for those.
+        (["moe=null"], "moe=null: no such config; moe is one of dense, expert_choice, top1, top2,"),
+        (["model=5"], "model=5: no such config; model is one of gpt2_small, gpt_350m, gpt_small, gpt_tiny"),
     ],
 )
 def test_override_problem_is_one_line_naming_the_override(args, expected):

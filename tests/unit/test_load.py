@@ -238,3 +238,28 @@ def test_a_tokenizer_that_does_not_suit_the_model_is_named(tmp_path):
         read_tokenizer(save("larger.json", ["<|endoftext|>", *words]), whole)
     with pytest.raises(ConfigError, match=rf"^{tmp_path}/plain.json: tokenizer has no <\|endoftext\|> token"):
         read_tokenizer(save("plain.json", words[:8]), whole)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: [oops\n", r"config.yaml: not valid YAML \(while parsing a flow sequence\); it holds the settings"),
+    ("", r"config.yaml: holds no settings; expected the run's config.yaml, as training wrote it$"),
+])
+def test_a_damaged_config_yaml_is_one_line_naming_it(tmp_path, text, message):
+    run, whole = _whole_model(1)
+    _write_checkpoint(tmp_path / "run", run, whole, 1)
+    (tmp_path / "run" / "config.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_model(tmp_path / "run")
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ("{not json", r"its 'moe_gpt' metadata is not JSON \(Expecting property name"),
+    ("[1, 2]", r"its 'moe_gpt' metadata is not a JSON object"),
+])
+def test_a_consolidated_file_with_damaged_metadata_is_one_line(tmp_path, metadata, message):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"moe_gpt": metadata})
+    with pytest.raises(ConfigError, match=rf"^{path}: {message}"):
+        load_model(path)
