@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +25,22 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def output_problem(path: Path, flag: str, folder: bool = False) -> str | None:
+    """Why `path` cannot be written as this command's output (a file, or a `folder`), checked before
+    any work; None when it can. A path to be created needs every existing part above it to be a
+    folder, and the nearest one writable."""
+    if path.exists() and path.is_dir() != folder:
+        return f"{flag} {path}: {'a file' if folder else 'a folder'}; expected a {'folder' if folder else 'file'} path"
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{flag} {path}: {parent} is not a folder"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"{flag} {path}: {parent} is not writable"
+            return None
+    return None
 
 
 def quiet_deepspeed() -> None:

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from train.commands import ArgumentParser, quiet_deepspeed, run_command
+from train.commands import ArgumentParser, output_problem, quiet_deepspeed, run_command
 from train.durable import replace_durably, save_safetensors, temporary_sibling, write_text_atomically
 
 
@@ -39,6 +39,8 @@ def consolidate(source: str | Path | None, out: Path, with_tokenizer: bool = Tru
 
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out {out}: expected a file name ending in .safetensors")
+    if problem := output_problem(out, "--out"):
+        raise ConfigError(problem)  # before the checkpoint is read
     checkpoint = resolve_checkpoint(source)
     if checkpoint.suffix == ".safetensors":  # refused before reading any weights
         raise ConfigError(f"{checkpoint}: already a consolidated file")

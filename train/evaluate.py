@@ -26,7 +26,15 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from train.commands import ArgumentParser, inference_device, positive_float, positive_int, quiet_deepspeed, run_command
+from train.commands import (
+    ArgumentParser,
+    inference_device,
+    output_problem,
+    positive_float,
+    positive_int,
+    quiet_deepspeed,
+    run_command,
+)
 from train.durable import write_text_atomically
 from train.metrics import perplexity
 
@@ -148,6 +156,8 @@ def _main(argv: Sequence[str] | None) -> int:
         batch_sizes = list(dict.fromkeys(batch_sizes))  # a size given twice is one column of the table
     if args.text is not None and (args.windows or args.all_windows):
         parser.error("--windows and --all-windows choose validation windows; --text evaluates the whole file")
+    if args.json is not None and (problem := output_problem(args.json, "--json")):
+        parser.error(problem)  # before the model is loaded and evaluated
     quiet_deepspeed()
     from train.config import ConfigError
     from train.load import load_model

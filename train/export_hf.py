@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from train.commands import ArgumentParser, quiet_deepspeed, run_command
+from train.commands import ArgumentParser, output_problem, quiet_deepspeed, run_command
 from train.config import ConfigError
 from train.durable import fsync_path, save_safetensors
 from train.routing_modes import moe_layers
@@ -313,6 +313,8 @@ def _main(argv: Sequence[str] | None) -> int:
                         "(default: the newest run under runs/)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     args = parser.parse_args(argv)
+    if problem := output_problem(args.out, "--out", folder=True):
+        parser.error(problem)  # before the model is loaded
     quiet_deepspeed()
     from train.load import load_model
 

@@ -192,6 +192,10 @@ def test_export_of_a_trained_run_loads_in_transformers(token_choice_run, tmp_pat
         ("evaluate", ["{tc}", "--windows", "5", "--all-windows"], "not allowed with argument --windows"),
         ("export_hf", ["{ec}", "--out", "{tmp}/hf"], "moe.router=expert_choice"),
         ("consolidate", ["{tmp}"], "holds no checkpoint"),
+        # Outputs that cannot be written, refused before the model is loaded (not after the work).
+        ("evaluate", ["{tc}", "--json", "{tmp}"], "--json {tmp}: a folder; expected a file path"),
+        ("consolidate", ["{tc}", "--out", "/etc/passwd/model.safetensors"], "/etc/passwd is not a folder"),
+        ("export_hf", ["{tc}", "--out", "/etc/passwd"], "--out /etc/passwd: a file; expected a folder path"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(command, argv, message, token_choice_run, expert_choice_run, tmp_path, capsys):
@@ -201,4 +205,4 @@ def test_bad_input_is_one_line_and_exit_2(command, argv, message, token_choice_r
     argv = [a.format(tc=token_choice_run, ec=expert_choice_run, tmp=tmp_path) for a in argv]
     assert _run_cli(main, argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[prepare]")]
-    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    assert len(err) == 1 and err[0].startswith("error:") and message.format(tmp=tmp_path) in err[0], err
