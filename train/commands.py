@@ -17,14 +17,7 @@ from typing import Any
 import torch
 
 from train.config import ConfigError
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad argument prints `error: ...` on one line (no usage block) and exits 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
+from train.one_line_arguments import ArgumentParser  # noqa: F401 (the inference commands take it from here)
 
 
 def output_problem(path: Path, flag: str, folder: bool = False) -> str | None:

@@ -11,7 +11,6 @@ every evaluation. `python -m train.plots RUN_DIR` draws them for any run directo
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import numpy as np
 
 from train.durable import replace_durably, temporary_sibling
 from train.metrics import read_metrics
+from train.one_line_arguments import ArgumentParser
 
 
 @dataclass
@@ -193,7 +193,7 @@ class PlotSink:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.plots", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m train.plots", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run directory holding metrics.jsonl")
     parser.add_argument("--out", type=Path, default=None, help="where to write the PNGs (default RUN_DIR/plots)")
     args = parser.parse_args(argv)

@@ -385,6 +385,13 @@ def test_command_line(tmp_path, documents, capsys):
     assert status == 2
     assert error[-1].startswith("error: ") and "absent.jsonl" in error[-1]
 
+    # A malformed argument: one line too, not argparse's usage block.
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_main(["--vocab-size", "abc"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(error) == 1
+    assert error[0].startswith("error: argument --vocab-size: invalid int value: 'abc'")
+
 
 # --- TokenDataset ---------------------------------------------------------------------------------
 

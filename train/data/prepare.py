@@ -8,13 +8,13 @@ counts; bad input prints a one-line error and exits with status 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
 
 from train.data.layout import META_FILENAME, SPLITS
 from train.data.preparation import EMBEDDED_SOURCE, prepare_dataset
+from train.one_line_arguments import ArgumentParser
 
 __all__ = ["main", "prepare_dataset"]
 
@@ -23,7 +23,7 @@ DEFAULT_CACHE_DIR = ".cache/data"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m train.data.prepare",
         description="Tokenize a corpus into cached webdataset shards. "
         "With no FILES, uses the corpus embedded in Python.",
