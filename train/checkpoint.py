@@ -264,20 +264,18 @@ def load(engine, checkpoint_dir: Path, rank: int) -> dict[str, Any]:
         return _load_tag(engine, checkpoint_dir, tag, rank)
     except ConfigError:
         raise
-    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as error:
-        # An empty or cut-short file fails as EOFError or EINVAL too, not only as RuntimeError.
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, RuntimeError) as error:
+        # A file cut short fails as RuntimeError, EOFError or EINVAL, depending on where it was cut.
         if (cut_short := _first_cut_short_file(tag_dir)) is not None:
             raise ConfigError(f"{cut_short}: cut short (a zip archive, as torch.save writes, without its end); "
                               f"{earlier}") from None
-        raise ConfigError(f"{tag_dir}: not a readable checkpoint ({type(error).__name__}: "
-                          f"{(str(error).strip().splitlines() or [''])[0][:200]}); {earlier}") from None
-    except RuntimeError as error:
-        if (cut_short := _first_cut_short_file(tag_dir)) is not None:
-            raise ConfigError(f"{cut_short}: cut short (a zip archive, as torch.save writes, without its end); "
-                              f"{earlier}") from None
-        if "PytorchStreamReader" in str(error):  # damaged inside: torch's reader says so, naming no file
-            raise ConfigError(f"{tag_dir}: not a readable checkpoint ({str(error).strip().splitlines()[0][:200]}); "
-                              f"{earlier}") from None
+        # A RuntimeError is a model that does not fit (the caller names what changed), unless torch's
+        # reader says the file is damaged inside (naming no file).
+        if not isinstance(error, RuntimeError) or "PytorchStreamReader" in str(error):
+            detail = (str(error).strip().splitlines() or [""])[0][:200]
+            if not isinstance(error, RuntimeError):
+                detail = f"{type(error).__name__}: {detail}"
+            raise ConfigError(f"{tag_dir}: not a readable checkpoint ({detail}); {earlier}") from None
         raise  # a model that does not fit: the caller names what changed
 
 
