@@ -36,12 +36,12 @@ from hydra import compose, initialize_config_dir
 
 from bench.output import device_name, json_destination
 from train.cli import CONF_DIR, override_problem
-from train.commands import non_negative_int, positive_int
 from train.config import to_run_config
 from train.distributed import init_world, resolve_device
 from train.durable import write_text_atomically
 from train.flops import peak_tflops
 from train.loop import build_trainer
+from train.one_line_arguments import non_negative_int, positive_int
 
 
 def measure(overrides: list[str], implementation: str, steps: int, warmup: int, compiled: bool = False) -> dict:

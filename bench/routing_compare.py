@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 
 from bench.output import json_destination
-from train.commands import positive_int
 from train.durable import write_text_atomically
+from train.one_line_arguments import positive_int
 
 VARIANTS: dict[str, list[str]] = {
     "top-1 (Switch)": ["moe=top1"],
@@ -62,24 +62,7 @@ def run_variant(name: str, overrides: list[str], steps: int, extra: list[str], w
     ]
     print(f"--- {name}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
     subprocess.run(command, check=True)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return {**summary, "training_tokens_per_s": training_tokens_per_s(run_dir / "metrics.jsonl")}
-
-
-def training_tokens_per_s(metrics: Path) -> float | None:
-    """Tokens/s over the logged training windows (metrics.jsonl's train records). summary.json's figure
-    is over the whole wall time, its final evaluation and checkpoint included, and expert choice
-    evaluates in two routing modes: it would read slower for that alone."""
-    tokens = seconds = 0.0
-    previous = 0
-    for line in metrics.read_text().splitlines():
-        record = json.loads(line)
-        if record.get("event") != "train":
-            continue
-        window, previous = record["tokens"] - previous, record["tokens"]
-        if record.get("tokens_per_s"):
-            tokens, seconds = tokens + window, seconds + window / record["tokens_per_s"]
-    return tokens / seconds if seconds else None
+    return json.loads((run_dir / "summary.json").read_text())
 
 
 def row(name: str, summary: dict) -> dict:

@@ -6,34 +6,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
 
 import torch
 
 from train.config import ConfigError
-from train.one_line_arguments import ArgumentParser  # noqa: F401 (the inference commands take it from here)
-
-
-def output_problem(path: Path, flag: str, folder: bool = False) -> str | None:
-    """Why `path` cannot be written as this command's output (a file, or a `folder`), checked before
-    any work; None when it can. A path to be created needs every existing part above it to be a
-    folder, and the nearest one writable."""
-    if path.exists() and path.is_dir() != folder:
-        return f"{flag} {path}: {'a file' if folder else 'a folder'}; expected a {'folder' if folder else 'file'} path"
-    for parent in path.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                return f"{flag} {path}: {parent} is not a folder"
-            if not os.access(parent, os.W_OK | os.X_OK):
-                return f"{flag} {path}: {parent} is not writable"
-            return None
-    return None
+from train.one_line_arguments import parsed_as
 
 
 def quiet_deepspeed() -> None:
@@ -57,25 +38,6 @@ def run_command(body: Callable[[Sequence[str] | None], int | None], argv: Sequen
         return 128 + signal.SIGPIPE
 
 
-def _parsed(text: str, convert: Callable[[str], Any], valid: Callable[[Any], bool], expected: str) -> Any:
-    """`convert(text)` when it converts and is `valid`, else argparse's one-line error naming `expected`."""
-    try:
-        value = convert(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-    if not valid(value):
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    return _parsed(text, int, lambda value: value >= 1, "a positive integer")
-
-
-def non_negative_int(text: str) -> int:
-    return _parsed(text, int, lambda value: value >= 0, "an integer >= 0")
-
-
 def inference_device(text: str) -> torch.device:
     """--device: cpu, cuda or cuda:N, and a CUDA device only where there is one (the inference
     commands would otherwise fail deep inside .to(device) with a multi-line traceback)."""
@@ -93,10 +55,6 @@ def inference_device(text: str) -> torch.device:
     return device
 
 
-def positive_float(text: str) -> float:
-    return _parsed(text, float, lambda value: math.isfinite(value) and value > 0, "a finite number > 0")
-
-
 def seed(text: str) -> int:
     """--seed: an integer torch's generator takes, 0 to 2**64 - 1."""
-    return _parsed(text, int, lambda value: 0 <= value < 2**64, "an integer from 0 to 2**64 - 1")
+    return parsed_as(text, int, lambda value: 0 <= value < 2**64, "an integer from 0 to 2**64 - 1")

@@ -17,6 +17,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from moe import MoEConfig
+from train.data.split import MAX_TRAINING_VAL_FRACTION
+from train.data.tokenizer import MIN_TRAINING_VOCAB_SIZE
 from train.model import ModelConfig
 
 
@@ -44,10 +46,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.require_files and not self.files:
             raise ValueError("data.files: data=files needs the files to train on, e.g. data.files='[a.txt,b.jsonl]'")
-        if self.vocab_size < 300:
-            raise ValueError(f"data.vocab_size must be >= 300 (256 bytes + merges), got {self.vocab_size}")
-        if not 0.0 < self.val_fraction < 0.5:
-            raise ValueError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.vocab_size < MIN_TRAINING_VOCAB_SIZE:
+            raise ValueError(f"data.vocab_size must be >= {MIN_TRAINING_VOCAB_SIZE} (256 bytes + merges), got {self.vocab_size}")
+        if not 0.0 < self.val_fraction < MAX_TRAINING_VAL_FRACTION:
+            raise ValueError(f"data.val_fraction must be in (0, {MAX_TRAINING_VAL_FRACTION}), got {self.val_fraction}")
 
 
 @dataclass

@@ -27,8 +27,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from train.commands import ArgumentParser, output_problem, quiet_deepspeed, run_command
+from train.commands import quiet_deepspeed, run_command
 from train.durable import replace_durably, save_safetensors, temporary_sibling, write_text_atomically
+from train.one_line_arguments import ArgumentParser
+from train.output_path import output_problem
 
 
 def consolidate(source: str | Path | None, out: Path, with_tokenizer: bool = True) -> dict:

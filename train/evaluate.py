@@ -26,17 +26,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from train.commands import (
-    ArgumentParser,
-    inference_device,
-    output_problem,
-    positive_float,
-    positive_int,
-    quiet_deepspeed,
-    run_command,
-)
+from train.commands import inference_device, quiet_deepspeed, run_command
 from train.durable import write_text_atomically
 from train.metrics import perplexity
+from train.one_line_arguments import ArgumentParser, positive_float, positive_int
+from train.output_path import output_problem
 
 
 @torch.no_grad()

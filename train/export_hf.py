@@ -48,9 +48,11 @@ from pathlib import Path
 
 import torch
 
-from train.commands import ArgumentParser, output_problem, quiet_deepspeed, run_command
+from train.commands import quiet_deepspeed, run_command
 from train.config import ConfigError
 from train.durable import fsync_path, save_safetensors
+from train.one_line_arguments import ArgumentParser
+from train.output_path import output_problem
 from train.routing_modes import moe_layers
 
 # Every file an export may write: an existing --out holding only these is a previous export.

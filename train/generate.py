@@ -24,8 +24,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from train.commands import ArgumentParser, inference_device, positive_int, quiet_deepspeed, run_command, seed
+from train.commands import inference_device, quiet_deepspeed, run_command, seed
 from train.config import ConfigError
+from train.one_line_arguments import ArgumentParser, positive_int
 from train.sampling import SamplingConfig, next_token
 
 

@@ -33,9 +33,19 @@ from train.host_memory import keep_freed_memory
 from train.load import newest_run
 from train.log_window import LogWindow
 from train.lr_schedule import short_warmup_warning
-from train.metrics import ExpertCounts, MetricsFile, Progress, figures_per_layer, finite_or_none, mean_over_ranks, perplexity
+from train.metrics import (
+    ExpertCounts,
+    MetricsFile,
+    Progress,
+    figures_per_layer,
+    finite_figures,
+    finite_or_none,
+    mean_over_ranks,
+    perplexity,
+)
 from train.model import GPT, expert_choice_group, expert_choice_layers, padded_vocab_size
 from train.nonfinite import NonFiniteLossStop, NonFiniteStreak, discard_routing_statistics, poison_if_nonfinite
+from train.output_path import unwritable_reason
 from train.preemption import PREEMPTED_EXIT_STATUS, Preempted, PreemptionWatch
 from train.routing_modes import RoutingMode, routing, thresholds_ready
 from train.run_lock import RunDirectoryLock
@@ -112,10 +122,11 @@ def checked_for_start(run: RunConfig, world_size: int, source: str) -> RunConfig
         problem = online_without_key(run.logging.wandb_mode)
         if problem is not None:
             raise ConfigError(problem)
-    problem = _unusable_directory(Path(run.trainer.run_dir) if run.trainer.run_dir else Path("runs", run.name))
+    run_dir = Path(run.trainer.run_dir) if run.trainer.run_dir else Path("runs", run.name)
+    problem = unwritable_reason(run_dir, folder=True)
     if problem is not None:  # found now, not after the model and the engine are built
         raise ConfigError(f"trainer.run_dir={run.trainer.run_dir!r}: {problem}" if run.trainer.run_dir
-                          else f"{problem} (runs go under runs/<name>/ by default: set trainer.run_dir=DIR)")
+                          else f"{run_dir}: {problem} (runs go under runs/<name>/ by default: set trainer.run_dir=DIR)")
     if run.trainer.run_dir and Path(run.trainer.run_dir).is_dir() and os.environ.get("RANK", "0") == "0":
         # Another run training there: said now, not after the engine is built (rank 0 takes the lock
         # then). Rank 0 alone looks: ranks probing at once would each find the others' probe.
@@ -172,26 +183,6 @@ def build_trainer(run: RunConfig, world: World, run_dir: Callable[[], Path]) -> 
 
 def _holds_a_run(path: Path) -> bool:
     return (path / "checkpoints").exists() or (path / "metrics.jsonl").exists()
-
-
-def _unusable_directory(path: Path) -> str | None:
-    """Why `path` cannot be (or become) a directory this process writes into; None when it can."""
-    if path.exists():
-        if not path.is_dir():
-            return f"{path} exists and is not a directory"
-        return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{path} cannot be created: {parent} is not a directory"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{path} cannot be created: {parent} is not writable"
-    return None
-
-
-def _finite_figures(figures: dict[str, float]) -> dict[str, float | None]:
-    return {name: finite_or_none(value) for name, value in figures.items()}
 
 
 DATA_PREPARATION_TIMEOUT = timedelta(hours=24)
@@ -449,13 +440,14 @@ class Trainer:
         if initial_val_loss is None:
             evaluation = self.evaluate()
             initial_val_loss = evaluation["val_loss"]
-            self._log({"event": "eval", "step": 0, "tokens": 0, **_finite_figures(evaluation)})
+            self._log({"event": "eval", "step": 0, "tokens": 0, **finite_figures(evaluation)})
 
         progress = Progress(run.trainer.max_steps, start_step, run.logging.progress_bar, world.is_main)
         started = time.perf_counter()
         window.start_clock()  # (a restored window keeps its steps, sums and earlier training time)
         train_loss, val_loss = float("nan"), initial_val_loss
         final_evaluation: dict[str, float] = {}
+        timed_steps, timed_seconds = 0, 0.0  # the logged windows' training time, for summary.json
         for step in range(start_step, run.trainer.max_steps):
             lm_loss, aux_loss = self.train_step(step)
             window.add(lm_loss, aux_loss, skipped=self.last_step_skipped)
@@ -465,8 +457,9 @@ class Trainer:
             if done % run.logging.log_every == 0 or done == run.trainer.max_steps:
                 train_loss, aux = (mean_over_ranks(float(total) / window.applied, world.device) if window.applied
                                    else float("nan") for total in (window.loss_sum, window.aux_sum))
-                record = self._train_record(done, train_loss, aux,
-                                            window.steps * self.tokens_per_step / window.training_seconds())
+                seconds = window.training_seconds()
+                timed_steps, timed_seconds = timed_steps + window.steps, timed_seconds + seconds
+                record = self._train_record(done, train_loss, aux, window.steps * self.tokens_per_step / seconds)
                 self._log(record)
                 figures = {"loss": f"{train_loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}",
                            "mfu": f"{100 * (record['mfu'] or 0):.1f}%"}
@@ -483,7 +476,7 @@ class Trainer:
                 val_loss, final_evaluation = evaluation["val_loss"], evaluation
                 # A diverged model's NaN or inf is logged as null (JSON has neither); the non-finite
                 # streak stops the run, not a metrics write failing on rank 0 alone.
-                self._log({"event": "eval", "step": done, "tokens": self._tokens(done), **_finite_figures(evaluation)})
+                self._log({"event": "eval", "step": done, "tokens": self._tokens(done), **finite_figures(evaluation)})
                 modes = "".join(f", {k[4:]} {v:.4f}" for k, v in evaluation.items() if k.startswith("val_loss_"))
                 progress.print(f"step {done}: val loss {val_loss:.4f}, perplexity {perplexity(val_loss):.1f}{modes}")
             due = (run.trainer.checkpoint_every and done % run.trainer.checkpoint_every == 0) or done == run.trainer.max_steps
@@ -503,7 +496,8 @@ class Trainer:
             progress.update(1, **figures)
         progress.close()
         wall = time.perf_counter() - started
-        return self._finish(start_step, train_loss, val_loss, initial_val_loss, wall, final_evaluation)
+        training_tokens_per_s = timed_steps * self.tokens_per_step / timed_seconds if timed_seconds > 0 else None
+        return self._finish(start_step, train_loss, val_loss, initial_val_loss, wall, training_tokens_per_s, final_evaluation)
 
     def _check_same_tokenizer(self) -> None:
         """A resume trains on the tokenizer its checkpoint was trained with, or not at all: data files
@@ -548,7 +542,7 @@ class Trainer:
         try:
             if fresh:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:  # what `_unusable_directory` cannot foresee (a read-only mount, /proc)
+        except OSError as error:  # what `unwritable_reason` cannot foresee (a read-only mount, /proc)
             return f"trainer.run_dir: cannot create {self.run_dir}: {error.strerror}"
         try:
             in_use = self.run_lock.acquire()  # before anything of this run is written into the directory
@@ -692,9 +686,11 @@ class Trainer:
         return float(sums[0] / sums[1])
 
     # ------------------------------------------------------------------ records
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        return finite_or_none(self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * self.world.world_size))
+
     def _train_record(self, step: int, loss: float, aux: float, tokens_per_s: float) -> dict[str, Any]:
         grad_norm = self.engine.get_global_grad_norm()
-        mfu = self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * self.world.world_size)
         return {
             "event": "train",
             "step": step,
@@ -705,7 +701,7 @@ class Trainer:
             "lr": self.scheduler.last_step_lr(),  # the step's own, not the next one's
             "grad_norm": finite_or_none(float(grad_norm)) if grad_norm is not None else None,
             "tokens_per_s": tokens_per_s,
-            "mfu": finite_or_none(mfu),
+            "mfu": self._mfu(tokens_per_s),
             "experts": self.expert_counts.reduce_window(),
         }
 
@@ -765,7 +761,8 @@ class Trainer:
         if self.world.is_main:
             print("\n".join(lines), flush=True)
 
-    def _finish(self, start_step, train_loss, val_loss, initial_val_loss, wall, final_evaluation) -> dict[str, Any]:
+    def _finish(self, start_step, train_loss, val_loss, initial_val_loss, wall, training_tokens_per_s,
+                final_evaluation) -> dict[str, Any]:
         run = self.run
         steps_run = run.trainer.max_steps - start_step
         tokens_per_s = steps_run * self.tokens_per_step / wall if wall > 0 else 0.0
@@ -780,11 +777,15 @@ class Trainer:
             "initial_val_loss_on_other_windows": self._initial_on_other_windows(),
             "final_val_loss": finite_or_none(val_loss),
             "final_val_ppl": finite_or_none(perplexity(val_loss)),
-            **{f"final_{k}": v for k, v in _finite_figures(final_evaluation).items() if k.startswith("val_loss_")},
+            **{f"final_{k}": v for k, v in finite_figures(final_evaluation).items() if k.startswith("val_loss_")},
             "wall_time_s": wall,
             "steps_this_session": steps_run,
             "tokens_per_s": tokens_per_s,
-            "mfu": finite_or_none(self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * self.world.world_size)),
+            "mfu": self._mfu(tokens_per_s),
+            # Over the logged windows' training time alone: the figures above take the whole wall time,
+            # evaluations and saves included (expert choice evaluates in two routing modes).
+            "training_tokens_per_s": training_tokens_per_s,
+            "training_mfu": None if training_tokens_per_s is None else self._mfu(training_tokens_per_s),
             "peak_tflops": self.peak_tflops,
             "peak_source": self.peak_source,
             "parameters": self.params,

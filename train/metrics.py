@@ -201,6 +201,11 @@ def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def finite_figures(figures: dict[str, float]) -> dict[str, float | None]:
+    """`figures` with each NaN or infinity as None (JSON's null: JSON has no NaN)."""
+    return {name: finite_or_none(value) for name, value in figures.items()}
+
+
 def perplexity(loss: float) -> float:
     """exp(loss); inf where that overflows (a diverged model's loss above 709), never an OverflowError."""
     return math.exp(loss) if not loss >= 709.0 else math.inf

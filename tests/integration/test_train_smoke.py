@@ -47,6 +47,14 @@ def test_train_then_resume_continues_the_same_trajectory(compose_run, tmp_path):
     assert [r["step"] for r in first if r["event"] == "train"] == [1, 2, 3, 4, 5, 6]
     layer0 = first[1]["experts"]["moe_layer_0"]
     assert len(layer0["load"]) == 8 and 0.0 <= layer0["drop_fraction"] < 1.0
+    # The summary's training-only tokens/s is the logged windows' (evaluations and saves left out),
+    # so above the whole-run figure.
+    windows = [r for r in first if r["event"] == "train"]
+    seconds = sum((now["tokens"] - before) / now["tokens_per_s"]
+                  for before, now in zip([0] + [r["tokens"] for r in windows], windows))
+    assert summary["training_tokens_per_s"] == pytest.approx(windows[-1]["tokens"] / seconds, rel=1e-9)
+    assert summary["training_tokens_per_s"] > summary["tokens_per_s"]
+    assert summary["training_mfu"] == pytest.approx(summary["mfu"] * summary["training_tokens_per_s"] / summary["tokens_per_s"])
 
     ckpt = run_dir / "checkpoints"
     expert_files = sorted(p.name for p in (ckpt / "step_00000006").glob("layer_0_expert_*"))

@@ -20,10 +20,16 @@ def test_default_json_goes_under_runs_bench(tmp_path, monkeypatch):
 
 def test_a_requested_json_path_is_checked_before_the_run(tmp_path):
     assert json_destination(tmp_path / "out.json", "x") == tmp_path / "out.json"
-    with pytest.raises(ValueError, match="no such folder"):
-        json_destination(tmp_path / "missing" / "out.json", "x")
-    with pytest.raises(ValueError, match="not a regular file"):
+    with pytest.raises(ValueError, match="a folder; expected a file path"):
         json_destination(tmp_path, "x")
+    with pytest.raises(ValueError, match="not a regular file"):
+        json_destination(Path("/dev/null"), "x")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="a_file is not a folder"):
+        json_destination(tmp_path / "a_file" / "out.json", "x")
+    # Folders still to be made are made (before the run, so a failure there costs nothing).
+    assert json_destination(tmp_path / "new" / "out.json", "x") == tmp_path / "new" / "out.json"
+    assert (tmp_path / "new").is_dir()
 
 
 def test_a_json_symlink_is_written_through_not_replaced(tmp_path):
@@ -35,7 +41,7 @@ def test_a_json_symlink_is_written_through_not_replaced(tmp_path):
 
 def test_an_unwritable_json_folder_is_refused(tmp_path, monkeypatch):
     # As root every folder is writable, so the permission answer is what is faked here.
-    monkeypatch.setattr("bench.output.os.access", lambda path, mode: False)
+    monkeypatch.setattr("train.output_path.os.access", lambda path, mode: False)
     with pytest.raises(ValueError, match="not writable"):
         json_destination(tmp_path / "out.json", "x")
 
@@ -68,7 +74,6 @@ def _fake_figures(implementation: str) -> dict:
 def test_end_to_end_writes_each_variant_as_it_finishes(tmp_path, monkeypatch):
     """A variant killed at the device's time limit (simulated: the second one never returns) leaves the
     first one's figures on disk, with what they were measured on and where the peak came from."""
-    import json
 
     from bench import end_to_end
 
@@ -93,7 +98,6 @@ def test_end_to_end_writes_each_variant_as_it_finishes(tmp_path, monkeypatch):
 
 
 def test_end_to_end_keeps_a_configured_peak_and_says_so(tmp_path, monkeypatch, capsys):
-    import json
 
     from bench import end_to_end
 
@@ -120,15 +124,3 @@ def test_end_to_end_rows_compare_with_stock_deepspeed_compiled_alike():
     assert ratios == ["3.00x", "1.00x", "1.00x", "2.00x"]
     assert format_row(results[0], [results[0], results[2]]).split("|")[-2].strip() == "6.00x (vs eager stock)"
     assert format_row(results[0], results[:1]).split("|")[-2].strip() == "n/a"
-
-
-def test_routing_comparison_tokens_per_s_counts_training_windows_only(tmp_path):
-    from bench.routing_compare import training_tokens_per_s
-
-    metrics = tmp_path / "metrics.jsonl"
-    records = [{"event": "eval", "step": 0, "tokens": 0, "val_loss": 8.0},
-               {"event": "train", "step": 10, "tokens": 1000, "tokens_per_s": 100.0},  # 10 s
-               {"event": "train", "step": 30, "tokens": 3000, "tokens_per_s": 200.0},  # 10 s
-               {"event": "eval", "step": 30, "tokens": 3000, "val_loss": 6.0}]
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert training_tokens_per_s(metrics) == 3000 / 20

@@ -229,8 +229,8 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path, args, env,
 @pytest.mark.parametrize(
     "run_dir, resume, expected",
     [
-        ("taken", "false", "trainer.run_dir='taken': taken exists and is not a directory"),
-        ("taken/run", "false", "trainer.run_dir='taken/run': taken/run cannot be created: taken is not a directory"),
+        ("taken", "false", "trainer.run_dir='taken': a file; expected a folder path"),
+        ("taken/run", "false", "trainer.run_dir='taken/run': taken is not a folder"),
         ("nowhere", "true", "trainer.resume=true but trainer.run_dir='nowhere' does not exist"),
         # An experiment's folder of runs rather than a run: the message names one to pick.
         ("runs/smoke", "true", "runs/smoke/checkpoints holds no checkpoint; it holds runs, e.g. trainer.run_dir=runs/smoke/2"),
@@ -252,15 +252,15 @@ def test_a_run_dir_that_cannot_be_used_fails_in_one_line(tmp_path, run_dir, resu
 
 
 def test_an_unwritable_run_dir_parent_is_named(tmp_path, monkeypatch):
-    from train.loop import _unusable_directory
+    from train.output_path import unwritable_reason
 
     # Root may write anywhere, so the check's answer is stood in for (os.access).
     monkeypatch.setattr("os.access", lambda path, mode: Path(path) != tmp_path)
-    assert _unusable_directory(tmp_path / "a" / "b") == f"{tmp_path / 'a' / 'b'} cannot be created: {tmp_path} is not writable"
-    assert _unusable_directory(tmp_path) == f"{tmp_path} is not writable"
-    assert _unusable_directory(tmp_path / "a") is not None
+    assert unwritable_reason(tmp_path / "a" / "b", folder=True) == f"{tmp_path} is not writable"
+    assert unwritable_reason(tmp_path, folder=True) == f"{tmp_path} is not writable"
+    assert unwritable_reason(tmp_path / "a", folder=True) is not None
     monkeypatch.setattr("os.access", lambda path, mode: True)
-    assert _unusable_directory(tmp_path / "a" / "b") is None
+    assert unwritable_reason(tmp_path / "a" / "b", folder=True) is None
 
 
 def test_a_run_stopped_before_its_first_save_is_pointed_to_auto_resume(compose_run, tmp_path):

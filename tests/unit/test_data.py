@@ -390,7 +390,24 @@ def test_command_line(tmp_path, documents, capsys):
         prepare_main(["--vocab-size", "abc"])
     error = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(error) == 1
-    assert error[0].startswith("error: argument --vocab-size: invalid int value: 'abc'")
+    assert error[0].startswith("error: argument --vocab-size: expected an integer from 300 to 2**32 - 1, got 'abc'")
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    # Training's bounds: a dataset outside them could be prepared, never trained on.
+    (["--vocab-size", "257"], "argument --vocab-size: expected an integer from 300 to 2**32 - 1, got '257'"),
+    (["--val-fraction", "0.9"], "argument --val-fraction: expected a number above 0 and below 0.5, got '0.9'"),
+    (["--tokens-per-sample", "0"], "argument --tokens-per-sample: expected a positive integer, got '0'"),
+    (["--out", "{tmp_path}/taken"], "--out {tmp_path}/taken: a file; expected a folder path"),
+])
+def test_command_line_refuses_what_training_could_not_use_before_any_work(tmp_path, capsys, arguments, expected):
+    (tmp_path / "taken").write_text("a file where the cache should go")
+    arguments = [argument.format(tmp_path=tmp_path) for argument in arguments]
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_main([str(tmp_path / "absent.txt"), *arguments])  # refused before the file is looked for
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(error) == 1
+    assert error[0].startswith(f"error: {expected.format(tmp_path=tmp_path)}"), error
 
 
 # --- TokenDataset ---------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ def prepare_dataset(
     samples_per_shard: int = 64,
     announce_cached: bool = True,
     only_cached: bool = False,
+    cache_dir_setting: str = "data.cache_dir",
 ) -> Path | None:
     """Tokenize `source` ("embedded", or a list of .txt/.jsonl files) into `cache_dir/<fingerprint[:16]>`
     and return that directory.
@@ -69,6 +70,7 @@ def prepare_dataset(
     and a changed input gets a fresh directory. The dataset is built in a hidden sibling
     directory and renamed into place only when complete: an interrupted run leaves nothing that
     looks finished. `only_cached`: None instead of preparing what the cache does not hold.
+    `cache_dir_setting`: how errors name `cache_dir` (the training setting, or a command's flag).
     """
     source_spec = _source_spec(source)
     parameters = _checked_parameters(vocab_size, val_fraction, tokens_per_sample, text_field, seed, samples_per_shard)
@@ -98,7 +100,7 @@ def prepare_dataset(
             shutil.rmtree(staging, ignore_errors=True)
     except OSError as error:  # an unusable cache directory, a full disk: the user's to fix, in one line
         where = error.filename or cache_root
-        raise ValueError(f"data.cache_dir {cache_root}: cannot write the prepared dataset ({where}: "
+        raise ValueError(f"{cache_dir_setting} {cache_root}: cannot write the prepared dataset ({where}: "
                          f"{error.strerror or error})") from None
     return target
 

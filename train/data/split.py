@@ -6,6 +6,10 @@ import math
 
 import numpy as np
 
+# What training accepts (data.val_fraction, and the data command's --val-fraction): beyond half,
+# validation would take more of the corpus than training does.
+MAX_TRAINING_VAL_FRACTION = 0.5
+
 
 def validation_mask(num_documents: int, val_fraction: float, seed: int) -> np.ndarray:
     """A boolean array: True for the documents that belong to the validation split.

@@ -18,6 +18,9 @@ EOT = "<|endoftext|>"
 # ever unknown) plus the end-of-text token; anything less cannot hold the base alphabet.
 BYTE_ALPHABET_SIZE = 256
 MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + 1
+# What training accepts (data.vocab_size, and the data command's --vocab-size, so that what it
+# prepares can be trained on): the alphabet and EOT, and some merges for the BPE to be one.
+MIN_TRAINING_VOCAB_SIZE = 300
 
 
 def train_bpe_tokenizer(documents: Iterable[str], vocab_size: int) -> Tokenizer:
