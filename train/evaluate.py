@@ -17,6 +17,7 @@ The mode and batch size the training loop used give exactly its `val_loss` in me
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -144,6 +145,16 @@ def _main(argv: Sequence[str] | None) -> int:
         wanted = _parse_list(args.modes, str.strip, "--modes") if args.modes else None
     except ValueError as error:
         parser.error(str(error))
+    named_factors = []  # a capacity mode named in --modes (`cf=2`, `batch cf=0.5`) is as if given by --capacity-factor
+    for i, name in enumerate(wanted or []):
+        prefix, is_capacity_mode, text = name.rpartition("cf=")
+        if is_capacity_mode and prefix in ("", "batch "):
+            try:
+                factor = positive_float(text)
+            except argparse.ArgumentTypeError as error:
+                parser.error(f"--modes {name!r}: {error}")
+            wanted[i] = f"{prefix}cf={factor:g}"  # as the mode is named (`cf=2.0` is `cf=2`)
+            named_factors.append(factor)
     if batch_sizes is not None and min(batch_sizes) < 1:
         parser.error(f"--batch-sizes must be positive integers, got {args.batch_sizes}")
     if batch_sizes is not None:
@@ -161,7 +172,7 @@ def _main(argv: Sequence[str] | None) -> int:
     run, model = loaded.run, loaded.model
     seq_len = run.model.seq_len
     # Checked before any data is read or prepared.
-    modes = available_modes(model, args.capacity_factor or [1.0])
+    modes = available_modes(model, (args.capacity_factor or []) + named_factors or [1.0])
     if args.capacity_factor and not any(mode.eval_capacity_factor not in (KEEP, None) for mode in modes):
         raise ConfigError("--capacity-factor: this model has no capacity to set (a dense model, or stock DeepSpeed "
                           "layers, whose gate keeps its own)")

@@ -103,6 +103,9 @@ def test_eval_on_a_text_file(token_choice_run, tmp_path):
                   "--batch-sizes", f"{MICRO_BATCH},1,{MICRO_BATCH}", "--capacity-factor", "1", "--capacity-factor", "1.0000001")
     assert sorted(again) == sorted((mode, b) for mode in ("dropless", "cf=1") for b in (1, MICRO_BATCH))
     assert again[("dropless", 1)] == losses[("dropless", 1)]
+    # A capacity mode named in --modes needs no --capacity-factor beside it.
+    named = _eval(token_choice_run, tmp_path / "named.json", "--text", str(text), "--modes", "cf=2.0", "--batch-sizes", "1")
+    assert set(named) == {("cf=2", 1)} and math.isfinite(named[("cf=2", 1)])
 
 
 def test_eval_of_a_text_file_keeps_the_runs_eval_json_and_a_short_split_is_noted(token_choice_run, tmp_path, capsys):
@@ -187,6 +190,7 @@ def test_export_of_a_trained_run_loads_in_transformers(token_choice_run, tmp_pat
     "command, argv, message",
     [
         ("evaluate", ["{tc}", "--modes", "causal"], "does not apply"),
+        ("evaluate", ["{tc}", "--modes", "dropless,cf=0"], "--modes 'cf=0': expected a finite number > 0, got '0'"),
         ("evaluate", ["{tc}", "--text", "/nonexistent.txt"], "no such file"),
         ("evaluate", ["{tc}", "--batch-sizes", "0"], "--batch-sizes"),
         ("evaluate", ["{tc}", "--windows", "5", "--all-windows"], "not allowed with argument --windows"),
