@@ -114,7 +114,7 @@ def composed_overrides(args: list[str]) -> tuple[DictConfig | None, str | None]:
         missing, options = error.missing_cfg_file or "", error.options
         for arg in args:
             group, _, name = arg.lstrip("+~").partition("=")
-            if name and missing == f"{group}/{name}":
+            if missing == f"{group}/{name}" and "=" in arg:  # (`model=`, no name at all: "model/")
                 return None, f"{arg}: no such config" + (f"; {group} is one of {', '.join(options)}" if options else "")
         return None, _one_line(str(error))
     except OverrideParseException as error:

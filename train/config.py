@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from moe import MoEConfig
 from train.data.split import MAX_TRAINING_VAL_FRACTION
@@ -175,8 +176,8 @@ class TrainerConfig:
             raise ValueError(f"trainer.seed must be in [0, 2**32), got {self.seed}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"trainer.device must be auto, cuda or cpu, got {self.device!r}")
-        if self.peak_tflops is not None and not self.peak_tflops > 0:
-            raise ValueError(f"trainer.peak_tflops must be > 0 or null, got {self.peak_tflops}")
+        if self.peak_tflops is not None and not (self.peak_tflops > 0 and math.isfinite(self.peak_tflops)):
+            raise ValueError(f"trainer.peak_tflops must be a finite number > 0 or null, got {self.peak_tflops}")
         if self.auto_resume and not self.run_dir:
             raise ValueError("trainer.auto_resume=true needs trainer.run_dir (where a restarted job finds its checkpoint)")
 
@@ -297,9 +298,15 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError(unknown[0])
     try:
         run = OmegaConf.to_object(cfg)
-    except ValueError as error:  # raised by a __post_init__, possibly wrapped by OmegaConf
+    except OmegaConfBaseException as error:  # OmegaConf's own (a missing value, a bad interpolation), named by field
+        if isinstance(error.__cause__, ValueError) and not isinstance(error.__cause__, OmegaConfBaseException):
+            raise ConfigError(_first_line(error.__cause__)) from None  # a __post_init__'s, wrapped by OmegaConf
+        key = getattr(error, "full_key", None)  # (an interpolation's own message names only its target)
+        message = _first_line(error)
+        raise ConfigError(f"{key}: {message}" if key and not message.startswith(f"{key}:") else message) from None
+    except ValueError as error:  # raised by a __post_init__
         raise ConfigError(str(error).splitlines()[0]) from None
-    except Exception as error:  # OmegaConf validation (wrong type for a field, missing value)
+    except Exception as error:  # anything else OmegaConf raises in validation
         raise ConfigError(_first_line(error)) from None
     assert isinstance(run, RunConfig)
     return run

@@ -106,6 +106,8 @@ def test_unknown_key_fails_at_compose(compose_run):
         (["trainer.seed=4294967296"], "trainer.seed must be in [0, 2**32)"),
         (["data.val_fraction=0.9"], "data.val_fraction"),
         (["trainer.portable_checkpoint=sometimes"], "trainer.portable_checkpoint"),
+        # An infinite peak would make every MFU 0.
+        (["trainer.peak_tflops=inf"], "trainer.peak_tflops must be a finite number > 0 or null, got inf"),
     ],
 )
 def test_invalid_values_name_the_field(compose_run, overrides, field):
@@ -211,6 +213,10 @@ def _run_cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.Complete
         (["trainer.compile=maybe"], {}, "trainer.compile: Value 'maybe' is not a valid bool"),
         (["model.hiden_size=3"], {}, "model.hiden_size: Key 'hiden_size' not in 'ModelConfig'"),
         (["moe=top3"], {}, "moe=top3: no such config; moe is one of dense, expert_choice, top1,"),
+        (["model="], {}, "model=: no such config; model is one of gpt2_small, gpt_350m,"),
+        # An interpolation's message names only its target: the field that holds it is named too.
+        (["trainer.max_steps=${nope}"], {}, "trainer.max_steps: Interpolation key 'nope' not found"),
+        (["trainer.max_steps=${oc.env:MOE_GPT_NOT_SET}"], {}, "trainer.max_steps: KeyError raised while resolving"),
         # Hydra's `+` adds a key the schema lacks; it would be ignored.
         (["+trainer.max_stepz=5"], {}, "+trainer.max_stepz: no such setting; did you mean trainer.max_steps?"),
         # The launcher sets the number of ranks; world_size only sizes a dry run.
