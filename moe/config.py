@@ -181,6 +181,10 @@ def stock_gate_lacks(config: MoEConfig) -> list[str]:
         problems.append("moe.normalize_topk=false (unnormalised top-k weights)")
     if config.aux_loss_scope != "micro_batch":
         problems.append(f"moe.aux_loss_scope={config.aux_loss_scope} (its balancing loss is per micro-batch)")
+    if config.capacity_factor is None and config.eval_capacity_factor is not None:
+        # Its gate drops at both or neither: dropless training makes it dropless at eval too.
+        problems.append(f"moe.eval_capacity_factor={config.eval_capacity_factor:g} with dropless training "
+                        "(its gate drops in both or in neither)")
     if config.top_k > 2 and config.capacity_factor is not None:
         # DeepSpeed's top-k gate (k > 2) keeps each expert's most probable tokens by raw router
         # probability; ours rank by position, or by the renormalised weight.

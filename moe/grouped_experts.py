@@ -336,6 +336,10 @@ class _DenseGrad(torch.autograd.Function):
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """Row-major and 16-byte aligned; copies only when it is not already."""
+    if t.numel() == 0:
+        # An empty tensor counts as contiguous whatever its strides ((0, 0) when expanded from a
+        # scalar, as `y.sum()`'s gradient is), and the grouped GEMM rejects those strides.
+        return t.clone(memory_format=torch.contiguous_format)  # (a clone, so that autograd still sees through it)
     t = t.contiguous()
     if torch.compiler.is_compiling():
         # No data pointer while tracing; inductor allocates aligned buffers and checks the

@@ -77,6 +77,9 @@ def test_unknown_key_fails_at_compose(compose_run):
          "moe.implementation=deepspeed (DeepSpeed's own gate) has no moe.aux_loss_scope=global (its balancing loss is per"),
         (["moe.top_k=3", "moe.implementation=deepspeed"],
          "moe.implementation=deepspeed (DeepSpeed's own gate) has no moe.top_k=3 with a capacity (above top-2 it drops by"),
+        # Its gate drops in training and eval alike: a dropless run would evaluate dropless, silently.
+        (["moe=top2_dropless", "moe.eval_capacity_factor=0.5", "moe.implementation=deepspeed"],
+         "moe.implementation=deepspeed (DeepSpeed's own gate) has no moe.eval_capacity_factor=0.5 with dropless training"),
         # Settings of two sections that must agree.
         (["model.tensor_parallel=2", "moe.expert_hidden=33"],
          "moe.expert_hidden=33 must be divisible by model.tensor_parallel=2"),

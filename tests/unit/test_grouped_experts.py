@@ -176,6 +176,17 @@ def test_grouped_backward_takes_any_gradient_layout(incoming):
     _assert_same(fast, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_grouped_backward_with_no_rows_at_all():
+    # Every count 0 (a rank that received nothing): the gradient of `y.sum()` is then an empty tensor
+    # with stride 0, which counts as contiguous and which the grouped GEMM rejects.
+    experts = _experts(4, torch.float32)
+    x = torch.randn(0, DIM, requires_grad=True)
+    weights = [w.detach().requires_grad_() for w in stack_expert_weights(experts)]
+    swiglu_grouped(x, [0, 0, 0, 0], *weights).sum().backward()
+    assert x.grad.shape == (0, DIM)
+    assert all(w.grad is None or not w.grad.any() for w in weights)
+
+
 def test_counts_as_tensor_int32_and_list_agree():
     counts = [2, 4, 0, 3]
     experts = _experts(4, torch.float32)
