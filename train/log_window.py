@@ -1,7 +1,8 @@
 """The steps since the last `train` record of metrics.jsonl: what the next record averages.
 
 Per rank: the LM and auxiliary loss sums of the applied steps, how many steps ran and how many were
-applied (not skipped for a non-finite loss), and how long they took to train. Evaluations and
+applied (not skipped for a non-finite loss), how many tokens they trained on (each step at its own
+global batch: a resume may change it) and how long they took to train. Evaluations and
 checkpoint saves inside the window are not training time, so they are excluded from it: tokens/s and
 MFU measure training only.
 
@@ -33,6 +34,7 @@ class LogWindow:
         self.aux_sum.zero_()
         self.steps = 0
         self.applied = 0
+        self.tokens = 0
         self.earlier_seconds = 0.0  # training time of this window before a resume
         self.start_clock()
 
@@ -41,13 +43,14 @@ class LogWindow:
         self.excluded_seconds = 0.0
         self.excluding_since: float | None = None
 
-    def add(self, lm_loss: torch.Tensor, aux_loss: torch.Tensor, skipped: bool) -> None:
-        """One optimizer step; a skipped step's loss (NaN or Inf) stays out of the means."""
+    def add(self, lm_loss: torch.Tensor, aux_loss: torch.Tensor, skipped: bool, tokens: int) -> None:
+        """One optimizer step over `tokens` tokens; a skipped step's loss (NaN or Inf) stays out of the means."""
         if not skipped:
             self.loss_sum += lm_loss
             self.aux_sum += aux_loss
             self.applied += 1
         self.steps += 1
+        self.tokens += tokens
 
     @contextmanager
     def excluding(self) -> Iterator[None]:
@@ -69,11 +72,14 @@ class LogWindow:
     def state(self) -> dict[str, Any]:
         """This rank's part of the window, for a checkpoint."""
         return {"loss_sum": float(self.loss_sum), "aux_sum": float(self.aux_sum), "steps": self.steps,
-                "applied": self.applied, "seconds": self.training_seconds()}
+                "applied": self.applied, "tokens": self.tokens, "seconds": self.training_seconds()}
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any], tokens_per_step: int) -> None:
+        """Take back a checkpoint's `state`; `tokens_per_step` counts its steps' tokens where it has no
+        count (a checkpoint written before the window kept one)."""
         self.reset()
         self.loss_sum.fill_(state["loss_sum"])
         self.aux_sum.fill_(state["aux_sum"])
         self.steps, self.applied, self.earlier_seconds = state["steps"], state["applied"], state["seconds"]
+        self.tokens = state.get("tokens", self.steps * tokens_per_step)
 

@@ -424,7 +424,7 @@ class Trainer:
             rank_state = state.get("rank_state")  # this rank's, at the same layout only
             if rank_state is not None:  # the unlogged steps' figures continue as if the run had not stopped
                 self.expert_counts.restore(state["expert_counts_logged"], rank_state["expert_window"])
-                window.restore(rank_state["log_window"])
+                window.restore(rank_state["log_window"], self.tokens_per_step)
             else:  # (absent from checkpoints written before the counts were saved: then they start here)
                 self.expert_counts.restore(state.get("expert_counts"))
         elif run.trainer.auto_resume:
@@ -447,10 +447,10 @@ class Trainer:
         window.start_clock()  # (a restored window keeps its steps, sums and earlier training time)
         train_loss, val_loss = float("nan"), initial_val_loss
         final_evaluation: dict[str, float] = {}
-        timed_steps, timed_seconds = 0, 0.0  # the logged windows' training time, for summary.json
+        timed_tokens, timed_seconds = 0, 0.0  # the logged windows' training time, for summary.json
         for step in range(start_step, run.trainer.max_steps):
             lm_loss, aux_loss = self.train_step(step)
-            window.add(lm_loss, aux_loss, skipped=self.last_step_skipped)
+            window.add(lm_loss, aux_loss, skipped=self.last_step_skipped, tokens=self.tokens_per_step)
             done = step + 1
             self._stop_after_nonfinite_streak(self.nonfinite, done)
             figures: dict[str, str] = {}
@@ -458,8 +458,8 @@ class Trainer:
                 train_loss, aux = (mean_over_ranks(float(total) / window.applied, world.device) if window.applied
                                    else float("nan") for total in (window.loss_sum, window.aux_sum))
                 seconds = window.training_seconds()
-                timed_steps, timed_seconds = timed_steps + window.steps, timed_seconds + seconds
-                record = self._train_record(done, train_loss, aux, window.steps * self.tokens_per_step / seconds)
+                timed_tokens, timed_seconds = timed_tokens + window.tokens, timed_seconds + seconds
+                record = self._train_record(done, train_loss, aux, window.tokens / seconds)
                 self._log(record)
                 figures = {"loss": f"{train_loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}",
                            "mfu": f"{100 * (record['mfu'] or 0):.1f}%"}
@@ -471,14 +471,14 @@ class Trainer:
                                    "busy machine; MFU is not meaningful in this run (trainer.peak_tflops=X sets the peak)")
                 window.reset()
             if (run.trainer.eval_every and done % run.trainer.eval_every == 0) or done == run.trainer.max_steps:
-                with window.excluding():
+                with window.excluding():  # the record's sinks too: plots=eval draws every layer here
                     evaluation = self.evaluate()
-                val_loss, final_evaluation = evaluation["val_loss"], evaluation
-                # A diverged model's NaN or inf is logged as null (JSON has neither); the non-finite
-                # streak stops the run, not a metrics write failing on rank 0 alone.
-                self._log({"event": "eval", "step": done, "tokens": self._tokens(done), **finite_figures(evaluation)})
-                modes = "".join(f", {k[4:]} {v:.4f}" for k, v in evaluation.items() if k.startswith("val_loss_"))
-                progress.print(f"step {done}: val loss {val_loss:.4f}, perplexity {perplexity(val_loss):.1f}{modes}")
+                    val_loss, final_evaluation = evaluation["val_loss"], evaluation
+                    # A diverged model's NaN or inf is logged as null (JSON has neither); the non-finite
+                    # streak stops the run, not a metrics write failing on rank 0 alone.
+                    self._log({"event": "eval", "step": done, "tokens": self._tokens(done), **finite_figures(evaluation)})
+                    modes = "".join(f", {k[4:]} {v:.4f}" for k, v in evaluation.items() if k.startswith("val_loss_"))
+                    progress.print(f"step {done}: val loss {val_loss:.4f}, perplexity {perplexity(val_loss):.1f}{modes}")
             due = (run.trainer.checkpoint_every and done % run.trainer.checkpoint_every == 0) or done == run.trainer.max_steps
             # Asked before the save: a periodic save at the step a job stops on is the one it ends on
             # (trainer.portable_checkpoint=final writes the layout-free copy into it).
@@ -496,7 +496,7 @@ class Trainer:
             progress.update(1, **figures)
         progress.close()
         wall = time.perf_counter() - started
-        training_tokens_per_s = timed_steps * self.tokens_per_step / timed_seconds if timed_seconds > 0 else None
+        training_tokens_per_s = timed_tokens / timed_seconds if timed_seconds > 0 else None
         return self._finish(start_step, train_loss, val_loss, initial_val_loss, wall, training_tokens_per_s, final_evaluation)
 
     def _check_same_tokenizer(self) -> None:
@@ -786,7 +786,7 @@ class Trainer:
             # evaluations and saves included (expert choice evaluates in two routing modes).
             "training_tokens_per_s": training_tokens_per_s,
             "training_mfu": None if training_tokens_per_s is None else self._mfu(training_tokens_per_s),
-            "peak_tflops": self.peak_tflops,
+            "peak_tflops": finite_or_none(self.peak_tflops),  # NaN for a GPU of unknown peak
             "peak_source": self.peak_source,
             "parameters": self.params,
             "flops_per_token": self.flops_per_token,

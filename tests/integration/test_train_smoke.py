@@ -89,6 +89,42 @@ def test_an_mfu_above_100_percent_is_flagged_once(compose_run, tmp_path, monkeyp
 
 
 @pytest.mark.slow
+def test_a_slow_sink_at_an_evaluation_is_not_training_time(compose_run, tmp_path, monkeypatch):
+    """What the sinks do with an eval record (logging.plots=eval draws every layer) is left out of
+    tokens/s and MFU, as the evaluation itself is. The clock jumps 1000 s while a sink takes the eval
+    record; counted as training, that would put the next window's tokens/s near zero. Also: a GPU
+    of unknown peak (NaN) gives `peak_tflops: null` in summary.json, which is then strict JSON."""
+    import time
+
+    from train.plots import PlotSink
+
+    jumped = [0.0]
+    real_clock, draw = time.perf_counter, PlotSink.write
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + jumped[0])
+
+    def slow_sink(self, record):
+        if record.get("event") == "eval":
+            jumped[0] += 1000.0
+        draw(self, record)
+
+    monkeypatch.setattr(PlotSink, "write", slow_sink)
+    monkeypatch.setattr("train.loop.peak_tflops", lambda device, given: (float("nan"), "an unknown GPU"))
+    run_dir = tmp_path / "run"
+    summary = train(compose_run(["model=gpt_tiny", "trainer.max_steps=4", "trainer.micro_batch_size=2", "trainer.eval_every=2",
+                                 "trainer.eval_batches=1", "logging.log_every=2", "logging.progress_bar=false",
+                                 "logging.plots=eval", f"data.cache_dir={ROOT / '.cache' / 'data'}",
+                                 f"trainer.run_dir={run_dir}"]))
+    assert jumped[0] == 3000.0  # the evaluations at steps 0, 2 and 4
+    windows = [r for r in _records(run_dir / "metrics.jsonl") if r["event"] == "train"]
+    assert [r["step"] for r in windows] == [2, 4]
+    for before, record in zip([0, windows[0]["tokens"]], windows):
+        assert (record["tokens"] - before) / record["tokens_per_s"] < 500, record  # the window's seconds
+    assert summary["training_tokens_per_s"] > summary["tokens"] / 500
+    written = json.loads((run_dir / "summary.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert written["peak_tflops"] is None and written["mfu"] is None
+
+
+@pytest.mark.slow
 def test_a_plot_sink_that_fails_mid_run_leaves_training_going(compose_run, tmp_path, monkeypatch, capsys):
     """The plots are drawn at every evaluation (logging.plots=eval); the disk under them fills at the
     second: one warning, and the run ends as usual with every record in metrics.jsonl."""
