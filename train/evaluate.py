@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from train.commands import inference_device, quiet_deepspeed, run_command
 from train.durable import write_text_atomically
-from train.metrics import perplexity
+from train.metrics import finite_or_none, perplexity
 from train.one_line_arguments import ArgumentParser, positive_float, positive_int
 from train.output_path import output_problem
 
@@ -216,11 +216,14 @@ def _main(argv: Sequence[str] | None) -> int:
     report = {
         "checkpoint": str(loaded.source), "step": loaded.step, "data": data_description, "windows": len(windows),
         "predicted_tokens": predicted, "trained_mode": trained, "training_micro_batch_size": run.trainer.micro_batch_size,
-        "router": run.moe.router if run.moe.every else "dense", "results": results,
+        "router": run.moe.router if run.moe.every else "dense",
+        # A diverged model's NaN (or a perplexity past float range) as null: JSON has neither.
+        "results": [{**r, "loss": finite_or_none(r["loss"]), "perplexity": finite_or_none(r["perplexity"])} for r in results],
     }
     out = args.json or _default_json(loaded.source, args.text)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(out, json.dumps(report, indent=2) + "\n")  # an earlier eval.json is never left half-replaced
+    # Atomically: an earlier eval.json is never left half-replaced.
+    write_text_atomically(out, json.dumps(report, indent=2, allow_nan=False) + "\n")
     print(f"json        {out}")
     return 0
 

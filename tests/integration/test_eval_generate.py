@@ -108,6 +108,17 @@ def test_eval_on_a_text_file(token_choice_run, tmp_path):
     assert set(named) == {("cf=2", 1)} and math.isfinite(named[("cf=2", 1)])
 
 
+def test_a_diverged_models_eval_json_holds_null_not_nan(token_choice_run, tmp_path, monkeypatch):
+    # JSON has no NaN: strict readers (a browser's JSON.parse) refuse a bare NaN.
+    from train.evaluate import main
+
+    monkeypatch.setattr("train.evaluate.mean_token_loss", lambda model, batches: (float("nan"), 10))
+    out = tmp_path / "eval.json"
+    assert _run_cli(main, [str(token_choice_run), "--modes", "dropless", "--batch-sizes", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in eval.json"))
+    assert [(r["loss"], r["perplexity"]) for r in report["results"]] == [(None, None)]
+
+
 def test_eval_of_a_text_file_keeps_the_runs_eval_json_and_a_short_split_is_noted(token_choice_run, tmp_path, capsys):
     from train.evaluate import main
     from train.load import resolve_checkpoint
