@@ -36,7 +36,8 @@ class MoEConfig:
     local tokens; None = dropless (capacity grows to the busiest expert's load). Expert choice:
     C = ceil(T * cf / E) tokens per expert (the paper's c, typically 2); must be set."""
     eval_capacity_factor: float | None = None
-    """Capacity factor in eval mode (None = dropless at eval; expert choice: None = training's).
+    """Capacity factor in eval mode (None = dropless at eval; expert choice: None = training's, and used
+    by ec_eval_mode=batch only: the causal mode's thresholds were learned at the training factor).
     Dropless by default: with a capacity, whether a token keeps its expert depends on the other
     tokens of the batch (later ones included), so a decoder's eval and generation would not be causal."""
     min_capacity: int = 4
