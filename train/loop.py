@@ -423,7 +423,7 @@ class Trainer:
             self.initial_validation_set = state.get("initial_validation_set")
             rank_state = state.get("rank_state")  # this rank's, at the same layout only
             if rank_state is not None:  # the unlogged steps' figures continue as if the run had not stopped
-                self.expert_counts.restore(state["expert_counts_logged"], rank_state["expert_window"])
+                self.expert_counts.restore(state["expert_counts_logged"], rank_state["expert_window"], world.device)
                 window.restore(rank_state["log_window"], self.tokens_per_step)
             else:  # (absent from checkpoints written before the counts were saved: then they start here)
                 self.expert_counts.restore(state.get("expert_counts"))

@@ -43,8 +43,7 @@ class ExpertCounts:
             ])
             for a in moe_aux
         ])
-        # (.to: a window restored from a checkpoint starts on the CPU)
-        self.window = rows if self.window is None else self.window.to(rows.device) + rows
+        self.window = rows if self.window is None else self.window + rows
 
     def reduce_window(self) -> dict[str, Any]:
         """All ranks call this at the same step: it sums the window over ranks, then resets it."""
@@ -71,12 +70,15 @@ class ExpertCounts:
         rows = rows.cpu()
         return (rows if self.total is None else self.total + rows).tolist()
 
-    def restore(self, rows: list[list[float]] | None, window: list[list[float]] | None = None) -> None:
+    def restore(self, rows: list[list[float]] | None, window: list[list[float]] | None = None,
+                device: torch.device | None = None) -> None:
         """Continue a resumed run's whole-run counts: from what `through_now` saved, or, at the same
         layout, from the logged total (`total_state`) and this rank's unlogged window (`window_state`),
-        which the next record then reduces exactly as if the run had not stopped."""
+        which the next record then reduces exactly as if the run had not stopped. The window goes on
+        the training `device`: NCCL reduces CUDA tensors only, and a skipped first step after the
+        resume would otherwise leave it on the CPU for the next record's reduction."""
         self.total = None if rows is None else torch.tensor(rows, dtype=torch.float64)
-        self.window = None if window is None else torch.tensor(window, dtype=torch.float64)
+        self.window = None if window is None else torch.tensor(window, dtype=torch.float64, device=device)
 
     def total_state(self) -> list[list[float]] | None:
         """The counts of the records written so far, summed over ranks (the same on every rank)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from train.metrics import MetricsFile, read_metrics
 
 
@@ -89,3 +91,14 @@ def test_records_a_full_disk_refuses_are_held_and_written_in_order_once_it_takes
     log.write({"event": "train", "step": 6})
     assert [record["step"] for _, record in metrics.metrics_lines(path)] == [1, 2, 3, 4, 5, 6]
     assert len(path.read_text().splitlines()) == 7  # the fragment's line, skipped
+
+
+def test_a_restored_expert_window_goes_on_the_training_device():
+    # Under NCCL the next record reduces the window on the GPU; a resume whose first step is skipped
+    # (no `add` to move it) used to reach that reduction with the window still on the CPU.
+    from train.metrics import ExpertCounts
+
+    counts = ExpertCounts()
+    counts.restore([[1.0] * 12], [[2.0] * 12], torch.device("meta"))
+    assert counts.window.device.type == "meta" and counts.window.dtype == torch.float64
+    assert counts.total.device.type == "cpu"  # the logged total stays where reduce_window keeps it
