@@ -271,12 +271,11 @@ def load(engine, checkpoint_dir: Path, rank: int) -> dict[str, Any]:
                               f"{earlier}") from None
         # A RuntimeError is a model that does not fit (the caller names what changed), unless torch's
         # reader says the file is damaged inside (naming no file).
-        if not isinstance(error, RuntimeError) or "PytorchStreamReader" in str(error):
-            detail = (str(error).strip().splitlines() or [""])[0][:200]
-            if not isinstance(error, RuntimeError):
-                detail = f"{type(error).__name__}: {detail}"
-            raise ConfigError(f"{tag_dir}: not a readable checkpoint ({detail}); {earlier}") from None
-        raise  # a model that does not fit: the caller names what changed
+        if isinstance(error, RuntimeError) and "PytorchStreamReader" not in str(error):
+            raise
+        detail = (str(error).strip().splitlines() or [""])[0][:200]
+        kind = "" if isinstance(error, RuntimeError) else f"{type(error).__name__}: "
+        raise ConfigError(f"{tag_dir}: not a readable checkpoint ({kind}{detail}); {earlier}") from None
 
 
 def _first_cut_short_file(tag_dir: Path) -> Path | None:

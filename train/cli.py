@@ -114,8 +114,8 @@ def composed_overrides(args: list[str]) -> tuple[DictConfig | None, str | None]:
         missing, options = error.missing_cfg_file or "", error.options
         for arg in args:
             group, _, name = arg.lstrip("+~").partition("=")
-            if missing == f"{group}/{name}" and "=" in arg:  # (`model=`, no name at all: "model/")
-                return None, f"{arg}: no such config" + (f"; {group} is one of {', '.join(options)}" if options else "")
+            if missing == f"{group}/{name}":  # (`model=`, no name at all, is "model/")
+                return None, _no_such_config(arg, group, options)
         return None, _one_line(str(error))
     except OverrideParseException as error:
         parser = OverridesParser.create()
@@ -130,13 +130,17 @@ def composed_overrides(args: list[str]) -> tuple[DictConfig | None, str | None]:
             group, _, value = arg.lstrip("+~").partition("=")
             options = sorted(p.stem for p in Path(CONF_DIR, group).glob("*.yaml")) if group else []
             if options and value not in options:
-                return None, f"{arg}: no such config; {group} is one of {', '.join(options)}"
+                return None, _no_such_config(arg, group, options)
         return None, _one_line(str(error))
     except (HydraException, OmegaConfBaseException) as error:
         cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
         full_key = getattr(cause, "full_key", None)
         message = _first_line(getattr(cause, "msg", None) or str(cause))
         return None, f"{full_key}: {message}" if full_key else _one_line(str(error))
+
+
+def _no_such_config(arg: str, group: str, options: list[str]) -> str:
+    return f"{arg}: no such config" + (f"; {group} is one of {', '.join(options)}" if options else "")
 
 
 def settings_problem(args: list[str], world_size: int | None = None, source: str = "given by the launcher",
